@@ -1,0 +1,287 @@
+"""The trainer's one typed configuration.
+
+Each field's ``help`` is its documentation and its ``--help`` text. Flag names are those of the seed
+project (ppdiffusers' ``train_txt2img_laion400m_trainer.py``), so its command line ports over unchanged,
+HF-style booleans included (``--bf16 True``, ``--disable_tqdm True``, or a bare ``--use_ema``).
+Unknown flags are errors. Batch sizes are stated once here and derived everywhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def str2bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "f", "no", "n", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
+
+
+def _env_flag(name: str) -> bool:
+    return str2bool(os.environ.get(name, "0") or "0")
+
+
+@dataclass
+class ModelConfig:
+    pretrained_model_name_or_path: Optional[str] = _f(
+        None, "Model directory or hub id holding unet/ vae/ text_encoder/ tokenizer/ scheduler/ subfolders. "
+        "Make a from-scratch one with `python -m sd_ds.init`.")
+    unet_name_or_path: Optional[str] = _f(
+        None, "UNet override (path or hub id). A directory with only a config (config.json or unet_config.json) "
+        "is randomly initialised.")
+    vae_name_or_path: Optional[str] = _f(None, "VAE override (path or hub id); frozen.")
+    text_encoder_name_or_path: Optional[str] = _f(None, "CLIP text encoder override (path or hub id); frozen unless --train_text_encoder.")
+    tokenizer_name: Optional[str] = _f(None, "Tokenizer override (path or hub id).")
+    model_max_length: int = _f(77, "Token length captions are padded/truncated to.")
+    prediction_type: Optional[str] = _f(
+        None, "epsilon | v_prediction. Default: the noise scheduler config's.", choices=PREDICTION_TYPES)
+    train_text_encoder: bool = _f(False, "Also train the text encoder (second parameter group).")
+    recompute: bool = _f(False, "Activation checkpointing in the UNet (env FLAG_RECOMPUTE=1 also turns it on).")
+    enable_xformers_memory_efficient_attention: bool = _f(
+        False, "Use xformers attention (env FLAG_XFORMERS=1 too); stops with a message when xformers is missing. "
+        "Default: PyTorch SDPA.")
+
+    def __post_init__(self) -> None:
+        # The seed reads these switches from the environment as well; either source turns them on.
+        self.recompute = self.recompute or _env_flag("FLAG_RECOMPUTE")
+        self.enable_xformers_memory_efficient_attention = (
+            self.enable_xformers_memory_efficient_attention or _env_flag("FLAG_XFORMERS"))
+
+
+@dataclass
+class DataConfig:
+    train_shards: list[str] = _f(
+        [], "Webdataset shards: URLs with brace patterns (dir/{00000..00099}.tar), directories (a converter "
+        "output dir mixes its sources by their filelist weights), globs, or URL::weight for mixtures.",
+        nargs="+")
+    file_list: Optional[str] = _f(
+        None, "The seed's train.filelist.list of raw LAION parts. Not read directly: convert it first with "
+        "tools/convert_laion_to_wds.py (the trainer says how).")
+    resolution: int = _f(256, "Training image size (square crops).")
+    center_crop: bool = _f(False, "Center crop instead of random crop.")
+    random_flip: bool = _f(False, "Random horizontal flip.")
+    min_size: Optional[int] = _f(None, "Skip images whose shorter side is smaller (default: --resolution).")
+    caption_dropout_prob: float = _f(0.1, "Probability a caption is replaced by \"\" (for classifier-free guidance).")
+    shuffle_buffer: int = _f(1000, "Samples in each worker's shuffle buffer.")
+    resample_shards: bool = _f(False, "Sample shards with replacement (allows fewer shards than ranks x workers).")
+    samples_per_epoch: Optional[int] = _f(None, "Samples per epoch over all ranks (default: all samples in the shards).")
+    dataloader_num_workers: int = _f(2, "Data loader worker processes per rank.")
+
+
+@dataclass
+class DiffusionConfig:
+    noise_offset: float = _f(0.0, "Noise offset (https://www.crosslabs.org/blog/diffusion-with-offset-noise); 0 = off.")
+    input_perturbation: float = _f(0.0, "Input perturbation of the noised latents only (arXiv:2301.11706); 0 = off.")
+    snr_gamma: Optional[float] = _f(None, "Min-SNR-gamma loss weighting (arXiv:2303.09556), e.g. 5.0; unset = off.")
+
+
+@dataclass
+class OptimConfig:
+    per_device_train_batch_size: int = _f(8, "Micro batch size per rank (device).")
+    gradient_accumulation_steps: int = _f(1, "Micro batches accumulated (in fp32) per optimizer step.")
+    learning_rate: float = _f(1e-4, "Peak learning rate (default for every parameter group).")
+    unet_learning_rate: Optional[float] = _f(None, "UNet learning rate (default: --learning_rate).")
+    text_encoder_learning_rate: Optional[float] = _f(None, "Text encoder learning rate (default: --learning_rate).")
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    lr_scheduler_type: str = _f("constant", "Learning-rate schedule (diffusers.optimization.get_scheduler).", choices=LR_SCHEDULES)
+    warmup_steps: int = _f(0, "Linear warm-up steps.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; -1 (or 0) turns clipping off.")
+    bf16: Optional[bool] = _f(None, "bfloat16 mixed precision (the default unless --fp16).")
+    fp16: bool = _f(False, "float16 mixed precision with dynamic loss scaling (ds_configs/zero2_fp16.json).")
+    fp16_opt_level: str = _f(
+        "O2", "Apex-style level kept for the seed's command line: O2 = DeepSpeed fp16 (fp16 weights, fp32 master). "
+        "O1 (autocast over fp32 weights) is not offered by this trainer and is rejected.", choices=("O1", "O2"))
+    deepspeed: Optional[str] = _f(
+        None, "DeepSpeed JSON with engine settings only (ZeRO stage, offload, ...). Default: env DS_CONFIG, else "
+        "ds_configs/zero2_bf16.json (zero2_fp16.json with --fp16, zero2_fp32.json with --bf16 False).")
+
+
+@dataclass
+class EMAConfig:
+    use_ema: bool = _f(False, "Keep an EMA of the weights, sharded over ranks (env FLAG_USE_EMA=1 too).")
+    ema_decay: float = _f(0.9999, "EMA decay.")
+    ema_warmup: bool = _f(False, "Warm the decay up as min(decay, (1+n)/(10+n)) over the first EMA updates.")
+    ema_start_step: int = _f(0, "Optimizer step at which EMA averaging starts (before it the EMA copies the weights).")
+
+    def __post_init__(self) -> None:
+        self.use_ema = self.use_ema or _env_flag("FLAG_USE_EMA")
+
+
+@dataclass
+class LoggingConfig:
+    logging_steps: int = _f(10, "Log scalars every N optimizer steps (TensorBoard under output_dir/runs and the console).")
+    image_logging_steps: int = _f(1000, "Log sample images every N steps (a multiple of --logging_steps); 0 = off.")
+    num_inference_steps: int = _f(50, "DDIM steps for logged samples.")
+    validation_prompts: list[str] = _f([], "Fixed prompts sampled at every image logging step.", nargs="*")
+    disable_tqdm: bool = _f(False, "No progress bar (console lines every --logging_steps remain).")
+
+
+@dataclass
+class CheckpointConfig:
+    save_steps: int = _f(10000, "Save a checkpoint every N optimizer steps (and at --max_steps).")
+    save_total_limit: Optional[int] = _f(None, "Keep at most N checkpoints (the newest complete one is never deleted).")
+    resume_from_checkpoint: str = _f(
+        "latest", "latest (newest complete checkpoint in --output_dir, if any), none, or a checkpoint path.")
+    only_save_updated_model: bool = _f(
+        False, "Also write the trained UNet (and text encoder) in diffusers format inside each checkpoint.")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("./sd_ds_output", "Where checkpoints, TensorBoard logs and samples go.")
+    max_steps: int = _f(1000, "Optimizer steps to train (skipped overflow steps count, as in HF Trainer).")
+    seed: int = _f(42, "Base seed; each rank derives its own (seed + rank) for noise and data.")
+    do_train: bool = _f(True, "Accepted for the seed's command line; training is what this program does.")
+    local_rank: int = _f(-1, "Set by the deepspeed launcher.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        o = self.optim
+        if o.fp16 and o.bf16:
+            raise ValueError("--fp16 and --bf16 are mutually exclusive")
+        if o.bf16 is None:
+            o.bf16 = not o.fp16
+        if o.fp16 and o.fp16_opt_level != "O2":
+            raise ValueError(
+                "--fp16_opt_level O1 (autocast over fp32 weights) is not supported by the DeepSpeed engine; "
+                "use --fp16_opt_level O2 (DeepSpeed fp16: fp16 weights, fp32 master, dynamic loss scale) "
+                "or, better on A100/H100, --bf16 True")
+        if o.per_device_train_batch_size < 1 or o.gradient_accumulation_steps < 1:
+            raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
+        if self.max_steps < 1:
+            raise ValueError("--max_steps must be >= 1")
+        lg = self.logging
+        if lg.logging_steps < 1:
+            raise ValueError("--logging_steps must be >= 1")
+        if lg.image_logging_steps and lg.image_logging_steps % lg.logging_steps:
+            raise ValueError(
+                f"--image_logging_steps ({lg.image_logging_steps}) must be a multiple of --logging_steps ({lg.logging_steps})")
+        if self.checkpoint.save_total_limit is not None and self.checkpoint.save_total_limit < 1:
+            raise ValueError("--save_total_limit must be >= 1")
+        if not 0.0 <= self.data.caption_dropout_prob <= 1.0:
+            raise ValueError("--caption_dropout_prob must be in [0, 1]")
+
+    # Derived quantities: stated once, computed here.
+    @property
+    def micro_batch_size(self) -> int:
+        return self.optim.per_device_train_batch_size
+
+    def global_batch_size(self, world_size: int) -> int:
+        return self.micro_batch_size * self.optim.gradient_accumulation_steps * world_size
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.optim.fp16 else ("bf16" if self.optim.bf16 else "fp32")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {name: hints[name] for name in hints if dataclasses.is_dataclass(hints[name])}
+
+
+def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any) -> None:
+    meta = dict(f.metadata)
+    help_text = meta.pop("help", "")
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if origin is typing.Union and args else hint
+    kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
+    if base is bool:
+        # `--flag`, `--flag True`, `--flag False` all work (HF TrainingArguments style).
+        kw.update(type=str2bool, nargs="?", const=True, metavar="BOOL")
+    elif typing.get_origin(base) is list:
+        kw.update(type=typing.get_args(base)[0], nargs=meta.pop("nargs", "+"))
+    else:
+        kw.update(type=base)
+    kw.update(meta)
+    group.add_argument(f"--{f.name}", help=f"{help_text} (default: {default})", **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sd_ds.train",
+        description="Pretrain a Stable Diffusion UNet from scratch with DeepSpeed ZeRO-2. Launch through ./run.sh "
+        "(deepspeed launcher); every flag below passes through it.",
+        allow_abbrev=False,
+    )
+    hints = typing.get_type_hints(TrainConfig)
+    top = parser.add_argument_group("run")
+    for f in dataclasses.fields(TrainConfig):
+        if dataclasses.is_dataclass(hints[f.name]):
+            continue
+        _add_field(top, f, hints[f.name])
+    for name, cls in _section_classes().items():
+        group = parser.add_argument_group(name, (cls.__doc__ or "").strip() or None)
+        sub_hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            _add_field(group, f, sub_hints[f.name])
+    return parser
+
+
+def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
+    """Parse the command line into a validated TrainConfig (unknown flags are errors)."""
+    parser = build_parser()
+    ns = vars(parser.parse_args(argv))
+    return config_from_dict(ns, parser=parser)
+
+
+def config_from_dict(values: dict[str, Any], parser: Optional[argparse.ArgumentParser] = None) -> TrainConfig:
+    """Build a TrainConfig from flat {flag: value} (CLI) or nested {section: {...}} (a saved config)."""
+    flat: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            flat.update(v)
+        else:
+            flat[k] = v
+    sections = _section_classes()
+    kwargs: dict[str, Any] = {}
+    used: set[str] = set()
+    for name, cls in sections.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        sub = {k: flat[k] for k in names if k in flat}
+        used |= set(sub)
+        kwargs[name] = cls(**sub)
+    top = {f.name for f in dataclasses.fields(TrainConfig)} - set(sections)
+    kwargs.update({k: flat[k] for k in top if k in flat})
+    used |= top & set(flat)
+    unknown = set(flat) - used
+    if unknown:
+        raise ValueError(f"unknown config keys: {sorted(unknown)}")
+    try:
+        return TrainConfig(**kwargs)
+    except ValueError as e:
+        if parser is not None:
+            parser.error(str(e))
+        raise
