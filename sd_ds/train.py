@@ -19,6 +19,7 @@ from sd_ds import checkpoint as ckpt_lib
 from sd_ds.config import TrainConfig, parse_config
 from sd_ds.data import build_train_loader, raise_if_raw_parts
 from sd_ds.diffusion import training_loss
+from sd_ds.export import save_base_components
 from sd_ds.distributed import (DistInfo, all_reduce_sum, build_deepspeed_config, init_distributed,
                                initialize_engine, rank_seed, rng_state, seed_everything, set_rng_state)
 from sd_ds.logging import StepMetrics, setup_console_logging
@@ -109,6 +110,8 @@ def train(cfg: TrainConfig, di: DistInfo) -> TrainState:
     freeze(comp.vae)
     if not m.train_text_encoder:
         freeze(comp.text_encoder)
+    if di.is_main_process:
+        save_base_components(comp, cfg.output_dir)  # so export never depends on the original model path
 
     resume = ckpt_lib.find_resume_checkpoint(cfg.output_dir, cfg.checkpoint.resume_from_checkpoint)
     universal = None
