@@ -1,0 +1,137 @@
+"""Write a from-scratch model directory (diffusers layout) to start pretraining from.
+
+    python -m sd_ds.init --output_dir ./sd-v1-init --preset sd-v1 --source CompVis/stable-diffusion-v1-4
+    python -m sd_ds.init --output_dir ./tiny --preset tiny          # offline, for tests and the demo
+
+sd-v1: the SD v1.x UNet config, randomly initialised; VAE, text encoder, tokenizer and noise-scheduler config
+copied from ``--source`` (a hub id or a local diffusers folder). tiny: every component built offline (a ~3 M
+parameter UNet for 8×8 latents, a VAE that downsamples 4× so 32 px images give 8×8 latents, a small CLIP text
+encoder) with the real CLIP tokenizer shipped in the package and SD v1's noise schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+SD_V1_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8)
+SD_V1_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+    steps_offset=1, prediction_type="epsilon")
+
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+    # Self/cross-attention only at 4×4 and 2×2: attention at full latent resolution dominates CPU step time.
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    block_out_channels=[32, 64, 128], layers_per_block=1, norm_num_groups=32, cross_attention_dim=64,
+    attention_head_dim=8)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=32, layers_per_block=1,
+    block_out_channels=[32, 64, 64], down_block_types=["DownEncoderBlock2D"] * 3,
+    up_block_types=["UpDecoderBlock2D"] * 3, norm_num_groups=32, scaling_factor=0.18215)
+TINY_TEXT_ENCODER = dict(
+    vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+PRESETS = ("sd-v1", "tiny")
+
+
+def write_model_index(out: Path) -> None:
+    import diffusers
+
+    (out / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+        "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]}, indent=2))
+
+
+def init_model(output_dir: str | Path, *, preset: str = "sd-v1", source: Optional[str] = None, seed: int = 0,
+               unet_config_only: bool = False) -> Path:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from sd_ds.models import CLIP_TOKENIZER_DIR, zero_output_projections
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    unet_config = TINY_UNET if preset == "tiny" else SD_V1_UNET
+    if preset == "tiny" and source is None:
+        AutoencoderKL(**TINY_VAE).save_pretrained(out / "vae", safe_serialization=True)
+        CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER)).save_pretrained(out / "text_encoder", safe_serialization=True)
+        CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR).save_pretrained(out / "tokenizer")
+        DDPMScheduler(**SD_V1_SCHEDULER).save_pretrained(out / "scheduler")
+    else:
+        source = source or "CompVis/stable-diffusion-v1-4"
+        _copy_components(source, out)
+    if unet_config_only:
+        shutil.rmtree(out / "unet", ignore_errors=True)
+        (out / "unet").mkdir()
+        (out / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **unet_config}, indent=2))
+    else:
+        unet = UNet2DConditionModel(**unet_config)
+        zero_output_projections(unet)
+        unet.save_pretrained(out / "unet", safe_serialization=True)
+    write_model_index(out)
+    return out
+
+
+def _copy_components(source: str, out: Path) -> None:
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from sd_ds.models import _not_found
+
+    parts: list[tuple[str, Any, dict]] = [("vae", AutoencoderKL, {}), ("text_encoder", CLIPTextModel, {}),
+                                          ("tokenizer", CLIPTokenizer, {}), ("scheduler", DDPMScheduler, {})]
+    for sub, cls, kw in parts:
+        try:
+            obj = cls.from_pretrained(source, subfolder=sub, **kw)
+        except (OSError, ValueError) as e:
+            raise _not_found(sub, f"{source}/{sub}", e) from e
+        if sub == "scheduler":
+            obj = DDPMScheduler.from_config(obj.config)  # training uses DDPM on the source's noise schedule
+        obj.save_pretrained(out / sub, **({"safe_serialization": True} if sub in ("vae", "text_encoder") else {}))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sd_ds.init", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", required=True, help="model directory to write")
+    p.add_argument("--preset", choices=PRESETS, default="sd-v1", help="UNet size and where the rest comes from")
+    p.add_argument("--source", default=None,
+                   help="hub id or local diffusers folder to copy VAE/text encoder/tokenizer/scheduler from "
+                   "(sd-v1 default: CompVis/stable-diffusion-v1-4; tiny default: built offline)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random UNet (and tiny components)")
+    p.add_argument("--unet_config_only", action="store_true",
+                   help="write only the UNet config; the trainer then initialises it at start (saves disk)")
+    a = p.parse_args(argv)
+    try:
+        out = init_model(a.output_dir, preset=a.preset, source=a.source, seed=a.seed,
+                         unet_config_only=a.unet_config_only)
+    except FileNotFoundError as e:
+        p.error(str(e))
+    for sub in sorted(x.name for x in out.iterdir()):
+        print(f"  {out / sub}")
+    print(f"wrote the {a.preset} model to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
