@@ -52,6 +52,29 @@ def _location(override: Optional[str], base: Optional[str], subfolder: str, what
     raise ModelNotFoundError(f"no {what}: pass --pretrained_model_name_or_path (or --{subfolder}_name_or_path)")
 
 
+def clean_caption(text: str) -> str:
+    """OpenAI CLIP's caption clean-up (``basic_clean`` + ``whitespace_clean`` of its SimpleTokenizer): ftfy's
+    text repair (which also straightens curly quotes), HTML entities unescaped, whitespace collapsed. The
+    transformers tokenizer skips these steps; applying them first makes our ids identical to CLIP's own."""
+    import html
+    import re
+
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:  # ftfy is in requirements.txt; without it only mojibake/quote repair is lost
+        pass
+    text = html.unescape(html.unescape(text))
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def tokenize(tokenizer: Any, captions: list[str], max_length: int) -> torch.Tensor:
+    """Token ids [B, max_length]: cleaned as CLIP does, padded with <|endoftext|> as SD v1, truncated."""
+    return tokenizer([clean_caption(c) for c in captions], padding="max_length", max_length=max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
 def zero_output_projections(unet: torch.nn.Module) -> int:
     """Zero what latent diffusion's ``zero_module`` zeroes (and the seed's ``init_weights`` does): the final
     ``conv_out``, each ResNet block's ``conv2`` and each transformer block's ``proj_out``. Every residual branch

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 from transformers import CLIPTokenizer
 
-from sd_ds.models import CLIP_TOKENIZER_DIR
+from sd_ds.models import CLIP_TOKENIZER_DIR, tokenize
 
 CAPTIONS = [
     "a red circle on a blue background",
@@ -45,7 +45,7 @@ def test_asset_shape():
 @pytest.mark.parametrize("caption", CAPTIONS)
 def test_ids_match_open_clip(open_clip_tokenizer, caption):
     tok = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR)
-    ours = tok(caption, padding="max_length", max_length=77, truncation=True).input_ids
+    ours = tokenize(tok, [caption], 77)[0].tolist()
     theirs = open_clip_tokenizer([caption], context_length=77)[0].tolist()
     n = next((i for i, t in enumerate(theirs) if t == 0), 77)  # open_clip pads with 0
     assert ours[:n] == theirs[:n]
