@@ -146,7 +146,7 @@ def load_checkpoint(engine: Any, ckpt: Path, *, rank: int, world_size: int, ema:
     if ema is not None:
         from sd_ds.ema import load_ema_shards
 
-        ema.load_state_dict(load_ema_shards(ckpt, engine.optimizer, rank, world_size))
+        ema.load_state_dict(load_ema_shards(ckpt, ema, rank, world_size))
     rank_state = torch.load(rank_state_path(ckpt, rank), weights_only=False) if same_world else None
     return trainer_state, rank_state
 

@@ -104,7 +104,7 @@ def log_training_images(cfg: Any, engine: Any, comp: Any, ema: Any, batch: dict,
     the other ranks wait at the barrier."""
     from sd_ds.distributed import barrier
 
-    ema_state = ema.full_state_dict(engine.module) if ema is not None else None
+    ema_state = ema.full_state_dict() if ema is not None else None
     try:
         if not is_main_process:
             return

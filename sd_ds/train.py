@@ -237,7 +237,7 @@ def build_ema(cfg: TrainConfig, engine: Any) -> Any:
         return None
     from sd_ds.ema import ShardedEMA
 
-    return ShardedEMA(engine.optimizer, decay=cfg.ema.ema_decay, warmup=cfg.ema.ema_warmup,
+    return ShardedEMA(engine, decay=cfg.ema.ema_decay, warmup=cfg.ema.ema_warmup,
                       start_step=cfg.ema.ema_start_step)
 
 
