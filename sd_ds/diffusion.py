@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 
-def sample_timesteps(batch_size: int, num_train_timesteps: int, *, generator: Optional[torch.Generator] = None,
+def sample_timesteps(batch_size: int, num_train_timesteps: int, generator: Optional[torch.Generator] = None,
                      device: Optional[torch.device] = None) -> torch.Tensor:
     """Uniform integer timesteps in [0, num_train_timesteps)."""
     return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device).long()
@@ -32,26 +32,36 @@ def compute_snr(noise_scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
     return (alpha / sigma) ** 2
 
 
-def make_noise(latents: torch.Tensor, *, noise_offset: float = 0.0,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Gaussian noise (fp32) shaped like the latents, plus the per-channel offset of offset noise."""
-    shape, dev = latents.shape, latents.device
-    noise = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32)
+def add_noise(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """q(x_t | x_0) = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) noise (DDPMScheduler.add_noise), in fp32 so a
+    bf16 run does not round the schedule coefficients; the caller casts to the UNet's dtype."""
+    a = _gathered(noise_scheduler.alphas_cumprod, timesteps, latents.ndim)
+    return a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()
+
+
+def make_noisy_latents(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, noise_scheduler: Any, *,
+                       noise_offset: float = 0.0, input_perturbation: float = 0.0,
+                       generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisy latents x_t, the noise the target is built from), as diffusers' train_text_to_image.py makes them.
+
+    ``noise`` is plain N(0, 1) shaped like the latents. Offset noise adds one draw per (sample, channel);
+    input perturbation (arXiv:2301.11706) perturbs only the noise that goes into x_t: the target keeps the
+    unperturbed noise.
+    """
+    noise = noise.float()
     if noise_offset:
         # https://www.crosslabs.org/blog/diffusion-with-offset-noise
-        noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator, device=dev)
-    return noise
-
-
-def add_noise(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """q(x_t | x_0) = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) noise, computed in fp32."""
-    ac = noise_scheduler.alphas_cumprod
-    a = _gathered(ac, timesteps, latents.ndim)
-    return a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()
+        noise = noise + noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator,
+                                                   device=latents.device)
+    noise_in = noise
+    if input_perturbation:
+        noise_in = noise + input_perturbation * torch.randn(noise.shape, generator=generator, device=noise.device)
+    return add_noise(noise_scheduler, latents, noise_in, timesteps), noise
 
 
 def prediction_target(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                       prediction_type: str) -> torch.Tensor:
+    """What the UNet learns to predict: the (unperturbed) noise, or the velocity for v-prediction."""
     if prediction_type == "epsilon":
         return noise.float()
     if prediction_type == "v_prediction":
@@ -72,10 +82,16 @@ def snr_loss_weights(snr: torch.Tensor, snr_gamma: float, prediction_type: str) 
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
-def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, *, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """MSE in fp32; with per-sample weights, the mean over each sample's elements is weighted, then averaged."""
-    if weights is None:
+def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, *, timesteps: Optional[torch.Tensor] = None,
+                   noise_scheduler: Any = None, snr_gamma: Optional[float] = None,
+                   prediction_type: str = "epsilon") -> torch.Tensor:
+    """MSE in fp32 (a bf16 UNet's prediction is upcast). With ``snr_gamma``, each sample's mean squared error
+    is scaled by its own min-SNR-γ weight (needs ``timesteps`` and ``noise_scheduler``), then averaged."""
+    if snr_gamma is None:
         return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    if timesteps is None or noise_scheduler is None:
+        raise ValueError("snr_gamma needs the timesteps and the noise scheduler")
+    weights = snr_loss_weights(compute_snr(noise_scheduler, timesteps), snr_gamma, prediction_type)
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))
     return (per_sample * weights).mean()
@@ -84,23 +100,19 @@ def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, *, weights: O
 def training_loss(unet: Any, latents: torch.Tensor, encoder_hidden_states: torch.Tensor, noise_scheduler: Any, *,
                   prediction_type: str = "epsilon", noise_offset: float = 0.0, input_perturbation: float = 0.0,
                   snr_gamma: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One training objective evaluation: noise, timesteps, noised input, UNet forward, (weighted) MSE.
+    """The objective of one micro batch: noise, uniform timesteps, noised input, UNet forward, (weighted) MSE.
 
-    latents [B,4,h,w] (already scaled), encoder_hidden_states [B,77,D]. The UNet runs in its own dtype.
+    latents [B,4,h,w] (already scaled by the VAE's scaling factor), encoder_hidden_states [B,77,D]. Every random
+    draw comes from ``generator`` (on the latents' device), in this order: noise, timesteps, offset, perturbation.
+    The UNet runs in its own dtype; the loss is fp32.
     """
-    bsz = latents.shape[0]
-    noise = make_noise(latents, noise_offset=noise_offset, generator=generator)
-    timesteps = sample_timesteps(bsz, noise_scheduler.config.num_train_timesteps, generator=generator,
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
+    timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator=generator,
                                  device=latents.device)
-    noise_in = noise
-    if input_perturbation:
-        # arXiv:2301.11706: perturb only the noise that goes into x_t; the target keeps the original noise.
-        noise_in = noise + input_perturbation * torch.randn(noise.shape, generator=generator, device=noise.device)
-    noisy = add_noise(noise_scheduler, latents, noise_in, timesteps)
+    noisy, noise = make_noisy_latents(latents, noise, timesteps, noise_scheduler, noise_offset=noise_offset,
+                                      input_perturbation=input_perturbation, generator=generator)
     target = prediction_target(noise_scheduler, latents, noise, timesteps, prediction_type)
     dtype = next(unet.parameters()).dtype
     model_pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states.to(dtype)).sample
-    weights = None
-    if snr_gamma is not None:
-        weights = snr_loss_weights(compute_snr(noise_scheduler, timesteps), snr_gamma, prediction_type)
-    return diffusion_loss(model_pred, target, weights=weights)
+    return diffusion_loss(model_pred, target, timesteps=timesteps, noise_scheduler=noise_scheduler,
+                          snr_gamma=snr_gamma, prediction_type=prediction_type)

@@ -33,6 +33,15 @@ def test_compute_snr_equals_diffusers(sched):
     assert torch.allclose(D.compute_snr(sched, t), diffusers_compute_snr(sched, t), rtol=1e-6)
 
 
+def test_snr_follows_the_sd_v1_schedule_computed_independently(sched):
+    # SD v1: scaled_linear betas 0.00085..0.012 over 1000 steps, alpha_bar = prod(1 - beta)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alpha_bar = torch.cumprod(1 - betas, dim=0)
+    t = torch.tensor([0, 1, 10, 250, 500, 999])
+    expected = (alpha_bar[t] / (1 - alpha_bar[t])).float()
+    assert torch.allclose(D.compute_snr(sched, t), expected, rtol=1e-4)
+
+
 def test_add_noise_and_velocity_equal_scheduler(sched):
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(5, 4, 8, 8, generator=g)
@@ -63,18 +72,22 @@ def test_min_snr_weights_are_per_sample_and_equal_diffusers(sched, prediction_ty
     g = torch.Generator().manual_seed(1)
     pred, target = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 4, 8, 8, generator=g)
     loss = F.mse_loss(pred, target, reduction="none").mean(dim=[1, 2, 3]) * ref
-    assert torch.allclose(D.diffusion_loss(pred, target, weights=ours), loss.mean(), rtol=1e-6)
+    ours_loss = D.diffusion_loss(pred, target, timesteps=t, noise_scheduler=sched, snr_gamma=gamma,
+                                 prediction_type=prediction_type)
+    assert torch.allclose(ours_loss, loss.mean(), rtol=1e-6)
     seed_style = F.mse_loss(pred, target) * ref[0]
-    assert not torch.allclose(D.diffusion_loss(pred, target, weights=ours), seed_style)
+    assert not torch.allclose(ours_loss, seed_style)
+    with pytest.raises(ValueError):
+        D.diffusion_loss(pred, target, snr_gamma=gamma)
 
 
 def _replay(seed, latents, *, noise_offset=0.0, input_perturbation=0.0, num_train_timesteps=1000):
     """Draw the same random numbers training_loss draws, in the same order, from a fresh generator."""
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=g)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=g)
-    t = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=g)
     new_noise = noise + input_perturbation * torch.randn(noise.shape, generator=g) if input_perturbation else noise
     return noise, t, new_noise
 
