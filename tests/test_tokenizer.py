@@ -1,25 +1,47 @@
 """The packaged CLIP tokenizer asset gives exactly open_clip's ids (SD v1 padding with <|endoftext|>)."""
 
 import importlib.util
+import subprocess
+import sys
 
 import pytest
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, CLIPTokenizerFast
 
-from sd_ds.models import CLIP_TOKENIZER_DIR, tokenize
+from sd_ds.models import CLIP_TOKENIZER_DIR, clean_caption, tokenize
 
 CAPTIONS = [
     "a red circle on a blue background",
     "A photo of an astronaut riding a horse on Mars, 4k, trending on artstation!!!",
     "Hello, World! 123 4567 3.14159 #hashtag @user",
+    "1920x1080 wallpaper, 50% off, $19.99 (incl. VAT) — 2nd edition, 3rd-party",
+    "phone: +1 (555) 010-9999; e-mail: someone@example.com; url: https://example.com/a?b=c&d=e",
     "café naïve résumé — “quotes” and ‘single’ «guillemets»",
     "東京タワーの夜景 and 北京 with emoji 🐱🚀",
+    "Ελληνικά κείμενα, русский текст, עברית, العربية, हिन्दी",
+    "한국어 문장과 ไทย ภาษา",
+    "emoji only 😀😃😄😁😆😅🤣😂🙂🙃",
     "UPPER lower MiXeD",
     "   leading and trailing spaces   ",
-    "html &amp; entities &lt;b&gt;",
-    "don't won't it's y'all",
+    "tabs\tand\nnewlines\r\nin the caption",
+    "html &amp; entities &lt;b&gt; &quot;quoted&quot; &#39;apos&#39;",
+    "double-escaped &amp;amp; entity",
+    "don't won't it's y'all I'M WE'LL they'd you've",
+    "ellipsis... and!!! more??? and ---- dashes ___ underscores",
+    "a painting of a fox, by Greg Rutkowski and Alphonse Mucha, oil on canvas, highly detailed, 8k",
+    "brackets [x] {y} (z) <w> | pipes \\ backslash / slash ~ tilde ` backtick ^ caret",
+    "mojibake: cafÃ© and Ã¼ber",
+    "numbers 0 00 000 0000 00000 000000 1234567890 3.5e-7 -42",
+    "a",
+    "!",
+    "    ",
+    "antidisestablishmentarianism pneumonoultramicroscopicsilicovolcanoconiosis",
+    "Zürich Straße Ærøskøbing Łódź İstanbul",
     "word " * 120,  # longer than 77 tokens: truncated, still ends with <|endoftext|>
+    "a very long caption with many different words, " * 12,
     "",
 ]
+# Not compared: a caption holding a literal "<|endoftext|>". transformers (like OpenAI's original CLIP
+# tokenizer) reads it as the special token; open_clip, whose specials are named "<end_of_text>", spells it out.
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +57,55 @@ def open_clip_tokenizer():
     return module.SimpleTokenizer()
 
 
-def test_asset_shape():
-    tok = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR)
+@pytest.fixture(scope="module", params=[CLIPTokenizer, CLIPTokenizerFast], ids=lambda c: c.__name__)
+def asset_tokenizer(request):
+    return request.param.from_pretrained(CLIP_TOKENIZER_DIR)
+
+
+def open_clip_ids(open_clip_tokenizer, caption: str) -> list[int]:
+    """open_clip's ids with its 0-padding replaced by <|endoftext|>, as SD v1's tokenizer pads."""
+    ids = open_clip_tokenizer([caption], context_length=77)[0].tolist()
+    n = next((i for i, t in enumerate(ids) if t == 0), 77)
+    return ids[:n] + [49407] * (77 - n)
+
+
+def test_asset_shape(asset_tokenizer):
+    tok = asset_tokenizer
     assert len(tok) == 49408
     assert tok.model_max_length == 77
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (49406, 49407, 49407)
+    assert tok.convert_ids_to_tokens([0, 256, 320, 49406, 49407]) == ["!", "!</w>", "a</w>", "<|startoftext|>",
+                                                                        "<|endoftext|>"]
 
 
 @pytest.mark.parametrize("caption", CAPTIONS)
-def test_ids_match_open_clip(open_clip_tokenizer, caption):
-    tok = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR)
-    ours = tokenize(tok, [caption], 77)[0].tolist()
-    theirs = open_clip_tokenizer([caption], context_length=77)[0].tolist()
-    n = next((i for i, t in enumerate(theirs) if t == 0), 77)  # open_clip pads with 0
-    assert ours[:n] == theirs[:n]
-    assert ours[0] == 49406 and ours[n - 1] == 49407
-    assert all(t == 49407 for t in ours[n:]), "SD v1 pads with <|endoftext|>"
-    assert len(ours) == 77
+def test_ids_match_open_clip(open_clip_tokenizer, asset_tokenizer, caption):
+    ours = tokenize(asset_tokenizer, [caption], 77)[0].tolist()
+    theirs = open_clip_ids(open_clip_tokenizer, caption)
+    assert ours == theirs
+    assert ours[0] == 49406 and 49407 in ours
+
+
+def test_raw_tokenizer_matches_open_clip_on_clean_text(open_clip_tokenizer, asset_tokenizer):
+    """Without our clean-up step the asset alone already gives CLIP's ids on text that needs no repair."""
+    clean = [c for c in CAPTIONS if clean_caption(c) == c]
+    assert len(clean) >= 15
+    for caption in clean:
+        ours = asset_tokenizer(caption, padding="max_length", max_length=77, truncation=True).input_ids
+        assert ours == open_clip_ids(open_clip_tokenizer, caption), caption
+
+
+def test_truncation_keeps_75_content_tokens(asset_tokenizer):
+    ids = tokenize(asset_tokenizer, ["word " * 120], 77)[0].tolist()
+    assert ids[0] == 49406 and ids[-1] == 49407
+    assert ids[1:76] == [2653] * 75  # "word</w>"
+
+
+def test_build_script_reproduces_committed_asset(tmp_path):
+    if importlib.util.find_spec("open_clip") is None:
+        pytest.skip("open-clip-torch not installed")
+    script = CLIP_TOKENIZER_DIR.parents[2] / "tools" / "build_clip_tokenizer.py"
+    subprocess.run([sys.executable, str(script), "--output_dir", str(tmp_path)], check=True, capture_output=True)
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / name).read_bytes() == (CLIP_TOKENIZER_DIR / name).read_bytes(), name
+    assert "MIT" in (tmp_path / "PROVENANCE.md").read_text()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 from pathlib import Path
@@ -23,7 +25,8 @@ DEFAULT_OUT = Path(__file__).resolve().parent.parent / "sd_ds" / "assets" / "cli
 
 def bytes_to_unicode() -> dict[int, str]:
     """OpenAI CLIP's reversible byte → printable unicode map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -41,8 +44,18 @@ def find_open_clip_bpe() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
 
 
+def open_clip_version() -> str:
+    try:
+        return importlib.metadata.version("open_clip_torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build(bpe_path: Path, out_dir: Path) -> None:
-    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    raw = bpe_path.read_bytes()
+    lines = gzip.decompress(raw).decode("utf-8").split("\n")
+    # Same slice as CLIP's SimpleTokenizer: line 0 is a version header, and only the first 48,894 merges are
+    # used (49,152 BPE entries minus 256 bytes and 2 specials), so that the vocabulary ends at 49,408.
     merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
     vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab]
@@ -66,7 +79,10 @@ def build(bpe_path: Path, out_dir: Path) -> None:
         "Hajishirzi, Ali Farhadi, Ludwig Schmidt; the BPE data originates from OpenAI's CLIP, MIT licence).\n\n"
         "49,408 entries: 256 byte tokens, 256 end-of-word byte tokens, 48,894 merges, `<|startoftext|>` (49406),\n"
         "`<|endoftext|>` (49407, also padding as in SD v1). `transformers.CLIPTokenizer.from_pretrained(this_dir)`\n"
-        "gives the same ids as open_clip's `SimpleTokenizer` (tests/test_tokenizer.py checks this).\n")
+        "gives the same ids as open_clip's `SimpleTokenizer` once captions get CLIP's clean-up\n"
+        "(`sd_ds.models.tokenize`; tests/test_tokenizer.py checks this).\n\n"
+        f"Built from open-clip-torch {open_clip_version()}, `bpe_simple_vocab_16e6.txt.gz` sha256\n"
+        f"`{hashlib.sha256(raw).hexdigest()}`. Rebuild: `python tools/build_clip_tokenizer.py`.\n")
 
 
 def main() -> None:
