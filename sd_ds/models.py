@@ -8,48 +8,73 @@ pretraining from scratch — with the output projections zeroed as latent diffus
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
+if TYPE_CHECKING:  # imported lazily below: diffusers/transformers take seconds to import
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
 logger = logging.getLogger("sd_ds.models")
 
+# OpenAI CLIP ViT-L/14's tokenizer (SD v1), built by tools/build_clip_tokenizer.py; see its PROVENANCE.md.
 CLIP_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "clip_tokenizer"
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
-                "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
+# Files whose presence means a UNet folder holds weights (any variant/shard), so it must not be randomly
+# initialised: a fp16-variant folder silently trained from scratch would be a costly surprise.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+INIT_COMMAND = ("python -m sd_ds.init --output_dir DIR --preset sd-v1 --source CompVis/stable-diffusion-v1-4"
+                " (or --preset tiny, offline)")
 
 
 @dataclass
 class Components:
-    unet: Any            # diffusers.UNet2DConditionModel
-    vae: Any             # diffusers.AutoencoderKL
-    text_encoder: Any    # transformers.CLIPTextModel
-    tokenizer: Any       # transformers.CLIPTokenizer
-    noise_scheduler: Any  # diffusers.DDPMScheduler
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler
 
 
 class ModelNotFoundError(FileNotFoundError):
-    pass
+    """A component is not at the given path/id (or not reachable offline)."""
 
 
 def _not_found(what: str, where: str, err: Exception) -> ModelNotFoundError:
+    reason = str(err).splitlines()[0] if str(err) else ""
     return ModelNotFoundError(
-        f"could not load the {what} from {where!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-        "Pass a local directory or a hub id that is reachable; to create a from-scratch model directory run "
-        "`python -m sd_ds.init --output_dir DIR --preset sd-v1 --source CompVis/stable-diffusion-v1-4` "
-        "(or `--preset tiny`, offline).")
+        f"could not load the {what} from {where!r} ({type(err).__name__}: {reason}). "
+        "Pass a local directory or a reachable hub id (HF_HUB_OFFLINE=1 allows only local folders and the "
+        f"local hub cache); to create a from-scratch model directory run `{INIT_COMMAND}`.")
 
 
-def _location(override: Optional[str], base: Optional[str], subfolder: str, what: str) -> tuple[str, Optional[str]]:
+def _location(override: Optional[str], base: Optional[str], subfolder: str, what: str,
+              flag: Optional[str]) -> tuple[str, Optional[str]]:
+    """(path or id, subfolder) of one component: its own flag wins over the model folder's subfolder."""
     if override:
         return override, None
     if base:
         return base, subfolder
-    raise ModelNotFoundError(f"no {what}: pass --pretrained_model_name_or_path (or --{subfolder}_name_or_path)")
+    own = f" (or {flag})" if flag else ""
+    raise ModelNotFoundError(f"no {what} given: pass --pretrained_model_name_or_path{own}; "
+                             f"to create a model directory run `{INIT_COMMAND}`")
+
+
+@contextlib.contextmanager
+def _seeded(seed: Optional[int]) -> Iterator[None]:
+    """Seed the CPU RNG for a block and restore the caller's state afterwards: the trainer has already given
+    each rank its own RNG stream (noise, timesteps) and must get it back unchanged after a seeded init."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def clean_caption(text: str) -> str:
@@ -76,9 +101,12 @@ def tokenize(tokenizer: Any, captions: list[str], max_length: int) -> torch.Tens
 
 
 def zero_output_projections(unet: torch.nn.Module) -> int:
-    """Zero what latent diffusion's ``zero_module`` zeroes (and the seed's ``init_weights`` does): the final
-    ``conv_out``, each ResNet block's ``conv2`` and each transformer block's ``proj_out``. Every residual branch
-    then starts as the identity and the first prediction is exactly 0, which keeps early training stable."""
+    """Zero what latent diffusion's ``zero_module`` zeroes (CompVis ``openaimodel.py``; ppdiffusers'
+    ``train_txt2img_laion400m`` does the same in its ``init_weights``): the final ``conv_out``, each ResNet
+    block's ``conv2`` and each transformer block's ``proj_out`` (weights and biases). Every residual branch then
+    starts as the identity, so a deep random UNet keeps unit-scale activations, and the first noise prediction is
+    exactly 0 (loss = E[target²], no early blow-up). Training is not stuck: ``conv_out`` gets gradients from the
+    first step and the rest follow once it is non-zero. Returns how many layers were zeroed."""
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
@@ -101,24 +129,34 @@ def _config_only_path(path: Path) -> Optional[Path]:
     """The config to build from when `path` holds a UNet config but no weights, else None."""
     if path.is_file() and path.suffix == ".json":
         return path
-    if path.is_dir() and not any((path / w).exists() for w in WEIGHT_FILES):
+    if path.is_dir() and not any(f.suffix in WEIGHT_SUFFIXES for f in path.iterdir()):
         for name in ("config.json", "unet_config.json"):
             if (path / name).is_file():
                 return path / name
     return None
 
 
-def load_unet(path_or_id: str, subfolder: Optional[str] = None, seed: Optional[int] = None) -> Any:
+def build_unet(config: dict[str, Any], seed: Optional[int] = None) -> UNet2DConditionModel:
+    """A randomly initialised UNet (from-scratch pretraining), output projections zeroed. With a seed the weights
+    are the same on every rank and every run, and the caller's RNG state is left as it was."""
+    from diffusers import UNet2DConditionModel
+
+    with _seeded(seed):
+        unet = UNet2DConditionModel.from_config(config)
+    zero_output_projections(unet)
+    return unet
+
+
+def load_unet(path_or_id: str, subfolder: Optional[str] = None, seed: Optional[int] = None) -> UNet2DConditionModel:
+    """``from_pretrained``, or a random init when the location holds only a config (``config.json`` without
+    weights, a ``unet_config.json``, or a path to a .json file)."""
     from diffusers import UNet2DConditionModel
 
     local = Path(path_or_id) / (subfolder or "")
     config_path = _config_only_path(local) if local.exists() else None
     if config_path is not None:
-        if seed is not None:
-            torch.manual_seed(seed)  # every rank builds the same random UNet
-        unet = UNet2DConditionModel.from_config(json.loads(config_path.read_text()))
-        n = zero_output_projections(unet)
-        logger.info("UNet randomly initialised from %s (%d output projections zeroed)", config_path, n)
+        unet = build_unet(json.loads(config_path.read_text()), seed=seed)
+        logger.info("UNet randomly initialised from %s (seed %s), output projections zeroed", config_path, seed)
         return unet
     try:
         return UNet2DConditionModel.from_pretrained(path_or_id, subfolder=subfolder)
@@ -126,33 +164,68 @@ def load_unet(path_or_id: str, subfolder: Optional[str] = None, seed: Optional[i
         raise _not_found("UNet", f"{path_or_id}{'/' + subfolder if subfolder else ''}", e) from e
 
 
+def load_tokenizer(path_or_id: str, subfolder: Optional[str] = None, model_max_length: int = 77) -> CLIPTokenizer:
+    from transformers import CLIPTokenizer
+
+    where = f"{path_or_id}{'/' + subfolder if subfolder else ''}"
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path_or_id, **({"subfolder": subfolder} if subfolder else {}),
+                                                  model_max_length=model_max_length)
+    except (OSError, ValueError) as e:
+        raise _not_found("tokenizer", where, e) from e
+    # transformers 5 returns a tokenizer holding only the special tokens when it finds no vocabulary files;
+    # a byte-level BPE always has at least its 256 byte symbols.
+    if len(tokenizer.get_vocab()) <= 256:
+        raise _not_found("tokenizer", where, FileNotFoundError(
+            f"no vocabulary there (vocab.json + merges.txt or tokenizer.json); the CLIP tokenizer SD v1 uses "
+            f"ships with sd-ds in {CLIP_TOKENIZER_DIR}"))
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: CLIPTokenizer, directory: str | Path) -> None:
+    """``save_pretrained`` plus vocab.json/merges.txt: transformers 5 writes only tokenizer.json, which the slow
+    ``CLIPTokenizer`` of transformers 4 (what a v4 diffusers pipeline loads) cannot read."""
+    directory = Path(directory)
+    tokenizer.save_pretrained(directory)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not (directory / "vocab.json").is_file():
+        backend.model.save(str(directory))  # a BPE model writes vocab.json + merges.txt
+
+
 def load_components(pretrained_model_name_or_path: Optional[str], *, unet_name_or_path: Optional[str] = None,
                     vae_name_or_path: Optional[str] = None, text_encoder_name_or_path: Optional[str] = None,
                     tokenizer_name: Optional[str] = None, prediction_type: Optional[str] = None,
                     model_max_length: int = 77, seed: Optional[int] = None) -> Components:
+    """All five components, each from ``pretrained_model_name_or_path/<subfolder>`` unless its own path/id is
+    given. ``seed`` seeds a config-only UNet's random init; ``prediction_type`` overrides the scheduler's."""
     from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     base = pretrained_model_name_or_path
-    unet = load_unet(*_location(unet_name_or_path, base, "unet", "UNet"), seed=seed)
+    unet = load_unet(*_location(unet_name_or_path, base, "unet", "UNet", "--unet_name_or_path"), seed=seed)
 
-    def load(cls: Any, what: str, override: Optional[str], sub: str, **kw: Any) -> Any:
-        where, subfolder = _location(override, base, sub, what)
+    def load(cls: Any, what: str, where: tuple[str, Optional[str]], **kw: Any) -> Any:
+        path, subfolder = where
         try:
-            return cls.from_pretrained(where, **({"subfolder": subfolder} if subfolder else {}), **kw)
+            return cls.from_pretrained(path, **({"subfolder": subfolder} if subfolder else {}), **kw)
         except (OSError, ValueError) as e:
-            raise _not_found(what, f"{where}{'/' + subfolder if subfolder else ''}", e) from e
+            raise _not_found(what, f"{path}{'/' + subfolder if subfolder else ''}", e) from e
 
-    vae = load(AutoencoderKL, "VAE", vae_name_or_path, "vae")
-    text_encoder = load(CLIPTextModel, "text encoder", text_encoder_name_or_path, "text_encoder")
-    tokenizer = load(CLIPTokenizer, "tokenizer", tokenizer_name, "tokenizer", model_max_length=model_max_length)
-    noise_scheduler = load(DDPMScheduler, "noise scheduler", None, "scheduler",
+    vae = load(AutoencoderKL, "VAE", _location(vae_name_or_path, base, "vae", "VAE", "--vae_name_or_path"))
+    text_encoder = load(CLIPTextModel, "text encoder", _location(
+        text_encoder_name_or_path, base, "text_encoder", "text encoder", "--text_encoder_name_or_path"))
+    tokenizer = load_tokenizer(*_location(tokenizer_name, base, "tokenizer", "tokenizer", "--tokenizer_name"),
+                               model_max_length=model_max_length)
+    # DDPM for training whatever scheduler the folder names (SD v1 ships a PNDM config): only the noise
+    # schedule (betas, timesteps, prediction type) is read from it.
+    noise_scheduler = load(DDPMScheduler, "noise scheduler",
+                           _location(None, base, "scheduler", "noise scheduler", None),
                            **({"prediction_type": prediction_type} if prediction_type else {}))
     return Components(unet, vae, text_encoder, tokenizer, noise_scheduler)
 
 
-def configure_unet(unet: Any, *, recompute: bool, xformers: bool) -> None:
-    """Attention backend and activation checkpointing."""
+def configure_unet(unet: UNet2DConditionModel, *, recompute: bool, xformers: bool) -> None:
+    """Attention backend (PyTorch SDPA, or xformers on request) and activation checkpointing."""
     if xformers:
         try:
             import xformers  # noqa: F401
@@ -164,11 +237,12 @@ def configure_unet(unet: Any, *, recompute: bool, xformers: bool) -> None:
     else:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        unet.set_attn_processor(AttnProcessor2_0())  # PyTorch scaled_dot_product_attention
+        unet.set_attn_processor(AttnProcessor2_0())  # PyTorch scaled_dot_product_attention (flash/mem-efficient)
     if recompute:
         unet.enable_gradient_checkpointing()
 
 
 def freeze(module: torch.nn.Module) -> None:
+    """Frozen for training: no gradients, eval mode (no dropout)."""
     module.requires_grad_(False)
     module.eval()
