@@ -4,7 +4,7 @@
     python -m sd_ds.init --output_dir ./tiny --preset tiny          # offline, for tests and the demo
 
 sd-v1: the SD v1.x UNet config, randomly initialised; VAE, text encoder, tokenizer and noise-scheduler config
-copied from ``--source`` (a hub id or a local diffusers folder). tiny: every component built offline (a ~3 M
+copied from ``--source`` (a hub id or a local diffusers folder). tiny: every component built offline (a ~4 M
 parameter UNet for 8×8 latents, a VAE that downsamples 4× so 32 px images give 8×8 latents, a small CLIP text
 encoder) with the real CLIP tokenizer shipped in the package and SD v1's noise schedule.
 """
@@ -46,9 +46,12 @@ TINY_TEXT_ENCODER = dict(
     max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
 
 PRESETS = ("sd-v1", "tiny")
+DEFAULT_SOURCE = "CompVis/stable-diffusion-v1-4"
 
 
 def write_model_index(out: Path) -> None:
+    """StableDiffusionPipeline's index, without feature extractor and safety checker (none exist offline, and a
+    from-scratch model has no use for them)."""
     import diffusers
 
     (out / "model_index.json").write_text(json.dumps({
@@ -60,76 +63,106 @@ def write_model_index(out: Path) -> None:
 
 
 def init_model(output_dir: str | Path, *, preset: str = "sd-v1", source: Optional[str] = None, seed: int = 0,
-               unet_config_only: bool = False) -> Path:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+               unet_config_only: bool = False) -> list[str]:
+    """Write the model directory; returns one line per component saying what was written."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sd_ds.models import CLIP_TOKENIZER_DIR, zero_output_projections
+    from sd_ds.models import CLIP_TOKENIZER_DIR, _seeded, build_unet, load_tokenizer, save_tokenizer
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
     unet_config = TINY_UNET if preset == "tiny" else SD_V1_UNET
     if preset == "tiny" and source is None:
-        AutoencoderKL(**TINY_VAE).save_pretrained(out / "vae", safe_serialization=True)
-        CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER)).save_pretrained(out / "text_encoder", safe_serialization=True)
-        CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR).save_pretrained(out / "tokenizer")
+        with _seeded(seed + 1):  # not the UNet's stream: the same seed gives the same UNet in every preset
+            vae = AutoencoderKL(**TINY_VAE)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER))
+        vae.save_pretrained(out / "vae", safe_serialization=True)
+        text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+        save_tokenizer(load_tokenizer(str(CLIP_TOKENIZER_DIR)), out / "tokenizer")
         DDPMScheduler(**SD_V1_SCHEDULER).save_pretrained(out / "scheduler")
+        written = [f"vae: tiny AutoencoderKL, random init, {_params(vae)} (32 px -> 4x8x8 latents)",
+                   f"text_encoder: tiny CLIPTextModel, random init, {_params(text_encoder)}",
+                   f"tokenizer: OpenAI CLIP BPE (SD v1) from {CLIP_TOKENIZER_DIR}",
+                   "scheduler: DDPMScheduler, SD v1 schedule (scaled_linear 0.00085-0.012, 1000 steps, epsilon)"]
     else:
-        source = source or "CompVis/stable-diffusion-v1-4"
-        _copy_components(source, out)
+        source = source or DEFAULT_SOURCE
+        written = _copy_components(source, out)
+    hidden = json.loads((out / "text_encoder" / "config.json").read_text()).get("hidden_size")
+    if hidden != unet_config["cross_attention_dim"]:
+        written.append(f"WARNING: the text encoder's hidden_size {hidden} != the UNet's cross_attention_dim "
+                       f"{unet_config['cross_attention_dim']}: the UNet cannot take its embeddings")
+    shutil.rmtree(out / "unet", ignore_errors=True)
     if unet_config_only:
-        shutil.rmtree(out / "unet", ignore_errors=True)
         (out / "unet").mkdir()
-        (out / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel", **unet_config}, indent=2))
+        (out / "unet" / "config.json").write_text(
+            json.dumps({"_class_name": "UNet2DConditionModel", **unet_config}, indent=2))
+        written.insert(0, f"unet: {preset} config only (the trainer initialises it with its --seed)")
     else:
-        unet = UNet2DConditionModel(**unet_config)
-        zero_output_projections(unet)
+        unet = build_unet(unet_config, seed=seed)
         unet.save_pretrained(out / "unet", safe_serialization=True)
+        written.insert(0, f"unet: {preset} UNet2DConditionModel, random init (seed {seed}), {_params(unet)}, "
+                       "output projections zeroed")
     write_model_index(out)
-    return out
+    written.append("model_index.json: StableDiffusionPipeline (no safety checker, no feature extractor)")
+    return written
 
 
-def _copy_components(source: str, out: Path) -> None:
+def _params(module: torch.nn.Module) -> str:
+    return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f} M params"
+
+
+def _copy_components(source: str, out: Path) -> list[str]:
+    """VAE, text encoder, tokenizer and noise-schedule config from `source`, re-saved in place."""
     from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
-    from sd_ds.models import _not_found
+    from sd_ds.models import _not_found, load_tokenizer, save_tokenizer
 
-    parts: list[tuple[str, Any, dict]] = [("vae", AutoencoderKL, {}), ("text_encoder", CLIPTextModel, {}),
-                                          ("tokenizer", CLIPTokenizer, {}), ("scheduler", DDPMScheduler, {})]
-    for sub, cls, kw in parts:
+    written = []
+    for sub, cls in (("vae", AutoencoderKL), ("text_encoder", CLIPTextModel), ("scheduler", DDPMScheduler)):
         try:
-            obj = cls.from_pretrained(source, subfolder=sub, **kw)
+            # DDPMScheduler reads any diffusers scheduler config (SD v1 ships PNDM): training needs only the
+            # noise schedule, and sampling picks its own scheduler.
+            obj = cls.from_pretrained(source, subfolder=sub)
         except (OSError, ValueError) as e:
             raise _not_found(sub, f"{source}/{sub}", e) from e
         if sub == "scheduler":
-            obj = DDPMScheduler.from_config(obj.config)  # training uses DDPM on the source's noise schedule
-        obj.save_pretrained(out / sub, **({"safe_serialization": True} if sub in ("vae", "text_encoder") else {}))
+            obj.save_pretrained(out / sub)
+            c = obj.config
+            written.append(f"scheduler: DDPMScheduler from {source} ({c.beta_schedule} {c.beta_start}-{c.beta_end}, "
+                           f"{c.num_train_timesteps} steps, {c.prediction_type})")
+        else:
+            obj.save_pretrained(out / sub, safe_serialization=True)
+            written.append(f"{sub}: {type(obj).__name__} from {source}, {_params(obj)}")
+    save_tokenizer(load_tokenizer(source, subfolder="tokenizer"), out / "tokenizer")
+    written.insert(2, f"tokenizer: from {source}")
+    return written
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sd_ds.init", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", required=True, help="model directory to write")
     p.add_argument("--preset", choices=PRESETS, default="sd-v1", help="UNet size and where the rest comes from")
     p.add_argument("--source", default=None,
                    help="hub id or local diffusers folder to copy VAE/text encoder/tokenizer/scheduler from "
-                   "(sd-v1 default: CompVis/stable-diffusion-v1-4; tiny default: built offline)")
+                   f"(sd-v1 default: {DEFAULT_SOURCE}; tiny default: built offline)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random UNet (and tiny components)")
     p.add_argument("--unet_config_only", action="store_true",
                    help="write only the UNet config; the trainer then initialises it at start (saves disk)")
     a = p.parse_args(argv)
     try:
-        out = init_model(a.output_dir, preset=a.preset, source=a.source, seed=a.seed,
-                         unet_config_only=a.unet_config_only)
+        written = init_model(a.output_dir, preset=a.preset, source=a.source, seed=a.seed,
+                             unet_config_only=a.unet_config_only)
     except FileNotFoundError as e:
         p.error(str(e))
-    for sub in sorted(x.name for x in out.iterdir()):
-        print(f"  {out / sub}")
-    print(f"wrote the {a.preset} model to {out}")
+    print(f"wrote the {a.preset} model to {a.output_dir}:")
+    for line in written:
+        print(f"  {line}")
     return 0
 
 
