@@ -133,16 +133,17 @@ def report(measured: dict[int, list[dict]], sd_params: int, command: str) -> str
             lines.append(f"| {world} | {r['rank']} | {mib(r['bf16_weights'])} | {mib(r['fp32_master_partition'])} | "
                          f"{mib(r['adamw_state'])} | {mib(r['sharded_ema'])} | {mib(r['replicated_fp32_ema'])} | "
                          f"{mib(base + r['sharded_ema'])} | {mib(base + r['replicated_fp32_ema'])} |")
+    lines += ["", "Totals: bf16 weights + fp32 master partition + AdamW state + EMA (gradients, activations not counted)."]
     worlds = sorted(measured)
     if len(worlds) >= 2:
-        a, b = measured[worlds[0]][0]["sharded_ema"], measured[worlds[-1]][0]["sharded_ema"]
-        lines += ["", "Totals are weights + master partition + AdamW state + EMA (gradients and activations not counted).",
-                  "", f"Sharded EMA per rank: {worlds[0]} rank(s) {a:,} B → {worlds[-1]} ranks {b:,} B "
-                      f"(ratio {a / b:.4f}; {worlds[-1] / worlds[0]:.0f} would be exact halving, the rest is "
-                      "DeepSpeed's alignment padding)."]
+        lo, hi = worlds[0], worlds[-1]
+        a, b = measured[lo][0]["sharded_ema"], measured[hi][0]["sharded_ema"]
+        lines += ["", f"Sharded EMA per rank: {lo} rank(s) {a:,} B → {hi} ranks {b:,} B, ratio {a / b:.4f} "
+                      f"(exact division would be {hi / lo:.4f}; any difference is DeepSpeed's alignment padding)."]
     lines += ["", f"Computed, not measured: the SD v1 UNet ({sd_params:,} parameters) under the same scheme, "
                   "GiB per rank (padding ignored):", "",
-              "| ranks | fp32 master partition | AdamW state | sharded EMA | replicated EMA |", "|---:|---:|---:|---:|---:|"]
+              "| ranks | fp32 master partition | AdamW state | sharded EMA | replicated EMA |",
+              "|---:|---:|---:|---:|---:|"]
     for n in (1, 2, 8, 64):
         lines.append(f"| {n} | {gib(4 * sd_params / n)} | {gib(8 * sd_params / n)} | {gib(4 * sd_params / n)} | "
                      f"{gib(4 * sd_params)} |")

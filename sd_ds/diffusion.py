@@ -32,7 +32,8 @@ def compute_snr(noise_scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
     return (alpha / sigma) ** 2
 
 
-def add_noise(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def add_noise(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor,
+              timesteps: torch.Tensor) -> torch.Tensor:
     """q(x_t | x_0) = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) noise (DDPMScheduler.add_noise), in fp32 so a
     bf16 run does not round the schedule coefficients; the caller casts to the UNet's dtype."""
     a = _gathered(noise_scheduler.alphas_cumprod, timesteps, latents.ndim)

@@ -35,6 +35,7 @@ SUPPORTED_DEEPSPEED = ">=0.19,<0.20"
 REQUIRED_ATTRIBUTES = ("single_partition_of_fp32_groups", "round_robin_bit16_groups", "partition_size",
                        "param_names", "real_dp_process_group", "bit16_groups_flat")
 SHARD_FORMAT = "sd_ds.sharded_ema.v1"
+GATHER_CHUNK_BYTES = 256 * 2**20
 SHARD_FILE = "ema_rank_{rank:05d}.pt"
 _SHARD_RE = re.compile(r"^ema_rank_(\d+)\.pt$")
 
@@ -223,17 +224,7 @@ class ShardedEMA:
         ``module.state_dict()`` and complete: EMA weights for the parameters the optimizer trains, the module's own
         values (as fp32 when floating) for frozen parameters and buffers.
         """
-        flats = []
-        for g, part in enumerate(self.partitions):
-            rank, world = _dp_rank_and_size(self.optimizer, g)
-            if world == 1:
-                flats.append(part.cpu())
-                continue
-            group = _dp_group(self.optimizer, g)
-            gathered = [torch.empty_like(part) for _ in range(world)] if rank == 0 else None
-            dist.gather(part, gathered, dst=dist.get_global_rank(group, 0), group=group)
-            if rank == 0:
-                flats.append(torch.cat(gathered).cpu())
+        flats = [self._gather_to_rank0(part, g) for g, part in enumerate(self.partitions)]
         if self.dp_rank != 0:
             return None
         by_name = _unflatten(flats, self.layout)
@@ -275,6 +266,27 @@ class ShardedEMA:
             with torch.no_grad():
                 for g, backup in enumerate(backups):
                     self._all_gather_into(flats[g], backup, g)
+
+    def _gather_to_rank0(self, part: torch.Tensor, g: int) -> Optional[torch.Tensor]:
+        """Group g's full flat EMA on CPU of DP rank 0. Sent through the device of DeepSpeed's flat weights (the
+        EMA may sit on CPU with optimizer offload, NCCL needs device tensors), in chunks so rank 0 never holds
+        more than GATHER_CHUNK_BYTES of it on the device."""
+        rank, world = _dp_rank_and_size(self.optimizer, g)
+        if world == 1:
+            return part.detach().cpu().clone()
+        group = _dp_group(self.optimizer, g)
+        device = self.optimizer.bit16_groups_flat[g].device
+        n = part.numel()
+        out = torch.empty(world, n, dtype=part.dtype) if rank == 0 else None
+        chunk = max(1, GATHER_CHUNK_BYTES // (world * part.element_size()))
+        for start in range(0, n, chunk):
+            piece = part[start:start + chunk].to(device)
+            gathered = [torch.empty_like(piece) for _ in range(world)] if rank == 0 else None
+            dist.gather(piece, gathered, dst=dist.get_global_rank(group, 0), group=group)
+            if rank == 0:
+                for r, t in enumerate(gathered):
+                    out[r, start:start + t.numel()] = t.cpu()
+        return out.view(-1) if rank == 0 else None
 
     def _own_slice(self, flat: torch.Tensor, g: int) -> torch.Tensor:
         rank, _ = _dp_rank_and_size(self.optimizer, g)

@@ -24,7 +24,11 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import sd_ds.ema  # noqa: E402
 from sd_ds.ema import ShardedEMA, consolidate_ema, load_ema_shards, save_ema_shard  # noqa: E402
+
+# Gather in chunks of a few values (uneven last chunk included) so the chunked path runs on this tiny model.
+sd_ds.ema.GATHER_CHUNK_BYTES = 36
 
 DECAY = 0.8  # low, so a few steps move the EMA visibly away from both its start and the weights
 
@@ -134,7 +138,7 @@ def main():
         result["partition_shapes_match_masters"] = all(
             e.shape == m.shape for e, m in zip(ema.partitions, ema.masters))
         # The new layout's tail padding (on the last rank) must be zero, as DeepSpeed's own padding is.
-        layout, n = ema.layout, None
+        layout = ema.layout
         tail_zero = True
         for g, part in enumerate(ema.partitions):
             used = sum(torch.Size(s).numel() + p for s, p in zip(layout[g]["shapes"], layout[g]["paddings"]))
