@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Repack LAION base64 parts into webdataset shards (the img2dataset layout, read by open_clip and sd-ds).
+
+    python tools/convert_laion_to_wds.py --file_list train.filelist.list --output_dir OUT
+    python tools/convert_laion_to_wds.py 'parts/part-*.gz' --output_dir OUT --processes 32
+
+Inputs (any mix; sources in this order): --file_list files (lines "filelist_path [weight]"), --filelist
+files (one part path per line, weight 1.0), part paths or globs (one source named "inputs"). Parts may be
+gzip-compressed or plain (told apart by content). A missing input is reported before any work (exit 2).
+
+Output in OUT: 00000.tar, 00001.tar, ... with samples KEY.jpg|png|webp (the original image bytes unless a
+resize is asked for), KEY.txt (caption) and KEY.json (key, caption, width, height, source_part, line_number,
+format, image_format); KEY = f"{shard:05d}{index:04d}". Also NNNNN_stats.json per shard, sizes.json,
+stats.json (totals) and sources.json (shards and samples per filelist, with its weight, which the trainer
+uses to mix sources; a shard never holds two sources).
+
+Every shard holds exactly --samples_per_shard samples except the last of each source, in input order, and
+the bytes are the same for any --processes: each part is read once into a fragment, and shards are cut from
+the fragments in input order (sd_ds/wds_convert.py explains the design). A killed run resumes when started
+again with the same arguments; other arguments for the same OUT are refused.
+
+Bad lines are skipped and counted by reason, never fatal: {reasons}. Empty captions are kept and counted.
+Exit status 0, 1 when nothing could be converted, 2 for bad arguments, missing inputs or an unusable OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sd_ds.wds_convert import (FAILURE_REASONS, PIL_MAX_IMAGE_PIXELS, ConvertOptions,  # noqa: E402
+                               OutputDirError, available_cores, collect_sources, convert, format_summary)
+
+DOC = __doc__.replace("{reasons}", ", ".join(FAILURE_REASONS))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    summary, epilog = DOC.split("\n\n", 1)
+    p = argparse.ArgumentParser(description=summary, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="*", metavar="PART", help="part files or globs (quote globs), gzip or plain")
+    p.add_argument("--file_list", action="append", default=[], metavar="LIST",
+                   help="a train.filelist.list: lines 'filelist_path [weight]' (repeatable)")
+    p.add_argument("--filelist", action="append", default=[], metavar="FILE",
+                   help="a filelist: one part path per line; weight 1.0 (repeatable)")
+    p.add_argument("--output_dir", required=True, help="folder for the shards (created; resumed if it holds a run)")
+    p.add_argument("--format", choices=["auto", "laion400m", "laion_aes"], default="auto",
+                   help="line layout. laion400m: caption, _, base64 image; laion_aes: JSON caption (caption_en, "
+                        "else blip_caption_en) in column 3, image in column 6; auto (default): decided per part "
+                        "from its first good line")
+    p.add_argument("--samples_per_shard", type=int, default=10000, help="samples per shard (default 10000)")
+    p.add_argument("--processes", type=int, default=available_cores(),
+                   help="worker processes (default: all cores, here %(default)s); does not change the output")
+    p.add_argument("--min_size", type=int, default=0, help="skip images whose shorter side is smaller (default 0)")
+    p.add_argument("--max_pixels", type=int, default=PIL_MAX_IMAGE_PIXELS,
+                   help="skip images with more pixels, width x height (decompression bombs); default PIL's "
+                        "MAX_IMAGE_PIXELS, %(default)s; 0: no limit")
+    p.add_argument("--max_side", type=int, default=0,
+                   help="downscale images whose longer side exceeds this and re-encode them as JPEG (default 0: off)")
+    p.add_argument("--resize_shorter_to", type=int, default=0,
+                   help="downscale images whose shorter side exceeds this to it, re-encoding as JPEG (default 0: off)")
+    p.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality of re-encoded images (default 95)")
+    p.add_argument("--limit", type=int, default=None, help="convert only the first N good samples (trials)")
+    p.add_argument("--inflate_thread", choices=["auto", "yes", "no"], default="auto",
+                   help="inflate each part in a thread beside its parser (auto, the default: when --processes "
+                        "leaves cores idle); never changes the output")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error("--processes must be >= 1")
+    try:
+        options = ConvertOptions(layout=args.format, samples_per_shard=args.samples_per_shard,
+                                 min_size=args.min_size, max_pixels=args.max_pixels, max_side=args.max_side,
+                                 resize_shorter_to=args.resize_shorter_to, jpeg_quality=args.jpeg_quality,
+                                 limit=args.limit)
+    except ValueError as e:
+        parser.error(str(e))
+    sources, missing = collect_sources(args.file_list, args.filelist, args.inputs)
+    if missing:
+        print(f"error: {len(missing)} input file(s) not found; nothing was converted:", file=sys.stderr)
+        for path in missing[:20]:
+            print(f"  {path}", file=sys.stderr)
+        if len(missing) > 20:
+            print(f"  ... and {len(missing) - 20} more", file=sys.stderr)
+        return 2
+    if not any(s.parts for s in sources):
+        parser.error("no input parts: give part paths/globs, --filelist or --file_list")
+    t0 = time.monotonic()
+    try:
+        stats = convert(sources, args.output_dir, options, processes=args.processes, progress=not args.no_progress,
+                        inflate_thread={"auto": None, "yes": True, "no": False}[args.inflate_thread])
+    except OutputDirError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(stats))
+    print(f"output: {args.output_dir} ({time.monotonic() - t0:.1f} s)")
+    return 0 if stats["successes"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
