@@ -2,13 +2,14 @@
 """Converter throughput against the decompression floor (`gzip -dc PART > /dev/null`), and its scaling
 with --processes. Results go to BENCHMARKS.md, section 1.
 
-    python bench/bench_converter.py                     # 300-sample parts, 3 repeats, processes 1..cores
-    python bench/bench_converter.py --samples_per_part 500 --repeats 5
+    python bench/bench_converter.py                  # 300-sample parts, best of 5, processes 1..cores
+    python bench/bench_converter.py --no-write       # print only
 
 Parts are generated once (cached in --data_dir): hundreds of 20-60 KB JPEGs cut from scikit-image's photos,
 base64 in LAION's ``caption \\t _ \\t base64`` layout, gzip level 6 as LAION's tools wrote them.
 Steady state excludes start-up: throughput = (bytes of N parts - bytes of 1 part) / (time N - time 1), for
-the converter and for gzip alike, each the best of --repeats runs (the machine is shared).
+the converter and for gzip alike, each the best of --repeats runs (the machine may be shared), plus CPU
+seconds per GB, which other jobs do not inflate.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import io
 import os
 import platform
 import random
+import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -66,33 +69,40 @@ def make_parts(data_dir: Path, n_parts: int, samples_per_part: int, seed: int = 
     return paths
 
 
-def best_time(fn, repeats: int) -> float:
-    times = []
+def best_run(fn, repeats: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of child processes) of the fastest of ``repeats`` runs."""
+    runs = []
     for _ in range(repeats):
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        wall = time.perf_counter() - t0
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        runs.append((wall, cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime))
+    return min(runs)
 
 
 def gzip_dc(parts: list[Path]) -> None:
     subprocess.run(["gzip", "-dc", *map(str, parts)], stdout=subprocess.DEVNULL, check=True)
 
 
-def converter(parts: list[Path], processes: int, inflate_thread: str, work: Path) -> None:
+def converter(parts: list[Path], processes: int, inflate_thread: str, work: Path, samples_per_shard: int) -> None:
     out = work / "out"
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run([sys.executable, str(REPO / "tools/convert_laion_to_wds.py"), *map(str, parts),
                     "--output_dir", str(out), "--processes", str(processes), "--inflate_thread", inflate_thread,
-                    "--no_progress", "--samples_per_shard", "1000"], stdout=subprocess.DEVNULL, check=True)
+                    "--no_progress", "--samples_per_shard", str(samples_per_shard)], stdout=subprocess.DEVNULL,
+                   check=True)
 
 
-def steady_rate(run, parts: list[Path], n: int, repeats: int, small: int = 1) -> tuple[float, float]:
-    """(MB/s of compressed input, seconds for the n-part run) from time(n parts) - time(small parts)."""
-    size = lambda ps: sum(p.stat().st_size for p in ps)  # noqa: E731
-    t_small = best_time(lambda: run(parts[:small]), repeats)
-    t_big = best_time(lambda: run(parts[:n]), repeats)
-    return (size(parts[:n]) - size(parts[:small])) / (t_big - t_small) / 1e6, t_big
+def steady_state(run, parts: list[Path], n: int, repeats: int, small: int = 1) -> dict:
+    """Throughput from time(n parts) - time(small parts): MB/s of compressed input, and CPU seconds per GB
+    (the second does not depend on what else the machine runs)."""
+    nbytes = sum(p.stat().st_size for p in parts[small:n])
+    wall_small, cpu_small = best_run(lambda: run(parts[:small]), repeats)
+    wall_big, cpu_big = best_run(lambda: run(parts[:n]), repeats)
+    return {"mb_s": nbytes / (wall_big - wall_small) / 1e6, "cpu_s_per_gb": (cpu_big - cpu_small) / nbytes * 1e9,
+            "wall": wall_big, "parts": n}
 
 
 def pixel_decode_rate(part: Path) -> float:
@@ -115,7 +125,24 @@ def machine() -> str:
                 model = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{model}, {len(os.sched_getaffinity(0))} cores available, load average {os.getloadavg()[0]:.2f}"
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"
+
+
+SECTION = "## 1. Converter vs gzip -dc"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this script's section of BENCHMARKS.md, else put it before the other sections."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1)
+    elif "\n## " in text:
+        head, rest = text.split("\n## ", 1)
+        text = head.rstrip("\n") + "\n\n" + section + "\n## " + rest
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
 
 
 def main() -> None:
@@ -123,33 +150,56 @@ def main() -> None:
     p.add_argument("--data_dir", default=os.path.join(tempfile.gettempdir(), "sd_ds_bench_parts"))
     p.add_argument("--samples_per_part", type=int, default=300)
     p.add_argument("--parts", type=int, default=6, help="parts per process in the big run (default 6)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max_processes", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     args = p.parse_args()
 
     procs = list(range(1, args.max_processes + 1))
     parts = make_parts(Path(args.data_dir), args.parts * procs[-1], args.samples_per_part)
-    mean_kb = np.mean([p.stat().st_size for p in parts]) / 1e3
-    print(f"# {time.strftime('%Y-%m-%d')} · {machine()} · Python {platform.python_version()}")
-    print(f"# {len(parts)} parts of {args.samples_per_part} JPEGs (20-60 KB), {mean_kb / 1e3:.1f} MB each "
-          f"compressed; steady state = {args.parts} parts minus 1, best of {args.repeats}")
+    part_mb = np.mean([p.stat().st_size for p in parts]) / 1e6
+    load = os.getloadavg()[0]
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        gz, gz_t = steady_rate(gzip_dc, parts, args.parts, args.repeats)
-        print(f"{'gzip -dc (1 process)':<48}{gz:8.1f} MB/s ({args.parts:2d} parts in {gz_t:5.2f} s)")
-        base = None
+        gz = steady_state(gzip_dc, parts, args.parts, args.repeats)
+        rows.append(("`gzip -dc PARTS > /dev/null`", gz))
         # --processes 1 with and without the inflate thread (auto turns it on when cores are idle, off for
-        # --processes = cores); the scaling column is against --processes 1 without it: one core each.
+        # --processes = cores); n processes: n x parts minus n parts, so start-up and the last wave cancel out
         for n, thread in [(1, "no"), (1, "yes"), *[(n, "auto") for n in procs[1:]]]:
-            # n processes: n x parts parts minus n parts, so start-up and the last wave cancel out
-            rate, t = steady_rate(lambda ps: converter(ps, n, thread, work), parts, args.parts * n, args.repeats,
-                                  small=n)
-            base = base or rate
-            label = f"converter --processes {n} --inflate_thread {thread}"
-            print(f"{label:<48}{rate:8.1f} MB/s ({args.parts * n:2d} parts in {t:5.2f} s)"
-                  f"  {rate / gz:.2f}x gzip -dc  {rate / base:.2f}x first row")
+            # one shard per part: the shard assembled at the end of a run is the same size for every run length
+            res = steady_state(lambda ps: converter(ps, n, thread, work, args.samples_per_part), parts,
+                               args.parts * n, args.repeats, small=n)
+            rows.append((f"converter `--processes {n} --inflate_thread {thread}`", res))
         pix = pixel_decode_rate(parts[0])
-        print(f"{'full PIL pixel decode, for reference':<48}{pix:8.1f} MB/s {'':24}  {pix / gz:.2f}x gzip -dc")
+    base = rows[1][1]["mb_s"]
+    table = ["| command | parts | MB/s (compressed input) | × gzip -dc | × converter, 1 process | CPU s per GB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label, r in rows:
+        table.append(f"| {label} | {r['parts']} | {r['mb_s']:.1f} | {r['mb_s'] / gz['mb_s']:.2f} | "
+                     f"{r['mb_s'] / base:.2f} | {r['cpu_s_per_gb']:.2f} |")
+    table.append(f"| full PIL pixel decode of every image (reference, not what the converter does) | 1 | {pix:.1f} | "
+                 f"{pix / gz['mb_s']:.2f} | | |")
+    command = "python bench/bench_converter.py " + " ".join(sys.argv[1:])
+    section = f"""{SECTION}
+
+{time.strftime('%Y-%m-%d')} · {machine()}, shared with other jobs (load average {load:.2f} at the start) · \
+Python {platform.python_version()} · `{command.strip()}`
+
+Input: {len(parts)} generated parts of {args.samples_per_part} JPEGs (20-60 KB crops of scikit-image's photos,
+base64, gzip level 6), {part_mb:.1f} MB each. Steady state: time({args.parts} parts) minus time(1 part) (with n
+processes: {args.parts}n parts minus n), best of {args.repeats} runs; MB/s of compressed input. CPU s per GB:
+CPU time of all processes per GB of compressed input, which other jobs on the machine do not inflate.
+The converter's figure includes everything: inflate, checks, the fragment write and the shard assembly
+(--samples_per_shard {args.samples_per_part}, one shard per part). --inflate_thread auto is "yes" below the core
+count and "no" at it.
+
+{chr(10).join(table)}
+"""
+    print(section)
+    if not args.no_write:
+        write_section(REPO / "BENCHMARKS.md", section)
+        print(f"written to {REPO / 'BENCHMARKS.md'}")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from sd_ds.image_header import ImageInfo, ImageRejected, probe_image
-from sd_ds.laion import (LAYOUTS, LineRejected, PartStreamError, decode_image_base64, detect_layout,
+from sd_ds.laion import (LAYOUTS, Layout, LineRejected, PartStreamError, decode_image_base64, detect_layout,
                          iter_part_lines, read_file_list_list, read_filelist, split_line)
 
 __all__ = ["ConvertOptions", "Source", "KeyFormat", "collect_sources", "convert", "OutputDirError", "available_cores",
@@ -357,85 +357,96 @@ def _part_paths(work: Path, part: int) -> tuple[Path, Path, Path]:
     return stem.with_suffix(".frag"), stem.with_suffix(".idx"), stem.with_suffix(".json")
 
 
-def convert_part(job: dict) -> dict:
-    """Worker: one part → fragment + offsets + record. Returns the record (without offsets).
+def _parse_sample(line: bytes, layout: Layout, opt: ConvertOptions) -> tuple[str, bytes, ImageInfo, ImageInfo]:
+    """(caption, image bytes, image info, original image info) of a line; raises LineRejected/ImageRejected."""
+    caption, image_b64 = split_line(line, layout)
+    image = decode_image_base64(image_b64)
+    info = original = probe_image(image, opt.max_pixels)
+    if opt.min_size and min(info.width, info.height) < opt.min_size:
+        raise ImageRejected("too_small", f"{info.width}x{info.height}")
+    if opt.reencodes:
+        image, info = _resize(image, info, opt)
+    return caption, image, info, original
 
-    job: part (index), path, work (dir), options (dict), limit (good samples to stop after, or None).
+
+class _FragmentWriter:
+    """Tar members of samples, keyed with a placeholder, and the byte offset where each sample starts."""
+
+    def __init__(self, file: io.BufferedWriter, placeholder: str):
+        self.file, self.placeholder = file, placeholder
+        self.offsets = array("Q", [0])
+
+    def add(self, ext: str, image: bytes, caption: str, meta: dict) -> None:
+        meta_bytes = json.dumps({"key": self.placeholder, **meta}, ensure_ascii=False).encode("utf-8")
+        pos = self.offsets[-1]
+        for member, data in ((ext, image), ("txt", caption.encode("utf-8")), ("json", meta_bytes)):
+            self.file.write(tar_header(f"{self.placeholder}.{member}".encode("ascii"), len(data)))
+            self.file.write(data)
+            pad = _padding(len(data))
+            if pad:
+                self.file.write(_ZEROS[:pad])
+            pos += 512 + len(data) + pad
+        self.offsets.append(pos)
+
+
+def convert_part(job: dict) -> dict:
+    """Worker: one part → fragment (tar members of its good samples), offsets and record (the part's sample
+    count, failures and empty captions). Returns the record's part, samples and bytes.
+
+    job: part (index), path, work (dir), options (dict), limit (good samples to stop after, or None), reader.
     """
     opt = ConvertOptions(**job["options"])
-    keys = KeyFormat(opt.samples_per_shard)
-    placeholder = keys.placeholder.encode("ascii")
     path = job["path"]
     frag_path, idx_path, record_path = _part_paths(Path(job["work"]), job["part"])
-    pid = os.getpid()
-    frag_tmp = frag_path.with_name(f"{frag_path.name}.tmp.{pid}")
-    failures: list[list] = []  # [line number, reason, good samples before it in this part]
-    empty_captions: list[int] = []
-    offsets = array("Q", [0])
-    samples = lines = 0
-    stream_error: Optional[str] = None
-    position = [0]  # compressed bytes consumed, for progress
-    reported_bytes = reported_samples = 0
-    next_report = time.monotonic() + PROGRESS_INTERVAL_S
+    frag_tmp, idx_tmp = (p.with_name(f"{p.name}.tmp.{os.getpid()}") for p in (frag_path, idx_path))
     layout = LAYOUTS[opt.layout if opt.layout != "auto" else (detect_layout(path) or "laion400m")]
     limit = job.get("limit")
-    with open(frag_tmp, "wb", buffering=1 << 20) as frag:
-        pos = 0
+    failures: list[list] = []  # [line number, reason, good samples before it in this part]
+    empty_captions: list[int] = []  # indices of the part's samples that have one
+    stream_error: Optional[str] = None
+    samples = lines = 0
+    position = [0]  # compressed bytes read, for progress
+    reported = (0, 0)
+    next_report = time.monotonic() + PROGRESS_INTERVAL_S
+    with open(frag_tmp, "wb", buffering=1 << 20) as f:
+        fragment = _FragmentWriter(f, KeyFormat(opt.samples_per_shard).placeholder)
         try:
             for line in iter_part_lines(path, position, reader=job.get("reader", "buffered")):
                 lines += 1
                 try:
-                    caption, b64 = split_line(line, layout)
-                    image = decode_image_base64(b64)
-                    info = probe_image(image, opt.max_pixels)
-                    if opt.min_size and min(info.width, info.height) < opt.min_size:
-                        raise ImageRejected("too_small", f"{info.width}x{info.height}")
-                    original = info
-                    if opt.reencodes:
-                        image, info = _resize(image, info, opt)
+                    caption, image, info, original = _parse_sample(line, layout, opt)
                 except (LineRejected, ImageRejected) as e:
                     failures.append([lines, e.reason, samples])
                     continue
-                meta = {"key": placeholder.decode(), "caption": caption, "width": info.width,
-                        "height": info.height}
+                meta = {"caption": caption, "width": info.width, "height": info.height}
                 if info is not original:
                     meta.update(original_width=original.width, original_height=original.height)
                 meta.update(source_part=path, line_number=lines, format=layout.name, image_format=info.format)
-                meta_bytes = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-                text = caption.encode("utf-8")
+                fragment.add(info.ext, image, caption, meta)
                 if not caption:
                     empty_captions.append(samples)
-                for ext, data in ((info.ext, image), ("txt", text), ("json", meta_bytes)):
-                    frag.write(tar_header(placeholder + b"." + ext.encode("ascii"), len(data)))
-                    frag.write(data)
-                    pad = _padding(len(data))
-                    if pad:
-                        frag.write(_ZEROS[:pad])
-                    pos += 512 + len(data) + pad
-                offsets.append(pos)
                 samples += 1
                 if _TEST_SLOW_S:
                     time.sleep(_TEST_SLOW_S)
-                if lines % 32 == 0 and time.monotonic() >= next_report:
-                    _report_progress(position[0] - reported_bytes, samples - reported_samples)
-                    reported_bytes, reported_samples = position[0], samples
-                    next_report = time.monotonic() + PROGRESS_INTERVAL_S
                 _test_kill_point("sample")
+                if lines % 32 == 0 and time.monotonic() >= next_report:
+                    _report_progress(position[0] - reported[0], samples - reported[1])
+                    reported, next_report = (position[0], samples), time.monotonic() + PROGRESS_INTERVAL_S
                 if limit is not None and samples >= limit:
                     break
         except PartStreamError as e:
             failures.append([lines + 1, e.reason, samples])
             stream_error = str(e)
-    with open(idx_path.with_name(f"{idx_path.name}.tmp.{pid}"), "wb") as f:
-        offsets.tofile(f)
-    record = {"part": job["part"], "path": path, "layout": layout.name, "lines": lines,
-              "samples": samples, "bytes": _file_size(path), "stream_error": stream_error,
-              "failures": failures, "empty_captions": empty_captions}
+    with open(idx_tmp, "wb") as f:
+        fragment.offsets.tofile(f)
+    record = {"part": job["part"], "path": path, "layout": layout.name, "lines": lines, "samples": samples,
+              "bytes": _file_size(path), "stream_error": stream_error, "failures": failures,
+              "empty_captions": empty_captions}
     # Fragment and offsets first, the record last: the record's presence is what marks the part done.
     os.replace(frag_tmp, frag_path)
-    os.replace(idx_path.with_name(f"{idx_path.name}.tmp.{pid}"), idx_path)
+    os.replace(idx_tmp, idx_path)
     _write_json_atomic(record_path, record, indent=None)
-    _report_progress(record["bytes"] - reported_bytes, samples - reported_samples)
+    _report_progress(record["bytes"] - reported[0], samples - reported[1])
     _test_kill_point("part")
     return {k: record[k] for k in ("part", "samples", "bytes")}
 
@@ -629,54 +640,44 @@ def _first_difference(a: Any, b: Any, where: str = "") -> str:
         for i, (x, y) in enumerate(zip(a, b)):
             if x != y:
                 return _first_difference(x, y, f"{where}[{i}]")
-    return f"{where}: {a!r} now, {b!r} before"
+    return f"{where}: {_short(a)} now, {_short(b)} before"
 
 
-def _prepare_output(out: Path, plan: dict) -> None:
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _open_output(out: Path, plan: dict):
+    """Check that ``out`` is empty or holds a run of this plan, take its lock, record the plan. Returns the
+    lock's file handle (held until closed)."""
     options_path = out / OPTIONS_FILE
-    if options_path.is_file():
-        before = json.loads(options_path.read_text(encoding="utf-8"))
-        if before != plan:
-            raise OutputDirError(
-                f"{out} holds a conversion with other inputs or options ({_first_difference(plan, before)}). "
-                f"Resume with the same arguments, or choose another --output_dir.")
-    elif out.is_dir() and any(out.iterdir()):
+    if not options_path.is_file() and out.is_dir() and any(out.iterdir()):
         raise OutputDirError(f"{out} is not empty and was not written by this converter; "
                              f"choose an empty or new --output_dir")
     (out / WORK_DIR / "parts").mkdir(parents=True, exist_ok=True)
-    if not options_path.is_file():
-        _write_json_atomic(options_path, plan)
-
-
-def _lock(out: Path):
-    handle = open(out / WORK_DIR / "lock", "w")
+    lock = open(out / WORK_DIR / "lock", "w")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        handle.close()
+        lock.close()
         raise OutputDirError(f"another conversion is writing to {out}") from None
-    return handle
+    if options_path.is_file():
+        before = json.loads(options_path.read_text(encoding="utf-8"))
+        if before != plan:
+            lock.close()
+            raise OutputDirError(
+                f"{out} holds a conversion with other inputs or options ({_first_difference(plan, before)}). "
+                f"Resume with the same arguments, or choose another --output_dir.")
+    else:
+        _write_json_atomic(options_path, plan)
+    return lock
 
 
 def _remove_stale_temporaries(out: Path) -> None:
     for directory in (out, out / WORK_DIR / "parts"):
         for tmp in directory.glob("*.tmp.*"):
             tmp.unlink(missing_ok=True)
-
-
-class _InlineExecutor:
-    """--processes 1 without a pool: the same jobs, run in the main process when submitted."""
-
-    def submit(self, fn: Callable, *args: Any) -> Future:
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args))
-        except BaseException as e:  # noqa: BLE001 - handed to the caller through the future, as a pool does
-            future.set_exception(e)
-        return future
-
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        pass
 
 
 def convert(sources: list[Source], output_dir: str | os.PathLike, options: ConvertOptions, processes: int = 1,
@@ -690,8 +691,7 @@ def convert(sources: list[Source], output_dir: str | os.PathLike, options: Conve
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     plan = _plan_record(sources, options)
-    _prepare_output(out, plan)
-    lock = _lock(out)
+    lock = _open_output(out, plan)
     try:
         complete = out / WORK_DIR / COMPLETE_FILE
         if complete.is_file():
@@ -703,7 +703,9 @@ def convert(sources: list[Source], output_dir: str | os.PathLike, options: Conve
         t0 = time.monotonic()
         if inflate_thread is None:
             inflate_thread = processes < available_cores()
-        frontier = _run(sources, out, options, processes, progress, "threaded" if inflate_thread else "buffered")
+        total_bytes = sum(size for source in plan["sources"] for _, size in source["parts"])
+        frontier = _run(sources, out, options, processes, progress, "threaded" if inflate_thread else "buffered",
+                        total_bytes)
         stats = _finalize(sources, out, frontier)
         stats_seconds = time.monotonic() - t0
         _write_json_atomic(complete, {"seconds_last_run": round(stats_seconds, 3)})
@@ -718,7 +720,7 @@ def available_cores() -> int:
 
 
 def _run(sources: list[Source], out: Path, options: ConvertOptions, processes: int, progress: bool,
-         reader: str) -> _Frontier:
+         reader: str, total_bytes: int) -> _Frontier:
     work = out / WORK_DIR
     frontier = _Frontier(sources, options.samples_per_shard, options.limit)
     paths = frontier.part_paths
@@ -732,20 +734,15 @@ def _run(sources: list[Source], out: Path, options: ConvertOptions, processes: i
             done_bytes += record["bytes"]
     convert_template = {"work": str(work), "options": asdict(options), "limit": options.limit, "reader": reader}
 
-    main_pid = os.getpid()
-    ctx = mp.get_context("spawn")  # no fork after threads (tqdm, queues); workers import little
-    progress_queue: Any = ctx.Queue() if processes > 1 else queue.SimpleQueue()
-    if processes > 1:
-        executor: Any = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_worker_init,
-                                            initargs=(progress_queue, main_pid))
-    else:
-        executor = _InlineExecutor()
-        global _progress_queue, _main_pid
-        _progress_queue, _main_pid = progress_queue, main_pid
+    # Workers even for --processes 1: the main process stays free to show progress mid-part. Spawned, not
+    # forked: no fork after threads (tqdm, queue feeders), and workers import little.
+    ctx = mp.get_context("spawn")
+    progress_queue = ctx.Queue()
+    executor = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_worker_init,
+                                   initargs=(progress_queue, os.getpid()))
 
     from tqdm import tqdm
 
-    total_bytes = sum(_file_size(p) for p in paths)
     bar = tqdm(total=total_bytes, initial=min(done_bytes, total_bytes), unit="B", unit_scale=True,
                desc="convert", dynamic_ncols=True, disable=not progress, smoothing=0.05)
     t_start = time.monotonic()

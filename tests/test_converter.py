@@ -426,3 +426,23 @@ def _ppid(proc_dir: Path):
         return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def test_second_run_into_a_busy_output_dir_is_refused(dataset, tmp_path):
+    import fcntl
+
+    out = tmp_path / "o"
+    part = dataset.root / "a0.gz"
+    run_tool(part, "--output_dir", out, "--limit", 1)  # an OUT of this plan...
+    (out / "_convert" / "complete.json").unlink()
+    with open(out / "_convert" / "lock", "w") as lock:  # ...that another run is writing to
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = run_tool(part, "--output_dir", out, "--limit", 1, check_rc=2)
+    assert "another conversion" in proc.stderr
+
+
+def test_progress_bar_shows_bytes_and_samples_per_second(dataset, tmp_path):
+    proc = subprocess.run([sys.executable, str(TOOL), str(dataset.root / "a0.gz"), "--output_dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "B/s" in proc.stderr and "samples/s" in proc.stderr and "6 samples" in proc.stderr
