@@ -212,8 +212,8 @@ def iter_part_lines(path: Union[str, Path], raw_position: list[int] | None = Non
         with raw:
             compressed = raw.peek(2)[:2] == GZIP_MAGIC
             try:
-                with _open_reader(raw, mode) as reader:
-                    for i, line in enumerate(reader):
+                with _open_reader(raw, mode) as stream:
+                    for i, line in enumerate(stream):
                         if i < done:
                             continue
                         done += 1

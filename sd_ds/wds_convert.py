@@ -744,7 +744,7 @@ def _run(sources: list[Source], out: Path, options: ConvertOptions, processes: i
     from tqdm import tqdm
 
     bar = tqdm(total=total_bytes, initial=min(done_bytes, total_bytes), unit="B", unit_scale=True,
-               desc="convert", dynamic_ncols=True, disable=not progress, smoothing=0.05)
+               desc="convert", dynamic_ncols=True, disable=not progress, smoothing=0.05, mininterval=0.5)
     t_start = time.monotonic()
     samples_this_run = 0
 

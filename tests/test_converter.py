@@ -23,8 +23,8 @@ from PIL import Image
 
 from laion_parts import Dataset, bad_lines, crops, encode, photo
 from sd_ds.image_header import ImageRejected, probe_image
-from sd_ds.laion import (LAYOUTS, LineRejected, decode_image_base64, read_file_list_list, read_filelist,
-                         split_line, write_part)
+from sd_ds.laion import (LAYOUTS, LineRejected, PartStreamError, decode_image_base64, iter_part_lines,
+                         read_file_list_list, read_filelist, split_line, write_part)
 from sd_ds.wds_convert import PIL_MAX_IMAGE_PIXELS, tar_header
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,6 +139,36 @@ def test_split_line_layouts_and_encodings():
     with pytest.raises(LineRejected) as e:
         decode_image_base64(b"abc$")
     assert e.value.reason == "invalid_base64"
+
+
+def test_part_stream_errors_keep_every_complete_line(tmp_path):
+    import zlib
+
+    rows = [(c, b) for c, b, _ in crops(30, seed=5)]
+    part = tmp_path / "p.gz"
+    write_part(part, rows)
+    data = part.read_bytes()
+    lines = list(iter_part_lines(part))
+    assert len(lines) == 30 and lines[0].startswith(rows[0][0].encode())
+    for frac in (0.2, 0.5, 0.97):  # cut: every line zlib can inflate before the cut comes out, for each reader
+        cut = data[: int(len(data) * frac)]
+        part.write_bytes(cut)
+        expected = zlib.decompressobj(31).decompress(cut).count(b"\n")
+        for reader in ("threaded", "buffered", "exact"):
+            got = []
+            with pytest.raises(PartStreamError) as e:
+                got.extend(iter_part_lines(part, reader=reader))
+            assert e.value.reason == "truncated_gzip" and got == lines[:expected], (frac, reader)
+    corrupt = bytearray(data)
+    corrupt[-8] ^= 0xFF  # the CRC in the gzip trailer
+    part.write_bytes(bytes(corrupt))
+    got = []
+    with pytest.raises(PartStreamError) as e:
+        got.extend(iter_part_lines(part))
+    assert e.value.reason == "gzip_error" and got == lines
+    plain = tmp_path / "p.txt"
+    write_part(plain, rows, gzip=False)
+    assert list(iter_part_lines(plain)) == lines
 
 
 def test_filelists(tmp_path, monkeypatch):

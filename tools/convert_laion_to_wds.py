@@ -10,23 +10,28 @@ gzip-compressed or plain (told apart by content). A missing input is reported be
 
 Output in OUT: 00000.tar, 00001.tar, ... with samples KEY.jpg|png|webp (the original image bytes unless a
 resize is asked for), KEY.txt (caption) and KEY.json (key, caption, width, height, source_part, line_number,
-format, image_format); KEY = f"{shard:05d}{index:04d}". Also NNNNN_stats.json per shard, sizes.json,
-stats.json (totals) and sources.json (shards and samples per filelist, with its weight, which the trainer
-uses to mix sources; a shard never holds two sources).
+format, image_format); KEY = f"{shard:05d}{index:04d}" (more index digits above 10^4 samples per shard).
+Also NNNNN_stats.json per shard, sizes.json, stats.json (totals) and sources.json (shards and samples per
+filelist, with its weight, which the trainer uses to mix sources; a shard never holds two sources).
 
-Every shard holds exactly --samples_per_shard samples except the last of each source, in input order, and
-the bytes are the same for any --processes: each part is read once into a fragment, and shards are cut from
-the fragments in input order (sd_ds/wds_convert.py explains the design). A killed run resumes when started
-again with the same arguments; other arguments for the same OUT are refused.
+Work split: a gzip part cannot be counted without inflating it, so instead of a counting pass (a second
+read of every part) each part is read once, by one worker, into a fragment of finished tar members; shards
+are then cut from the fragments in input order as soon as the counts before them are known. So every shard
+holds exactly --samples_per_shard samples except the last of each source, samples keep their input order,
+and the bytes are the same for any --processes (sd_ds/wds_convert.py has the details). A killed run resumes
+when started again with the same arguments (done parts and shards are kept); other arguments are refused.
 
-Bad lines are skipped and counted by reason, never fatal: {reasons}. Empty captions are kept and counted.
-Exit status 0, 1 when nothing could be converted, 2 for bad arguments, missing inputs or an unusable OUT.
+Bad lines are skipped and counted by reason in the stats, never fatal:
+{reasons}.
+Empty captions are kept and counted. Exit status 0, 1 when nothing could be converted, 2 for bad arguments,
+missing inputs or an unusable OUT, 130 when interrupted (rerun the command to resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -35,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sd_ds.wds_convert import (FAILURE_REASONS, PIL_MAX_IMAGE_PIXELS, ConvertOptions,  # noqa: E402
                                OutputDirError, available_cores, collect_sources, convert, format_summary)
 
-DOC = __doc__.replace("{reasons}", ", ".join(FAILURE_REASONS))
+DOC = __doc__.replace("{reasons}", textwrap.fill(", ".join(FAILURE_REASONS), 106, initial_indent="  ",
+                                                subsequent_indent="  "))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except OutputDirError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume", file=sys.stderr)
+        return 130
     print(format_summary(stats))
     print(f"output: {args.output_dir} ({time.monotonic() - t0:.1f} s)")
     return 0 if stats["successes"] else 1
