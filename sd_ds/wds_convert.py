@@ -22,8 +22,8 @@ the real keys into the member names and JSON (same width, so sizes and offsets d
 tar into place. Every shard therefore holds exactly --samples_per_shard samples except the last one of each
 source (a shard never mixes two filelists), samples keep their input order, and nothing depends on which
 worker did what: the output is byte-identical for any --processes. The price is one extra sequential copy of
-the output bytes (page-cache warm, a small fraction of the cost of inflating and checking the input; see
-BENCHMARKS.md). Parts are handed out in input order with a bounded look-ahead, so few fragments wait for
+the output bytes (page-cache warm; with it, one process still converts faster than ``gzip -dc`` inflates, see
+BENCHMARKS.md section 1). Parts are handed out in input order with a bounded look-ahead, so few fragments wait for
 assembly at any time, and each is deleted once its shards exist. img2dataset's other option, every part
 writing its own shard range, would leave one short shard per part (a 7,000-line part → a 7,000-sample shard).
 
@@ -446,9 +446,10 @@ def convert_part(job: dict) -> dict:
     os.replace(frag_tmp, frag_path)
     os.replace(idx_tmp, idx_path)
     _write_json_atomic(record_path, record, indent=None)
-    _report_progress(record["bytes"] - reported[0], samples - reported[1])
     _test_kill_point("part")
-    return {k: record[k] for k in ("part", "samples", "bytes")}
+    # the progress not yet reported rides on the result, so the bar ends exact
+    return {"part": job["part"], "samples": samples, "bytes": record["bytes"],
+            "unreported": (record["bytes"] - reported[0], samples - reported[1])}
 
 
 def _file_size(path: str) -> int:
@@ -707,8 +708,7 @@ def convert(sources: list[Source], output_dir: str | os.PathLike, options: Conve
         frontier = _run(sources, out, options, processes, progress, "threaded" if inflate_thread else "buffered",
                         total_bytes)
         stats = _finalize(sources, out, frontier)
-        stats_seconds = time.monotonic() - t0
-        _write_json_atomic(complete, {"seconds_last_run": round(stats_seconds, 3)})
+        _write_json_atomic(complete, {"seconds_last_run": round(time.monotonic() - t0, 3)})
         shutil.rmtree(out / WORK_DIR / "parts", ignore_errors=True)
         return stats
     finally:
@@ -810,6 +810,7 @@ def _run(sources: list[Source], out: Path, options: ConvertOptions, processes: i
                 if kind == "part":
                     in_flight_parts.discard(ident)
                     counts[ident] = result["samples"]
+                    show(*result["unreported"])
                     consume_ready()
                 else:
                     shard_first_part.pop(ident, None)
@@ -818,8 +819,13 @@ def _run(sources: list[Source], out: Path, options: ConvertOptions, processes: i
         if not frontier.done:  # cannot happen: every part was converted and consumed
             raise RuntimeError("conversion ended before all parts were consumed")
     finally:
-        bar.close()
         executor.shutdown(wait=True, cancel_futures=True)
+        try:  # reports still on their way from the workers
+            while True:
+                show(*progress_queue.get(timeout=0.05))
+        except queue.Empty:
+            pass
+        bar.close()
     return frontier
 
 

@@ -444,11 +444,19 @@ def test_resume_after_external_sigkill_of_the_main_process(many_parts, tmp_path)
     assert (out / "00000.tar").exists() and not (out / "stats.json").exists()
     assert len(children) >= 2  # the two workers (and multiprocessing's resource tracker)
     deadline = time.monotonic() + 10
-    while any(p.exists() for p in children) and time.monotonic() < deadline:
+    while any(_alive(p) for p in children) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(p.exists() for p in children), "workers outlived the killed main process"
+    assert not any(_alive(p) for p in children), "workers outlived the killed main process"
     run_tool(*parts, "--output_dir", out, "--samples_per_shard", 3, "--processes", 2)
     assert output_files(out) == output_files(reference)
+
+
+def _alive(proc_dir: Path) -> bool:
+    """Running, not a zombie that an init without reaping keeps listed."""
+    try:
+        return (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _ppid(proc_dir: Path):
