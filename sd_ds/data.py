@@ -1,52 +1,69 @@
 """The training data pipeline: webdataset shards → rank- and worker-local, seeded, exactly resumable batches.
 
-Per epoch, on each rank and each data-loader worker, the stages are (as in open_clip's ``get_wds_dataset``):
+Built like open_clip's ``get_wds_dataset``, as a list of webdataset stages. In each data-loader worker of
+each rank, per epoch:
 
-    shards of a source ─ seeded epoch-aware shuffle ─ split by rank ─ split by worker   (or resampled)
-      └ tar → samples (warn and continue) ─ mix sources by weight ─ seeded shuffle buffer
-          └ [resume: skip k raw samples, undecoded] ─ decode + transform (per-sample RNG) ─ batch ─ tokenise
+    for every source (a set of shards with a mixture weight), endlessly, pass after pass:
+        shard list ─ seeded epoch-aware shuffle (same order on every rank) ─ split by rank ─ split by worker
+          ─ tar → samples (warn, count and continue) ─ seeded shuffle buffer
+    mix the sources by weight (seeded) ─ number the raw samples ─ [resume: skip k raw samples, undecoded]
+      ─ decode (skip and count corrupt / too small) ─ map: resize, crop, flip, caption dropout ─ batch + tokenise
+    ─ with_epoch(batches per worker)
 
-Every rank and worker yields exactly ``batches_per_worker`` batches per epoch (cycling its shards if they
-run dry), so no rank ever waits for another. All randomness comes from (seed, epoch, rank, worker) or from
-(seed, epoch, sample key), never from a global RNG; each batch records how many raw samples its worker had
-consumed, and ``TrainLoader.state_dict`` stores that for the batches the training loop actually took. A
-resumed loader fast-forwards each worker through that many raw tar members without decoding them and
-continues with the very same samples in the same order.
+Every rank and worker yields exactly ``batches_per_worker`` batches per epoch: a worker whose shards run dry
+starts another pass over them, so no rank ever waits for another. Randomness comes from (seed, epoch, rank,
+worker) for the streams and from (seed, epoch, sample key) for a sample's crop, flip and caption dropout
+(plus how often the worker read that shard before in the epoch, so a repeat is augmented anew), never from
+a global RNG. Each batch carries which worker made it and how many raw samples that worker had consumed;
+``TrainLoader`` records that as it hands batches to the training loop, so its ``state_dict`` is exactly what
+the loop took. A resumed loader replays each worker's seeded stream, skipping that many raw tar samples
+without decoding them, and continues with the very same batches. (The skipped samples are still read from
+the tars: a resume late in a long epoch costs reading that worker's share so far, at I/O speed.)
 """
 
 from __future__ import annotations
 
+import atexit
+import bisect
+import collections
 import glob as globlib
 import io
 import itertools
 import json
 import logging
 import math
+import multiprocessing.util
 import os
 import random
 import tarfile
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
 
 logger = logging.getLogger("sd_ds.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-RAW_PART_SUFFIXES = (".gz", ".list", ".filelist", ".txt")
+SHUFFLE_INITIAL = 100  # samples in a shuffle buffer before it starts yielding (webdataset's default)
 
 
 # --- shard sources ------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class Source:
     name: str
     weight: float
-    shards: list[str]
-    samples: int  # total samples in the shards (sizes.json, else counted)
+    shards: tuple[str, ...]
+    samples: Optional[int]  # from sources.json / sizes.json; None until counted
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
 
 
 def _expand(url: str) -> list[str]:
@@ -54,328 +71,491 @@ def _expand(url: str) -> list[str]:
 
     out: list[str] = []
     for u in braceexpand.braceexpand(url):
-        if any(ch in u for ch in "*?["):
-            out.extend(sorted(globlib.glob(u)))
-        else:
-            out.append(u)
+        out.extend(sorted(globlib.glob(u)) if _is_local(u) and any(ch in u for ch in "*?[") else [u])
     return out
 
 
-def _count_samples(shard: str) -> int:
-    keys = set()
-    with tarfile.open(shard) as tf:
-        for m in tf:
-            if m.isfile():
-                keys.add(m.name.split(".", 1)[0])
-    return len(keys)
-
-
-def _sizes_for(shards: list[str]) -> int:
-    total = 0
-    cache: dict[Path, dict] = {}
-    for s in shards:
-        d = Path(s).parent
-        if d not in cache:
+def _sizes_json_count(shards: Iterable[str]) -> Optional[int]:
+    """Samples in the shards according to the sizes.json beside them; None if any shard is not listed."""
+    total, tables = 0, {}
+    for shard in shards:
+        if not _is_local(shard):
+            return None
+        d = Path(shard).parent
+        if d not in tables:
             f = d / "sizes.json"
-            cache[d] = json.loads(f.read_text()) if f.is_file() else {}
-        n = cache[d].get(Path(s).name)
-        total += int(n) if n is not None else _count_samples(s)
+            tables[d] = json.loads(f.read_text()) if f.is_file() else {}
+        n = tables[d].get(Path(shard).name)
+        if n is None:
+            return None
+        total += int(n)
     return total
 
 
+def count_samples(shard: str) -> int:
+    """Samples (distinct keys) in a local tar shard, read from its headers only."""
+    keys = set()
+    with tarfile.open(shard) as tf:
+        for member in tf:
+            if member.isfile():
+                keys.add(wds.tariterators.base_plus_ext(member.name)[0])
+    keys.discard(None)
+    return len(keys)
+
+
 def parse_sources(train_shards: list[str]) -> list[Source]:
-    """Entries: URL (brace pattern), glob, directory (its *.tar; a converter output's sources.json becomes
-    weighted sources), each optionally suffixed with ``::weight``."""
+    """``--train_shards`` entries → sources. An entry is a webdataset URL (brace patterns), a glob, or a
+    directory (all its ``*.tar``; a converter output's ``sources.json`` makes each of its sources a weighted
+    source), optionally suffixed with ``::weight``."""
     sources: list[Source] = []
     for entry in train_shards:
-        url, weight = entry, None
+        url, weight = entry, 1.0
         if "::" in entry:
             url, w = entry.rsplit("::", 1)
-            weight = float(w)
+            try:
+                weight = float(w)
+            except ValueError:
+                raise ValueError(f"--train_shards {entry!r}: the weight after '::' must be a number") from None
+        if not weight > 0:
+            raise ValueError(f"--train_shards {entry!r}: mixture weights must be > 0")
         path = Path(url)
-        if path.is_dir():
-            meta = path / "sources.json"
-            if meta.is_file():
-                for s in json.loads(meta.read_text())["sources"]:
-                    shards = [str(path / n) for n in s["shards"]]
-                    if shards:
-                        w = float(s.get("weight", 1.0)) * (weight if weight is not None else 1.0)
-                        sources.append(Source(s.get("name", str(path)), w, shards, int(s.get("samples") or _sizes_for(shards))))
-                continue
-            shards = sorted(str(p) for p in path.glob("*.tar"))
-        else:
-            shards = _expand(url)
-        missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not os.path.exists(s)]
+        if path.is_dir() and (path / "sources.json").is_file():
+            for s in json.loads((path / "sources.json").read_text())["sources"]:
+                shards = tuple(str(path / n) for n in s["shards"])
+                if shards and float(s.get("weight", 1.0)) > 0:
+                    samples = s.get("samples")
+                    sources.append(Source(f"{url}:{s.get('name', len(sources))}", float(s.get("weight", 1.0)) * weight,
+                                          shards, int(samples) if samples is not None else _sizes_json_count(shards)))
+            continue
+        shards = tuple(sorted(str(p) for p in path.glob("*.tar"))) if path.is_dir() else tuple(_expand(url))
+        missing = [s for s in shards if _is_local(s) and not os.path.isfile(s)]
         if not shards or missing:
-            raise FileNotFoundError(f"--train_shards {entry!r}: no shards found" + (f" (missing: {missing[:3]})" if missing else ""))
-        sources.append(Source(url, weight if weight is not None else 1.0, shards, _sizes_for(shards)))
+            raise FileNotFoundError(f"--train_shards {entry!r}: no shards found"
+                                    + (f" (missing: {', '.join(missing[:3])})" if missing else ""))
+        sources.append(Source(url, weight, shards, _sizes_json_count(shards)))
     if not sources:
-        raise ValueError("--train_shards is empty")
+        raise ValueError("--train_shards: no sources (empty list, or sources.json lists no shards)")
     return sources
 
 
 def raise_if_raw_parts(path: str) -> None:
-    """A seed-style --file_list points at raw LAION parts, which the trainer does not read directly."""
+    """The seed's ``--file_list`` (a list of filelists of raw base64 LAION parts) is not read by the trainer:
+    say how to convert it. A directory of tar shards passed by mistake is left for the caller to report."""
+    p = Path(path)
+    if p.suffix == ".tar" or (p.is_dir() and any(p.glob("*.tar"))):
+        return
     raise SystemExit(
-        f"--file_list {path}: the trainer reads webdataset shards, not raw LAION parts. Convert once (resumable, "
-        f"uses all cores):\n    python tools/convert_laion_to_wds.py --file_list {path} --output_dir SHARDS_DIR\n"
-        f"then train with --train_shards SHARDS_DIR (filelist weights are kept and used for mixing).")
+        f"--file_list {path}: the trainer reads webdataset shards, not raw LAION parts. Convert them once "
+        f"(resumable, uses all cores):\n"
+        f"    python tools/convert_laion_to_wds.py --file_list {path} --output_dir SHARDS\n"
+        f"then train with\n"
+        f"    --train_shards SHARDS\n"
+        f"(the filelist weights are kept in SHARDS/sources.json and used to mix the sources).")
 
 
-# --- per-worker sample streams -----------------------------------------------------------------------
+# --- skipped-sample accounting (one per worker) -------------------------------------------------------
 
-def _rng(*parts: Any) -> random.Random:
-    # str seeds are hashed with SHA-512 by `random`: stable across processes, unlike hash().
-    return random.Random("/".join(str(p) for p in parts))
+class SkipLog:
+    """Counts skipped samples by reason and warns about the first few of each, then only at the 10th, 100th,
+    1000th, ... one: a dataset with many corrupt samples must not flood the log (the counts reach the
+    training metrics through ``TrainLoader.stats``)."""
 
+    FIRST = 3
 
-def _tar_samples(shard: str, warn: "RateLimitedWarning", stats: dict) -> Iterator[dict]:
-    """Group tar members by key into samples {'__key__', ext: bytes}; a broken tar ends early with a warning."""
-    from webdataset.gopen import gopen  # local paths, pipe:, http(s):, s3 via pipe: ...
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.counts: collections.Counter[str] = collections.Counter()
 
-    current: Optional[dict] = None
-    try:
-        with gopen(shard, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                base = os.path.basename(m.name)
-                key, _, ext = base.partition(".")
-                key = os.path.join(os.path.dirname(m.name), key)
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__shard__": shard}
-                current[ext.lower()] = tf.extractfile(m).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        stats["tar_errors"] = stats.get("tar_errors", 0) + 1
-        warn(f"shard {shard}: {type(e).__name__}: {e} (rest of the shard skipped)")
-    if current is not None:
-        yield current
+    def skip(self, reason: str, detail: str) -> None:
+        self.counts[reason] += 1
+        n = self.counts[reason]
+        if n <= self.FIRST or 10 ** round(math.log10(n)) == n:
+            more = "" if n < self.FIRST else " (further ones are only counted, in the data/ metrics)"
+            logger.warning("%s: skipped sample #%d for %s: %s%s", self.where, n, reason, detail, more)
 
-
-def _source_stream(source: Source, *, seed: int, epoch: int, rank: int, world_size: int, worker: int,
-                   num_workers: int, resample: bool, warn: "RateLimitedWarning", stats: dict) -> Iterator[dict]:
-    """Endless raw samples of one source for one (rank, worker) in one epoch."""
-    if resample:
-        rng = _rng(seed, epoch, rank, worker, source.name, "resample")
-        while True:
-            yield from _tar_samples(rng.choice(source.shards), warn, stats)
-    shards = list(source.shards)
-    _rng(seed, epoch, source.name, "shards").shuffle(shards)  # same order on every rank: then split
-    mine = shards[rank::world_size][worker::num_workers]
-    for cycle in itertools.count():
-        # A worker whose shards ran dry before the epoch's batch count starts over on them.
-        for shard in mine:
-            for sample in _tar_samples(shard, warn, stats):
-                sample["__cycle__"] = cycle
-                yield sample
-
-
-def _mixed(streams: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
-    if len(streams) == 1:
-        yield from streams[0]
-        return
-    total = sum(weights)
-    cum = list(itertools.accumulate(w / total for w in weights))
-    while True:
-        r = rng.random()
-        yield next(streams[next(i for i, c in enumerate(cum) if r <= c or i == len(cum) - 1)])
-
-
-def _shuffled(stream: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
-    if bufsize <= 1:
-        yield from stream
-        return
-    buf: list[dict] = []
-    for sample in stream:
-        buf.append(sample)
-        if len(buf) >= bufsize:
-            i = rng.randrange(len(buf))
-            buf[i], buf[-1] = buf[-1], buf[i]
-            yield buf.pop()
-
-
-class RateLimitedWarning:
-    """The first few warnings, then one in a thousand: corrupt samples must not flood the log."""
-
-    def __init__(self, first: int = 5, every: int = 1000) -> None:
-        self.count, self.first, self.every = 0, first, every
-
-    def __call__(self, msg: str) -> None:
-        self.count += 1
-        if self.count <= self.first or self.count % self.every == 0:
-            logger.warning("%s [warning %d]", msg, self.count)
+    def tar_error(self, exn: Exception) -> bool:
+        """webdataset handler: warn, count and continue with the next member or shard."""
+        self.skip("tar_errors", f"{type(exn).__name__}: {exn}")
+        return True
 
 
 # --- decode and transform ----------------------------------------------------------------------------
 
-@dataclass
-class Transform:
-    resolution: int
-    center_crop: bool
-    random_flip: bool
-    min_size: int
-    caption_dropout_prob: float
+class SkipSample(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
-    def __call__(self, sample: dict, rng: random.Random, stats: dict, warn: RateLimitedWarning) -> Optional[tuple]:
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """The seed's (ppdiffusers' laion400m pretraining) image transform: shorter side to int(resolution / 0.9)
+    with LANCZOS, random (or center) crop to resolution, optional horizontal flip."""
+
+    resolution: int
+    center_crop: bool = False
+    random_flip: bool = False
+    min_size: Optional[int] = None  # default: resolution
+    jpeg_draft: bool = True
+
+    @property
+    def resize_to(self) -> int:
+        return int(self.resolution / 0.9)
+
+    def decode(self, sample: dict) -> tuple[Image.Image, str]:
+        """(RGB image, caption) or SkipSample. The header is read first, so too-small images cost no decode."""
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        caption = sample.get("txt")
-        if ext is None or caption is None:
-            stats["missing_fields"] = stats.get("missing_fields", 0) + 1
-            warn(f"sample {sample['__key__']} in {sample.get('__shard__')}: no image or caption")
-            return None
+        if ext is None:
+            raise SkipSample("missing_image", f"no {'/'.join(IMAGE_EXTS)} member")
+        if "txt" not in sample:
+            raise SkipSample("missing_caption", "no .txt member")
         try:
             img = Image.open(io.BytesIO(sample[ext]))
-            if min(img.size) < self.min_size:
-                stats["too_small"] = stats.get("too_small", 0) + 1
-                return None
-            target = int(self.resolution / 0.9)  # the seed's resize: shorter side to resolution / 0.9
-            if img.format == "JPEG":
-                img.draft("RGB", (target, target))  # DCT-domain downscale: decode only what the resize needs
-            img = img.convert("RGB")
-        except Exception as e:  # noqa: BLE001 - any undecodable image is skipped and counted
-            stats["undecodable"] = stats.get("undecodable", 0) + 1
-            warn(f"sample {sample['__key__']} in {sample.get('__shard__')}: {type(e).__name__}: {e}")
-            return None
+            if min(img.size) < (self.resolution if self.min_size is None else self.min_size):
+                raise SkipSample("too_small", f"{img.size[0]}x{img.size[1]}")
+            if self.jpeg_draft and img.format == "JPEG":
+                # libjpeg scales by 1/2, 1/4 or 1/8 while decoding, only as far as the shorter side stays
+                # >= the resize target: several times faster for large photos, and LANCZOS still only shrinks.
+                img.draft("RGB", (self.resize_to, self.resize_to))
+            img.load()  # decodes fully: truncated or corrupt data raise here
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+        except SkipSample:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever PIL raises, the sample is unusable
+            raise SkipSample("undecodable", f"{type(e).__name__}: {e}") from None
+        caption = sample["txt"]
+        return img, caption.decode("utf-8", errors="replace") if isinstance(caption, bytes) else str(caption)
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        """uint8 [3, resolution, resolution]."""
+        r, target = self.resolution, self.resize_to
         w, h = img.size
-        scale = target / min(w, h)
-        img = img.resize((max(target, round(w * scale)), max(target, round(h * scale))), Image.LANCZOS)
-        w, h = img.size
-        r = self.resolution
+        # Resized size as torchvision/paddle's Resize(int) computes it (the longer side truncated).
+        rw, rh = (target, int(target * h / w)) if w <= h else (int(target * w / h), target)
         if self.center_crop:
-            left, top = (w - r) // 2, (h - r) // 2
+            left, top = int(round((rw - r) / 2.0)), int(round((rh - r) / 2.0))
         else:
-            left, top = rng.randint(0, w - r), rng.randint(0, h - r)
-        img = img.crop((left, top, left + r, top + r))
+            top, left = rng.randint(0, rh - r), rng.randint(0, rw - r)  # RandomCrop's order: i (top), then j
+        # Resize only the crop window (Pillow's `box`): the same LANCZOS taps as resizing the whole image and
+        # then cropping, for about 2/3 of the time (BENCHMARKS.md). Pillow may run its two 1-D passes in the
+        # other order for the window, so a few percent of the pixels round differently between the passes
+        # (a few 8-bit levels, more at clipped edge ringing); tests check it is one of the two orders.
+        sx, sy = w / rw, h / rh
+        img = img.resize((r, r), Image.Resampling.LANCZOS,
+                         box=(left * sx, top * sy, (left + r) * sx, (top + r) * sy))
         if self.random_flip and rng.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-        text = caption.decode("utf-8", errors="replace") if isinstance(caption, bytes) else str(caption)
-        if rng.random() < self.caption_dropout_prob:
-            text = ""  # classifier-free guidance needs the unconditional case
-        return pixels, text, sample["__key__"]
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+# --- pipeline stages ---------------------------------------------------------------------------------
+
+def _seed(*parts: Any) -> str:
+    # A str seed is hashed with SHA-512 by `random`: stable across processes and runs, unlike hash().
+    return "/".join(str(p) for p in parts)
+
+
+def _rng(*parts: Any) -> random.Random:
+    return random.Random(_seed(*parts))
+
+
+def _split(index: int, count: int) -> Callable[[Iterable], Iterator]:
+    """Every count-th item from index: split by node (rank) or by worker."""
+    return lambda src: itertools.islice(src, index, None, count)
+
+
+def _resampled(shards: tuple[str, ...], rng: random.Random) -> Callable[[], Iterator[dict]]:
+    """Shards drawn with replacement, endlessly (open_clip's ResampledShards with an explicit seed)."""
+    def draw() -> Iterator[dict]:
+        while True:
+            yield {"url": rng.choice(shards)}
+    return draw
+
+
+def _tar_to_samples(opened: collections.Counter, handler: Callable[[Exception], bool],
+                    max_empty_in_a_row: int) -> Callable:
+    """webdataset's tar reader, one shard at a time so each sample knows how often this worker opened its
+    shard before in this epoch (a repeat gets fresh random choices)."""
+    def stage(shards: Iterable[dict]) -> Iterator[dict]:
+        empty_in_a_row = 0
+        for shard in shards:
+            url = shard["url"]
+            repeat = opened[url]
+            opened[url] += 1
+            empty_in_a_row += 1
+            for sample in wds.tarfile_samples([{"url": url}], handler=handler):
+                empty_in_a_row = 0
+                sample["__repeat__"] = repeat
+                yield sample
+            if empty_in_a_row > max_empty_in_a_row:  # endless resampling of unreadable shards must not hang
+                raise RuntimeError(f"{empty_in_a_row} shards in a row had no readable sample (last: {url})")
+    return stage
+
+
+def _mixed(streams: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
+    """wds.RandomMix, but seeded."""
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    cum = list(itertools.accumulate(weights))
+    while True:
+        i = min(bisect.bisect_right(cum, rng.random() * cum[-1]), len(streams) - 1)
+        yield next(streams[i])
+
+
+def _numbered(src: Iterable[dict]) -> Iterator[dict]:
+    for index, sample in enumerate(src):
+        sample["__index__"] = index  # position in this worker's raw stream; resume skips up to here
+        yield sample
+
+
+def _batched(batch_size: int, collate: Callable[[list], dict]) -> Callable:
+    """Batch as soon as it is full (webdataset's `batched` waits for the next sample, which would decode
+    one sample beyond the batch and let its skip counts leak into this batch's statistics)."""
+    def stage(src: Iterable) -> Iterator[dict]:
+        batch = []
+        for sample in src:
+            batch.append(sample)
+            if len(batch) == batch_size:
+                yield collate(batch)
+                batch = []
+    return stage
 
 
 # --- the dataset (runs in each worker) ---------------------------------------------------------------
 
 class ShardStream(torch.utils.data.IterableDataset):
-    def __init__(self, sources: list[Source], *, tokenizer: Any, transform: Transform, micro_batch_size: int,
-                 model_max_length: int, shuffle_buffer: int, seed: int, rank: int, world_size: int,
-                 num_workers: int, resample: bool, batches_per_worker: int) -> None:
+    """One epoch of one rank's batches; each data-loader worker iterates its own part."""
+
+    def __init__(self, sources: list[Source], *, tokenizer: Any, transform: ImageTransform, micro_batch_size: int,
+                 model_max_length: int, caption_dropout_prob: float, shuffle_buffer: int, seed: int, rank: int,
+                 world_size: int, num_workers: int, resample: bool, batches_per_worker: int,
+                 max_skips_in_a_row: int) -> None:
         self.sources, self.tokenizer, self.transform = sources, tokenizer, transform
-        self.micro_batch_size, self.model_max_length, self.shuffle_buffer = micro_batch_size, model_max_length, shuffle_buffer
+        self.micro_batch_size, self.model_max_length = micro_batch_size, model_max_length
+        self.caption_dropout_prob, self.shuffle_buffer = caption_dropout_prob, shuffle_buffer
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.resample, self.batches_per_worker = max(1, num_workers), resample, batches_per_worker
+        self.max_skips_in_a_row = max_skips_in_a_row
         self.epoch = 0
-        self.resume: dict[int, tuple[int, int]] = {}  # worker -> (batches done, raw samples consumed)
+        self.resume: dict[int, tuple[int, int]] = {}  # worker -> (batches taken, raw samples consumed)
+
+    def _source_samples(self, source: Source, worker: int, log: SkipLog) -> Iterator[dict]:
+        """Endless raw samples of one source for this (rank, worker, epoch)."""
+        total_weight = sum(s.weight for s in self.sources)
+        # The buffers of all sources together hold about shuffle_buffer samples, as in a single-source run.
+        bufsize = max(1, round(self.shuffle_buffer * source.weight / total_weight))
+        opened: collections.Counter = collections.Counter()
+        for epoch_pass in itertools.count():
+            # A worker whose shards run dry before the epoch's batches are done starts another pass over
+            # them; the shuffle buffer flushes at the end of each pass, so a pass yields each sample once.
+            if self.resample:
+                shards = [_resampled(source.shards, _rng(self.seed, self.epoch, self.rank, worker, source.name))]
+            else:
+                shards = [
+                    # seeded epoch-aware shuffle: the same order on every rank, so the splits are disjoint
+                    wds.SimpleShardList(list(source.shards), seed=_seed(self.seed, self.epoch, source.name, "shards")),
+                    _split(self.rank, self.world_size),        # split by node
+                    _split(worker, self.num_workers),          # split by worker
+                ]
+            pipeline = wds.DataPipeline(
+                *shards,
+                _tar_to_samples(opened, handler=log.tar_error, max_empty_in_a_row=10 * len(source.shards) + 10),
+                wds.shuffle(bufsize, min(bufsize, SHUFFLE_INITIAL),
+                            rng=_rng(self.seed, self.epoch, self.rank, worker, source.name, epoch_pass, "samples")),
+            )
+            read = 0
+            for sample in pipeline:
+                read += 1
+                yield sample
+            if read == 0:
+                raise RuntimeError(f"rank {self.rank} worker {worker}: no readable sample in the shards of source "
+                                   f"{source.name!r} it was given ({log.counts['tar_errors']} tar errors)")
 
     def __iter__(self) -> Iterator[dict]:
-        from sd_ds.models import tokenize
-
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         batches_done, raw_done = self.resume.get(worker, (0, 0))
-        stats: dict[str, int] = {}
-        warn = RateLimitedWarning()
-        streams = [_source_stream(s, seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
-                                  worker=worker, num_workers=self.num_workers, resample=self.resample, warn=warn,
-                                  stats=stats) for s in self.sources]
-        raw = _mixed(streams, [s.weight for s in self.sources], _rng(self.seed, self.epoch, self.rank, worker, "mix"))
-        raw = _shuffled(raw, self.shuffle_buffer, _rng(self.seed, self.epoch, self.rank, worker, "buffer"))
-        for _ in range(raw_done):  # fast-forward: undecoded tar members only
-            next(raw)
-        consumed = raw_done
-        # A stream with nothing usable would otherwise spin forever looking for the next valid sample.
-        max_invalid_run = 2 * sum(s.samples for s in self.sources) + 1000
-        invalid_run = 0
-        for batch_index in range(batches_done, self.batches_per_worker):
-            pixels, texts, keys = [], [], []
-            while len(keys) < self.micro_batch_size:
-                sample = next(raw)
-                consumed += 1
-                out = self.transform(sample, _rng(self.seed, self.epoch, sample["__key__"], sample.get("__cycle__", 0)),
-                                     stats, warn)
-                if out is None:
-                    invalid_run += 1
-                    if invalid_run > max_invalid_run:
-                        raise RuntimeError(f"rank {self.rank} worker {worker}: {invalid_run} samples in a row were "
-                                           f"unusable ({stats}); check the shards and --min_size/--resolution")
-                    continue
-                invalid_run = 0
-                pixels.append(out[0]), texts.append(out[1]), keys.append(out[2])
-            yield {
-                "pixel_values": torch.stack(pixels).float().div_(127.5).sub_(1.0),  # [B,3,R,R] in [-1, 1]
-                "input_ids": tokenize(self.tokenizer, texts, self.model_max_length),  # [B, max_length]
-                "captions": texts, "keys": keys,
-                "__position__": torch.tensor([self.epoch, worker, batch_index + 1, consumed]),
-                "__stats__": dict(stats),
+        if batches_done >= self.batches_per_worker:
+            return  # this worker's share of the epoch was taken before the checkpoint
+        log = SkipLog(f"data rank {self.rank} worker {worker} epoch {self.epoch}")
+        streams = [self._source_samples(s, worker, log) for s in self.sources]
+        skips_in_a_row = 0
+
+        def decode(sample: dict) -> Optional[dict]:
+            nonlocal skips_in_a_row
+            try:
+                sample["image"], sample["caption"] = self.transform.decode(sample)
+            except SkipSample as skip:
+                log.skip(skip.reason, f"{sample.get('__url__')}:{sample['__key__']}: {skip}")
+                skips_in_a_row += 1
+                if skips_in_a_row > self.max_skips_in_a_row:  # a stream with nothing usable must not spin forever
+                    raise RuntimeError(f"rank {self.rank} worker {worker}: {skips_in_a_row} samples in a row were "
+                                       f"unusable ({dict(log.counts)}); check the shards and --min_size/--resolution")
+                return None
+            skips_in_a_row = 0
+            return sample
+
+        def transform(sample: dict) -> dict:
+            # The sample's own RNG: its random choices do not depend on which samples came before it.
+            rng = _rng(self.seed, self.epoch, os.path.basename(sample["__url__"]), sample["__key__"],
+                       sample["__repeat__"])
+            pixels = self.transform(sample["image"], rng)
+            caption = "" if rng.random() < self.caption_dropout_prob else sample["caption"]  # for CFG
+            return {"pixels": pixels, "caption": caption, "key": sample["__key__"], "index": sample["__index__"]}
+
+        batch_numbers = itertools.count(batches_done + 1)
+
+        def collate(samples: list[dict]) -> dict:
+            from sd_ds.models import tokenize
+
+            captions = [s["caption"] for s in samples]
+            return {
+                "pixel_values": torch.stack([s["pixels"] for s in samples]).float().div_(127.5).sub_(1.0),  # [B,3,R,R]
+                "input_ids": tokenize(self.tokenizer, captions, self.model_max_length),  # [B, model_max_length]
+                "captions": captions,
+                "keys": [s["key"] for s in samples],
+                # (epoch, worker, batches made, raw samples consumed) for TrainLoader's exact state
+                "__position__": torch.tensor([self.epoch, worker, next(batch_numbers), samples[-1]["index"] + 1]),
+                "__stats__": dict(log.counts),
             }
+
+        yield from wds.DataPipeline(
+            lambda: _mixed(streams, [s.weight for s in self.sources],
+                           _rng(self.seed, self.epoch, self.rank, worker, "mix")),
+            _numbered,
+            lambda src: itertools.islice(src, raw_done, None),  # resume: skip raw samples, undecoded
+            wds.map(decode),
+            wds.map(transform),
+            _batched(self.micro_batch_size, collate),
+        ).with_epoch(self.batches_per_worker - batches_done)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    # SIGTERM to the whole job (SLURM, k8s) must reach only the trainer, which checkpoints and then ends its
+    # workers; a worker dying first would fail the batches the checkpoint step still needs.
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# --- the loader the training loop iterates -----------------------------------------------------------
+
+_LIVE_LOADERS: "weakref.WeakSet[TrainLoader]" = weakref.WeakSet()
+
+
+def _stop_workers_at_exit() -> None:
+    # The workers ignore SIGTERM, so multiprocessing's exit handler (terminate, then join every child) would
+    # wait forever for the workers of a loader still being iterated when the interpreter exits. atexit runs
+    # handlers last registered first: this one runs before multiprocessing's and ends them properly.
+    for loader in list(_LIVE_LOADERS):
+        loader.close()
+
+
+assert multiprocessing.util  # imported first, so that its exit handler runs after ours
+atexit.register(_stop_workers_at_exit)
 
 
 class TrainLoader:
     """Endless iterator of micro batches for this rank; rolls over epochs; exact state for resume."""
 
-    def __init__(self, dataset: ShardStream, *, num_workers: int, pin_memory: bool) -> None:
+    def __init__(self, dataset: ShardStream, *, num_workers: int, pin_memory: bool, fingerprint: dict) -> None:
         self.dataset = dataset
         self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        self.pin_memory = pin_memory and torch.cuda.is_available()
         self.batches_per_epoch = dataset.batches_per_worker * max(1, num_workers)
+        self.fingerprint = fingerprint  # what must match for a saved position to mean the same samples
         self.epoch = 0
-        self._progress: dict[int, tuple[int, int]] = {}  # worker -> (batches, raw) handed to the consumer
-        self._stats: dict[int, dict] = {}
+        self._taken: dict[int, tuple[int, int]] = {}  # worker -> (batches, raw samples) handed to the consumer
+        self._stats_before: collections.Counter[str] = collections.Counter()  # earlier epochs and runs
+        self._stats_epoch: dict[int, dict] = {}  # worker -> its counts this epoch, as of the last batch taken
+        self._workers: Optional[Iterator] = None  # the running DataLoader iterator
+        _LIVE_LOADERS.add(self)
 
-    def _epoch_iter(self) -> Iterator[dict]:
+    def _loader(self) -> torch.utils.data.DataLoader:
         self.dataset.epoch = self.epoch
-        self.dataset.resume = dict(self._progress)
-        loader = torch.utils.data.DataLoader(
+        self.dataset.resume = dict(self._taken)
+        return torch.utils.data.DataLoader(
             self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-            prefetch_factor=4 if self.num_workers > 0 else None, persistent_workers=False)
-        return iter(loader)
+            prefetch_factor=2 if self.num_workers > 0 else None, persistent_workers=False,
+            worker_init_fn=_ignore_stop_signals)
 
     def __iter__(self) -> Iterator[dict]:
         workers = max(1, self.num_workers)
         while True:
             # Hand batches over in the uninterrupted interleaving (worker w's b-th batch is number
-            # b*workers + w), also after a resume where the DataLoader restarts its round robin at worker 0.
-            next_index = sum(b for b, _ in self._progress.values())
-            pending: dict[int, tuple] = {}
-            for batch in self._epoch_iter():
-                _, worker, batches, raw = batch.pop("__position__").tolist()
-                pending[(batches - 1) * workers + worker] = (worker, batches, raw, batch)
-                while next_index in pending:
-                    worker, batches, raw, ready = pending.pop(next_index)
-                    self._progress[worker] = (batches, raw)
-                    self._stats[worker] = ready.pop("__stats__")
-                    next_index += 1
-                    yield ready
-            self.epoch += 1
-            self._progress = {}
+            # (b-1)*workers + w), also after a resume, where the DataLoader's round robin restarts at worker 0
+            # although the workers stopped at different points.
+            next_number = sum(b for b, _ in self._taken.values())
+            pending: dict[int, tuple[int, int, int, dict]] = {}
+            self._workers = iter(self._loader())
+            try:
+                for batch in self._workers:
+                    _, worker, batches, raw = batch.pop("__position__").tolist()
+                    pending[(batches - 1) * workers + worker] = (worker, batches, raw, batch)
+                    while next_number in pending:
+                        worker, batches, raw, ready = pending.pop(next_number)
+                        self._taken[worker] = (batches, raw)
+                        self._stats_epoch[worker] = ready.pop("__stats__")
+                        next_number += 1
+                        yield ready
+            finally:
+                self.close()
+            if pending or next_number != self.batches_per_epoch:
+                raise RuntimeError(f"data epoch {self.epoch} ended after {next_number} of {self.batches_per_epoch} "
+                                   f"batches ({len(pending)} out of order)")
+            self._end_epoch()
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "workers": {int(k): list(v) for k, v in self._progress.items()},
-                "world_size": self.dataset.world_size, "num_workers": self.num_workers,
-                "batches_per_worker": self.dataset.batches_per_worker}
+    def close(self) -> None:
+        """End the data-loader workers now (they also end when the iterator is garbage collected)."""
+        workers, self._workers = self._workers, None
+        shutdown = getattr(workers, "_shutdown_workers", None)  # torch's multi-process iterator
+        if shutdown is not None:
+            shutdown()
 
-    def load_state_dict(self, state: dict) -> None:
-        same = (state.get("world_size") == self.dataset.world_size and state.get("num_workers") == self.num_workers
-                and state.get("batches_per_worker") == self.dataset.batches_per_worker)
-        if not same:
-            logger.warning("data state was saved with world_size=%s num_workers=%s (now %s, %s): epoch %s restarts",
-                           state.get("world_size"), state.get("num_workers"), self.dataset.world_size,
-                           self.num_workers, state.get("epoch"))
-            self.epoch, self._progress = int(state.get("epoch", 0)), {}
-            return
-        self.epoch = int(state["epoch"])
-        self._progress = {int(k): (int(v[0]), int(v[1])) for k, v in state["workers"].items()}
+    def _end_epoch(self) -> None:
+        self._stats_before = self._stats_total()
+        self._stats_epoch = {}
+        self._taken = {}
+        self.epoch += 1
+
+    def _stats_total(self) -> collections.Counter[str]:
+        total = collections.Counter(self._stats_before)
+        for counts in self._stats_epoch.values():
+            total.update(counts)
+        return total
 
     def stats(self) -> dict[str, int]:
-        total: dict[str, int] = {}
-        for s in self._stats.values():
-            for k, v in s.items():
-                total[k] = total.get(k, 0) + v
-        return total
+        """Skipped samples by reason (too_small, undecodable, missing_image, missing_caption, tar_errors), over
+        the batches taken so far, from all workers (and the run this one resumed)."""
+        return dict(self._stats_total())
+
+    def state_dict(self) -> dict:
+        taken = sum(b for b, _ in self._taken.values())
+        epoch, workers = (self.epoch + 1, []) if taken == self.batches_per_epoch else (
+            self.epoch, [[w, b, r] for w, (b, r) in sorted(self._taken.items())])
+        return {"epoch": epoch, "workers": workers, "world_size": self.dataset.world_size,
+                "num_workers": self.num_workers, "fingerprint": self.fingerprint, "stats": self.stats()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Call before iterating. Resumes exactly where the saved loader's consumer stopped, or restarts the
+        saved epoch (with a warning) if the saved position means different samples now."""
+        self._stats_before = collections.Counter(state.get("stats", {}))
+        self._stats_epoch = {}
+        self.epoch = int(state["epoch"])
+        self._taken = {}
+        changed = [f"{name}={saved!r} (now {now!r})" for name, saved, now in (
+            ("world_size", state.get("world_size"), self.dataset.world_size),
+            ("num_workers", state.get("num_workers"), self.num_workers),
+            *((k, state.get("fingerprint", {}).get(k), v) for k, v in self.fingerprint.items()))
+            if saved != now]
+        if changed:
+            logger.warning("data state was saved with %s: each rank and worker reads different samples now, so "
+                           "data epoch %d restarts from its beginning", ", ".join(changed), self.epoch)
+            return
+        self._taken = {int(w): (int(b), int(r)) for w, b, r in state["workers"]}
 
 
 def build_train_loader(train_shards: list[str], *, tokenizer: Any, micro_batch_size: int, resolution: int,
@@ -390,18 +570,34 @@ def build_train_loader(train_shards: list[str], *, tokenizer: Any, micro_batch_s
         for s in sources:
             if len(s.shards) < world_size * workers:
                 raise ValueError(
-                    f"source {s.name}: {len(s.shards)} shards for {world_size} ranks x {workers} data workers; every "
-                    f"worker needs at least one shard. Write more, smaller shards (--samples_per_shard), use fewer "
-                    f"workers (--dataloader_num_workers), or sample shards with replacement (--resample_shards).")
-    total = samples_per_epoch or sum(s.samples for s in sources)
+                    f"source {s.name!r} has {len(s.shards)} shard(s) for {world_size} rank(s) x {workers} data "
+                    f"worker(s) = {world_size * workers} readers, and every reader needs at least one shard. Write "
+                    f"more, smaller shards (convert_laion_to_wds.py --samples_per_shard), use fewer workers "
+                    f"(--dataloader_num_workers), or sample shards with replacement (resample_shards=True, "
+                    f"--resample_shards).")
+    if samples_per_epoch is None:
+        # sizes.json (or sources.json) from the converter, else read the tar headers once.
+        sources = [s if s.samples is not None else Source(s.name, s.weight, s.shards, sum(map(count_samples, s.shards)))
+                   for s in sources]
+        total = sum(s.samples for s in sources)
+    else:
+        total = samples_per_epoch
     batches_per_worker = max(1, total // (world_size * workers * micro_batch_size))
-    transform = Transform(resolution, center_crop, random_flip, resolution if min_size is None else min_size,
-                          caption_dropout_prob)
-    dataset = ShardStream(sources, tokenizer=tokenizer, transform=transform, micro_batch_size=micro_batch_size,
-                          model_max_length=model_max_length, shuffle_buffer=shuffle_buffer, seed=seed, rank=rank,
-                          world_size=world_size, num_workers=num_workers, resample=resample_shards,
-                          batches_per_worker=batches_per_worker)
-    loader = TrainLoader(dataset, num_workers=num_workers, pin_memory=pin_memory)
-    logger.info("data: %d source(s), %d samples, %d batches/epoch on each rank (%d workers x %d)",
+    transform = ImageTransform(resolution, center_crop, random_flip, min_size)
+    dataset = ShardStream(
+        sources, tokenizer=tokenizer, transform=transform, micro_batch_size=micro_batch_size,
+        model_max_length=model_max_length, caption_dropout_prob=caption_dropout_prob, shuffle_buffer=shuffle_buffer,
+        seed=seed, rank=rank, world_size=world_size, num_workers=num_workers, resample=resample_shards,
+        batches_per_worker=batches_per_worker,
+        # About two passes over a worker's share with nothing usable: broken data, not bad luck.
+        max_skips_in_a_row=2 * math.ceil(total / (world_size * workers)) + 1000)
+    if num_workers > 0:
+        # Tokenising happens in the workers; a Rust tokenizer's own thread pool there only oversubscribes.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    fingerprint = {"sources": [[s.name, s.weight, len(s.shards)] for s in sources], "seed": seed,
+                   "micro_batch_size": micro_batch_size, "shuffle_buffer": shuffle_buffer,
+                   "resample_shards": resample_shards, "batches_per_worker": batches_per_worker}
+    loader = TrainLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, fingerprint=fingerprint)
+    logger.info("data: %d source(s), %d samples/epoch, %d batches/epoch on each rank (%d worker(s) x %d)",
                 len(sources), total, loader.batches_per_epoch, workers, batches_per_worker)
     return loader
