@@ -58,8 +58,8 @@ trainer_pids() {
   while [ ${#pids[@]} -gt 0 ]; do
     p=${pids[0]}; pids=("${pids[@]:1}")
     for c in $(ps -o pid= --ppid "$p" 2>/dev/null); do
-      pids+=("$c")
-      if tr '\0' ' ' < "/proc/$c/cmdline" 2>/dev/null | grep -q -- "-m sd_ds.train"; then out+=("$c"); fi
+      # A trainer rank: signal it, not its data-loader workers (forked children with the same command line).
+      if tr '\0' ' ' < "/proc/$c/cmdline" 2>/dev/null | grep -q -- "-m sd_ds.train"; then out+=("$c"); else pids+=("$c"); fi
     done
   done
   echo "${out[@]:-}"

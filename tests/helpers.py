@@ -53,11 +53,11 @@ def write_tiny_shards(out_dir: Path, *, num_shards: int = 4, samples_per_shard: 
 def make_tiny_model(out_dir: Path) -> Path:
     if not (out_dir / "model_index.json").is_file():
         subprocess.run([sys.executable, "-m", "sd_ds.init", "--output_dir", str(out_dir), "--preset", "tiny",
-                        "--seed", "0"], check=True, cwd=REPO_ROOT, env=test_env())
+                        "--seed", "0"], check=True, cwd=REPO_ROOT, env=subprocess_env())
     return out_dir
 
 
-def test_env(extra: Optional[dict] = None) -> dict:
+def subprocess_env(extra: Optional[dict] = None) -> dict:
     env = dict(os.environ)
     env.update({"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false"})
@@ -87,7 +87,7 @@ def train_flags(output_dir: Path, shards: Path, model: Path, **overrides) -> lis
 
 def run_sh(flags: list[str], *, nproc: int, timeout: float = 600, extra_env: Optional[dict] = None,
            check: bool = True) -> subprocess.CompletedProcess:
-    env = test_env({"NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(free_port()), **(extra_env or {})})
+    env = subprocess_env({"NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(free_port()), **(extra_env or {})})
     proc = subprocess.run(["bash", str(REPO_ROOT / "run.sh"), *flags], cwd=REPO_ROOT, env=env, timeout=timeout,
                           capture_output=True, text=True)
     if check and proc.returncode != 0:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import (REPO_ROOT, fp32_weights, free_port, make_tiny_model, run_sh, scalars, test_env,
+from tests.helpers import (REPO_ROOT, fp32_weights, free_port, make_tiny_model, run_sh, scalars, subprocess_env,
                            train_flags, write_tiny_shards)
 
 pytestmark = pytest.mark.slow
@@ -61,11 +61,11 @@ def test_two_rank_run_trains_logs_and_rotates(two_rank_run):
 def test_zero_to_fp32_consolidates_our_checkpoint(two_rank_run, tmp_path):
     out, _ = two_rank_run
     ckpt = out / "checkpoint-24"
-    script = ckpt / "zero_to_fp32.py"
-    assert script.is_file(), "DeepSpeed copies its consolidation script into every checkpoint"
+    script = out / "zero_to_fp32.py"
+    assert script.is_file(), "DeepSpeed copies its consolidation script next to the checkpoints"
     target = tmp_path / "consolidated"
     subprocess.run([sys.executable, str(script), str(out), str(target), "--tag", "checkpoint-24"], check=True,
-                   env=test_env(), cwd=tmp_path, capture_output=True)
+                   env=subprocess_env(), cwd=tmp_path, capture_output=True)
     from safetensors.torch import load_file
 
     files = list(target.glob("*.safetensors")) or list(target.glob("*.bin"))
@@ -112,7 +112,7 @@ def test_sigterm_checkpoint_and_exact_resume(assets, two_rank_run, tmp_path):
     ref_out, _ = two_rank_run
     out = tmp_path / "interrupted"
     flags = train_flags(out, assets["shards"], assets["model"], max_steps=STEPS, save_steps=8, save_total_limit=2)
-    env = test_env({"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())})
+    env = subprocess_env({"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())})
     proc = subprocess.Popen(["bash", str(REPO_ROOT / "run.sh"), *flags], cwd=REPO_ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -149,7 +149,7 @@ def test_two_node_launch_over_hostfile_on_loopback(assets, tmp_path):
     flags = train_flags(out, assets["shards"], assets["model"], max_steps=3, save_steps=3)
     procs = []
     for node_rank in (0, 1):
-        env = test_env({"HOSTFILE": str(hostfile), "NO_SSH": "1", "NODE_RANK": str(node_rank),
+        env = subprocess_env({"HOSTFILE": str(hostfile), "NO_SSH": "1", "NODE_RANK": str(node_rank),
                         "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
         procs.append(subprocess.Popen(["bash", str(REPO_ROOT / "run.sh"), *flags], cwd=REPO_ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
@@ -164,7 +164,7 @@ def test_raw_file_list_gets_the_converter_command(tmp_path):
     lst = tmp_path / "train.filelist.list"
     lst.write_text(f"{tmp_path / 'a.filelist'} 1.0\n")
     proc = subprocess.run([sys.executable, "-m", "sd_ds.train", "--file_list", str(lst), "--output_dir",
-                           str(tmp_path / "o")], cwd=REPO_ROOT, env=test_env(), capture_output=True, text=True,
+                           str(tmp_path / "o")], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0
     assert "convert_laion_to_wds.py" in proc.stdout + proc.stderr
