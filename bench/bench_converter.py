@@ -19,7 +19,6 @@ import io
 import os
 import platform
 import random
-import re
 import resource
 import shutil
 import subprocess
@@ -27,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks_md import write_section
 
 import numpy as np
 from PIL import Image
@@ -142,18 +143,6 @@ def machine() -> str:
 SECTION = "## 1. Converter vs gzip -dc"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section of BENCHMARKS.md, else put it before the other sections."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    elif "\n## " in text:
-        head, rest = text.split("\n## ", 1)
-        text = head.rstrip("\n") + "\n\n" + section + "\n## " + rest
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> None:
@@ -227,7 +216,7 @@ count and "no" at it. The "side by side" gzip rows show how much parallel speed 
 """
     print(section)
     if not args.no_write:
-        write_section(REPO / "BENCHMARKS.md", section)
+        write_section(section)
         print(f"written to {REPO / 'BENCHMARKS.md'}")
 
 

@@ -19,12 +19,13 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from benchmarks_md import write_section
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## 4. ZeRO-2 memory"
@@ -150,15 +151,6 @@ def report(measured: dict[int, list[dict]], sd_params: int, command: str) -> str
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's own section if present, else append; other sections are left untouched."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> None:
@@ -181,7 +173,7 @@ def main() -> None:
     section = report(measured, sd_v1_params(), command.strip())
     print(section)
     if not a.no_write:
-        write_section(REPO_ROOT / "BENCHMARKS.md", section)
+        write_section(section)
         print(f"written to {REPO_ROOT / 'BENCHMARKS.md'}")
 
 

@@ -118,7 +118,7 @@ def main():
     s = timed(baseline_step, a.steps, a.warmup)
     results["baseline"] = {"s_per_step": s, "images_per_s": B / s, "mfu": flops / s / PEAK_FLOPS,
                            "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
-    del opt, unet
+    opt = unet = None  # free the baseline before building the engine
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
 

@@ -59,9 +59,7 @@ PHOTOS = {  # scikit-image's bundled colour photos and a caption for each
     "hubble_deep_field": "a photo of galaxies in deep space",
     "colorwheel": "a color wheel",
     "logo": "the scikit-image logo",
-    "skin": "a microscope photo of skin tissue",
-    "lily": "a microscope photo of a lily",
-}
+}  # (only photos inside the wheel: others would need pooch and the network)
 
 
 def caption_of(color: str, shape: str, background: str) -> str:
@@ -283,12 +281,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--vae_steps", type=int, default=DemoSettings.vae_steps)
     p.add_argument("--per_combination", type=int, default=DemoSettings.per_combination,
                    help="drawn images per (colour, shape, background) combination")
+    p.add_argument("--photo_crops", type=int, default=DemoSettings.photo_crops,
+                   help="random crops per scikit-image photo")
     p.add_argument("--micro_batch_size", type=int, default=DemoSettings.micro_batch_size)
     p.add_argument("--image_logging_steps", type=int, default=DemoSettings.image_logging_steps)
     p.add_argument("--sample_steps", type=int, default=DemoSettings.sample_steps)
     p.add_argument("--nproc", type=int, default=None, help="ranks (default: run.sh's NPROC_PER_NODE default)")
     a = p.parse_args(argv)
-    run_demo(DemoSettings(output=Path(a.output), per_combination=a.per_combination, vae_steps=a.vae_steps,
+    run_demo(DemoSettings(output=Path(a.output), per_combination=a.per_combination, photo_crops=a.photo_crops,
+                          vae_steps=a.vae_steps,
                           train_steps=a.train_steps, micro_batch_size=a.micro_batch_size,
                           image_logging_steps=a.image_logging_steps, sample_steps=a.sample_steps, nproc=a.nproc))
     return 0

@@ -143,7 +143,8 @@ def _check_no_conflict(user: dict, key_path: tuple[str, ...], value: Any, source
         "from the JSON or make it agree.")
 
 
-def build_deepspeed_config(cfg: TrainConfig, world_size: int, *, load_universal: bool = False) -> dict:
+def build_deepspeed_config(cfg: TrainConfig, world_size: int, *, load_universal: bool = False,
+                           device_type: str = "cuda") -> dict:
     """The engine config: the user's JSON (engine settings) plus everything derived from the flags."""
     source = resolve_ds_config_path(cfg)
     user = json.loads(source.read_text())
@@ -188,6 +189,13 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, *, load_universal:
             "weight_decay": o.weight_decay,
         },
     }
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    if device_type == "cpu" and not offload:
+        # CPU ranks: torch's fused AdamW. DeepSpeed's CPU Adam op keeps beta^step as a running float product that
+        # a resume recomputes with pow(), so a resumed run drifts from the uninterrupted one by rounding; torch
+        # derives the bias correction from the step count every step (as DeepSpeed's CUDA FusedAdam does), and
+        # needs no JIT-built op.
+        ds["optimizer"]["params"].update({"torch_adam": True, "fused": True})
     ds.setdefault("steps_per_print", 10**9)  # the trainer logs for itself
     ds.setdefault("wall_clock_breakdown", False)
     if load_universal:

@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 import torch
 
+from sd_ds.models import save_tokenizer
+
 logger = logging.getLogger("sd_ds.export")
 
 BASE_MODEL_DIR = "base_model"
@@ -34,7 +36,7 @@ def save_base_components(comp: Any, output_dir: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     comp.vae.save_pretrained(tmp / "vae", safe_serialization=True)
     comp.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    comp.tokenizer.save_pretrained(tmp / "tokenizer")
+    save_tokenizer(comp.tokenizer, tmp / "tokenizer")
     comp.noise_scheduler.save_pretrained(tmp / "scheduler")
     comp.unet.save_config(tmp / "unet")
     (tmp / "model_index.json").write_text(json.dumps({"_class_name": "sd_ds_base_model"}))
@@ -88,6 +90,7 @@ def export_checkpoint(ckpt: str | Path, output_dir: str | Path, *, ema: bool = F
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     output_dir = Path(output_dir)
     pipe.save_pretrained(output_dir, safe_serialization=True)
+    save_tokenizer(pipe.tokenizer, output_dir / "tokenizer")  # loadable by transformers 4 as well
     info = json.loads((ckpt / "trainer_state.json").read_text())
     (output_dir / "sd_ds_export.json").write_text(json.dumps(
         {"checkpoint": str(ckpt.resolve()), "step": info["step"], "samples_seen": info["samples_seen"],

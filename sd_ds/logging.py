@@ -6,6 +6,7 @@ Only the main process writes; every rank contributes to the reduced values (loss
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -33,7 +34,12 @@ class StepMetrics:
 
     def __init__(self, output_dir: str | Path, *, is_main_process: bool, device: torch.device,
                  max_steps: int, initial_step: int, disable_tqdm: bool) -> None:
+        self.output_dir = Path(output_dir)
         self.is_main_process = is_main_process
+        # Run totals (this rank): wall time since the first step began, split into data wait, compute (encoders,
+        # forward, backward, optimizer) and everything else (EMA, logging, image logging, checkpoints).
+        self.totals = {"wall_s": 0.0, "data_wait_s": 0.0, "compute_s": 0.0, "steps": 0}
+        self.run_start = time.perf_counter()
         self.device = device
         self.writer = None
         self.progress = None
@@ -53,15 +59,21 @@ class StepMetrics:
         self.micro_batches = 0
         self.samples = 0
         self.data_wait = 0.0
+        self.compute = 0.0
         self.window_start = time.perf_counter()
 
-    def add_micro_batch(self, loss: float, batch_size: int, data_wait_s: float) -> None:
+    def add_micro_batch(self, loss: float, batch_size: int, data_wait_s: float, compute_s: float) -> None:
+        """``compute_s`` ends after ``loss.item()``, which waits for the device, so it holds on GPUs too."""
         self.loss_sum += loss
         self.micro_batches += 1
         self.samples += batch_size
         self.data_wait += data_wait_s
+        self.compute += compute_s
+        self.totals["data_wait_s"] += data_wait_s
+        self.totals["compute_s"] += compute_s
 
     def step_done(self) -> None:
+        self.totals["steps"] += 1
         if self.progress is not None:
             self.progress.update(1)
 
@@ -69,8 +81,9 @@ class StepMetrics:
             skipped_steps: int, extra: Optional[dict[str, float]] = None) -> None:
         """Collective: all ranks call it at the same step."""
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
-        local = torch.tensor([self.loss_sum / max(self.micro_batches, 1), self.data_wait / elapsed], dtype=torch.float64)
-        loss, data_wait_frac = all_reduce_mean(local).tolist()
+        local = torch.tensor([self.loss_sum / max(self.micro_batches, 1), self.data_wait / elapsed,
+                              max(elapsed - self.data_wait - self.compute, 0.0) / elapsed], dtype=torch.float64)
+        loss, data_wait_frac, other_frac = all_reduce_mean(local).tolist()
         images = all_reduce_sum(torch.tensor([float(self.samples)], dtype=torch.float64)).item()
         scalars = {
             "train/loss": loss,
@@ -78,6 +91,8 @@ class StepMetrics:
             "train/samples_seen": float(samples_seen),
             "train/skipped_steps": float(skipped_steps),
             "train/data_wait_fraction": data_wait_frac,
+            # Step time outside data wait and compute: EMA, logging, image logging, checkpoints.
+            "train/other_fraction": other_frac,
         }
         if grad_norm is not None and np.isfinite(grad_norm):
             scalars["train/grad_norm"] = float(grad_norm)
@@ -105,7 +120,20 @@ class StepMetrics:
             self.writer.add_image(tag, np.asarray(grid.convert("RGB")), step, dataformats="HWC")
             self.writer.flush()
 
+    def time_breakdown(self) -> dict[str, float]:
+        t = dict(self.totals, wall_s=time.perf_counter() - self.run_start)
+        t["other_s"] = max(t["wall_s"] - t["data_wait_s"] - t["compute_s"], 0.0)
+        return t
+
     def close(self) -> None:
+        """Writes output_dir/time_breakdown.json (main process; appended to on resume, one line per run)."""
+        if self.is_main_process and self.totals["steps"]:
+            t = self.time_breakdown()
+            with open(self.output_dir / "time_breakdown.json", "a") as f:
+                f.write(json.dumps(t) + "\n")
+            logger.info("time over %d steps: %.1f s; data wait %.1f%%, compute %.1f%%, other (EMA, logging, "
+                        "checkpoints) %.1f%%", t["steps"], t["wall_s"], 100 * t["data_wait_s"] / t["wall_s"],
+                        100 * t["compute_s"] / t["wall_s"], 100 * t["other_s"] / t["wall_s"])
         if self.progress is not None:
             self.progress.close()
         if self.writer is not None:

@@ -117,7 +117,8 @@ def train(cfg: TrainConfig, di: DistInfo) -> TrainState:
     universal = None
     if resume is not None and ckpt_lib.read_trainer_state(resume)["world_size"] != di.world_size:
         universal = ckpt_lib.make_universal(resume, is_main_process=di.is_main_process)
-    ds_config = build_deepspeed_config(cfg, di.world_size, load_universal=universal is not None)
+    ds_config = build_deepspeed_config(cfg, di.world_size, load_universal=universal is not None,
+                                       device_type=di.device.type)
 
     module = DiffusionModule(comp.unet, comp.text_encoder if m.train_text_encoder else None, comp.noise_scheduler, cfg)
     engine = initialize_engine(module, param_groups(cfg, module), ds_config, lambda opt: lr_schedule(cfg, opt))
@@ -169,7 +170,8 @@ def train(cfg: TrainConfig, di: DistInfo) -> TrainState:
                 loss = engine(latents, hidden, batch["input_ids"].to(di.device), generator)
                 engine.backward(loss)
                 engine.step()
-                metrics.add_micro_batch(loss.item(), latents.shape[0], data_wait)
+                loss_value = loss.item()
+                metrics.add_micro_batch(loss_value, latents.shape[0], data_wait, time.perf_counter() - t0 - data_wait)
             state.step += 1
             state.samples_seen += global_batch_size
             state.skipped_steps = engine.skipped_steps
@@ -249,10 +251,11 @@ def save(cfg: TrainConfig, engine: Any, state: TrainState, loader: Any, generato
     rank_state = {"data": loader.state_dict(), "rng": rng_state(), "generator": generator.get_state()}
     export = None
     if cfg.checkpoint.only_save_updated_model:
+        from functools import partial
+
         from sd_ds.export import save_trained_models
 
-        def export(path: Any) -> None:
-            save_trained_models(engine, comp, path, is_main_process=di.is_main_process)
+        export = partial(save_trained_models, engine, comp, is_main_process=di.is_main_process)
     ckpt_lib.save_checkpoint(engine, cfg.output_dir, state.step, rank=di.rank, is_main_process=di.is_main_process,
                              trainer_state=trainer_state, rank_state=rank_state, ema=ema,
                              save_total_limit=cfg.checkpoint.save_total_limit, export_models=export)

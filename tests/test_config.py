@@ -86,6 +86,9 @@ def test_deepspeed_config_is_derived_from_flags():
     assert ds["optimizer"]["type"] == "AdamW"
     assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["optimizer"]["params"]["weight_decay"] == 0.05
     assert ds["zero_optimization"]["stage"] == 2
+    assert "torch_adam" not in ds["optimizer"]["params"], "GPUs get DeepSpeed's FusedAdam"
+    cpu = build_deepspeed_config(cfg, world_size=2, device_type="cpu")["optimizer"]["params"]
+    assert cpu["torch_adam"] is True and cpu["fused"] is True
 
 
 def test_fp16_uses_the_dynamic_loss_scale_config():

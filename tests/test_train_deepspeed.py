@@ -6,7 +6,6 @@ The runs are shared by several tests (module-scoped fixtures) because each launc
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -46,8 +45,12 @@ def test_two_rank_run_trains_logs_and_rotates(two_rank_run):
     # Zero-initialised output projections start at loss ≈ E[noise²] = 1; an overfit set must go well below.
     assert sum(loss[-6:]) / 6 < 0.85 * sum(loss[:3]) / 3, loss
     for tag in ("train/images_per_s", "train/samples_seen", "train/skipped_steps", "train/data_wait_fraction",
-                "train/grad_norm", "lr/unet"):
+                "train/other_fraction", "train/grad_norm", "lr/unet"):
         assert scalars(out / "runs", tag), tag
+    (times,) = [json.loads(line) for line in (out / "time_breakdown.json").read_text().splitlines()]
+    assert times["steps"] == STEPS
+    assert times["compute_s"] > 0 and times["data_wait_s"] > 0 and times["other_s"] > 0
+    assert times["compute_s"] + times["data_wait_s"] + times["other_s"] == pytest.approx(times["wall_s"])
     samples_seen = scalars(out / "runs", "train/samples_seen")
     assert samples_seen[-1] == (STEPS, float(STEPS * 2 * 4))
     # save_steps 8 over 24 steps, limit 2: 8 rotated away; `latest` names the newest.

@@ -1,0 +1,159 @@
+"""Train tiny on 3 CPU ranks (EMA, image logging, --only_save_updated_model) → resume on 2 ranks → export →
+StableDiffusionPipeline / the sample CLI. Real multi-rank DeepSpeed through run.sh."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import REPO_ROOT, fp32_weights, make_tiny_model, run_sh, subprocess_env, train_flags, write_tiny_shards
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["a red circle", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """3 ranks to step 4 (checkpoints 2, 4), then 2 ranks resume from checkpoint-4 to step 6."""
+    root = tmp_path_factory.mktemp("export")
+    shards = write_tiny_shards(root / "shards", num_shards=6, samples_per_shard=24)
+    model = make_tiny_model(root / "model")
+    out = root / "run"
+    common = dict(use_ema=True, ema_decay=0.9, only_save_updated_model="True", save_steps=2,
+                  per_device_train_batch_size=2, dataloader_num_workers=0)
+    first = run_sh(train_flags(out, shards, model, max_steps=4, image_logging_steps=2, num_inference_steps=2,
+                               validation_prompts=PROMPTS, **common), nproc=3, timeout=900)
+    second = run_sh(train_flags(out, shards, model, max_steps=6, image_logging_steps=0, **common), nproc=2,
+                    timeout=900)
+    return out, first.stdout + first.stderr, second.stdout + second.stderr
+
+
+def _unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def _export(ckpt: Path, target: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sd_ds.export", str(ckpt), str(target), *extra], cwd=REPO_ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600, check=True)
+
+
+def test_image_logging_writes_pngs_and_tensorboard_images(run):
+    out, log, _ = run
+    samples = out / "samples"
+    for name in ("reconstruction", "samples_guidance_1", "samples_guidance_7.5", "validation_prompts"):
+        for step in (2, 4):
+            assert (samples / f"step_{step:08d}_{name}.png").is_file(), (name, step, log[-3000:])
+    from PIL import Image
+
+    recon = Image.open(samples / "step_00000004_reconstruction.png")
+    assert recon.size == (2 * 32, 2 * 32), "two training images (micro batch 2) over their reconstructions"
+    assert len((samples / "step_00000004_captions.txt").read_text().splitlines()) == 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out), size_guidance={"images": 0})
+    acc.Reload()
+    tags = acc.Tags()["images"]
+    assert {"images/reconstruction", "images/samples_guidance_7.5", "images/validation_prompts"} <= set(tags)
+    assert [e.step for e in acc.Images("images/reconstruction")] == [2, 4]
+
+
+def test_resume_on_fewer_ranks_reshards_ema_and_continues(run):
+    out, _, log = run
+    assert "resumed from" in log and "checkpoint-4" in log, log[-3000:]
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["world_size"] == 2
+    assert sorted(p.name for p in (out / "checkpoint-4").glob("ema_rank_*.pt")) == [
+        f"ema_rank_{r:05d}.pt" for r in range(3)]
+    assert sorted(p.name for p in (out / "checkpoint-6").glob("ema_rank_*.pt")) == [
+        f"ema_rank_{r:05d}.pt" for r in range(2)]
+    # The optimizer went through DeepSpeed's universal checkpoint: resumed weights continue from step 4's.
+    before, after = fp32_weights(out / "checkpoint-4"), fp32_weights(out / "checkpoint-6")
+    assert 0 < _max_diff(before, after) < 1.0
+
+
+def test_resharded_ema_continues_the_saved_ema(run):
+    """EMA at step 6 = decay-weighted mix of the EMA loaded from 3 shards and the 2-rank weights: with decay 0.9
+    and two more updates it stays close to the step-4 EMA, far closer than to a fresh copy of the weights."""
+    from sd_ds.ema import consolidate_ema
+
+    out, _, _ = run
+    ema4, ema6 = consolidate_ema(out / "checkpoint-4"), consolidate_ema(out / "checkpoint-6")
+    w6 = fp32_weights(out / "checkpoint-6")
+    assert set(ema4) == set(ema6) == set(w6)
+    assert _max_diff(ema4, ema6) < _max_diff(ema6, w6)
+    assert _max_diff(ema6, w6) > 0
+
+
+def test_export_weights_equal_zero_to_fp32_and_ema_reference(run, tmp_path):
+    from sd_ds.ema import consolidate_ema
+
+    out, _, _ = run
+    ckpt = out / "checkpoint-6"
+    _export(ckpt, tmp_path / "plain")
+    _export(ckpt, tmp_path / "ema", "--ema")
+    for folder in (tmp_path / "plain", tmp_path / "ema"):
+        for part in ("model_index.json", "unet/config.json", "vae/diffusion_pytorch_model.safetensors",
+                     "text_encoder/model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                     "scheduler/scheduler_config.json"):
+            assert (folder / part).is_file(), (folder, part)
+    reference = {k[len("unet."):]: v for k, v in fp32_weights(ckpt).items()}
+    assert _max_diff(_unet_weights(tmp_path / "plain"), reference) == 0.0
+    ema = {k[len("unet."):]: v for k, v in consolidate_ema(ckpt).items()}
+    assert _max_diff(_unet_weights(tmp_path / "ema"), ema) == 0.0
+    assert _max_diff(ema, reference) > 0
+    assert json.loads((tmp_path / "ema" / "sd_ds_export.json").read_text())["ema"] is True
+
+
+def test_only_save_updated_model_writes_the_unet_in_each_checkpoint(run):
+    out, _, _ = run
+    for step in (4, 6):
+        ckpt = out / f"checkpoint-{step}"
+        reference = {k[len("unet."):]: v for k, v in fp32_weights(ckpt).items()}
+        assert _max_diff(_unet_weights(ckpt), reference) == 0.0
+
+
+def test_export_of_something_not_a_checkpoint_is_an_argument_error(run, tmp_path):
+    out, _, _ = run
+    proc = subprocess.run([sys.executable, "-m", "sd_ds.export", str(out / "checkpoint-6" / "unet"),
+                           str(tmp_path / "x")], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 2 and "no complete checkpoint" in proc.stderr
+
+
+def test_pipeline_and_sample_cli_generate_deterministic_pngs(run, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    out, _, _ = run
+    model = tmp_path / "model"
+    _export(out, model, "--ema")  # output_dir → its newest checkpoint
+    pipe = StableDiffusionPipeline.from_pretrained(str(model))
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+
+    def sample(seed: int, name: str, *extra: str) -> Image.Image:
+        target = tmp_path / name
+        subprocess.run([sys.executable, "-m", "sd_ds.sample", "--model", str(model), "--prompt", PROMPTS[0],
+                        "--prompt", PROMPTS[1], "--num_images", "2", "--steps", "3", "--seed", str(seed),
+                        "--output", str(target), *extra], cwd=REPO_ROOT, env=subprocess_env(), check=True,
+                       capture_output=True, timeout=300)
+        return Image.open(target)
+
+    a, b, c = sample(1, "a.png"), sample(1, "b.png"), sample(2, "c.png")
+    assert a.size == (2 * 32, 2 * 32)
+    assert a.tobytes() == b.tobytes(), "same seed, same images"
+    assert a.tobytes() != c.tobytes(), "other seed, other images"
+    for scheduler in ("euler", "dpm"):
+        assert sample(1, f"{scheduler}.png", "--scheduler", scheduler).size == a.size
