@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks_md import write_section
+from benchmarks_md import publish
 
 import numpy as np
 from PIL import Image
@@ -214,10 +214,7 @@ count and "no" at it. The "side by side" gzip rows show how much parallel speed 
 
 {reading}
 """
-    print(section)
-    if not args.no_write:
-        write_section(section)
-        print(f"written to {REPO / 'BENCHMARKS.md'}")
+    publish(section, write=not args.no_write)
 
 
 if __name__ == "__main__":

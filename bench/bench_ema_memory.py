@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks_md import write_section
+from benchmarks_md import publish
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## 4. ZeRO-2 memory"
@@ -171,10 +171,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         measured = {w: launch(w, Path(tmp)) for w in a.ranks}
     section = report(measured, sd_v1_params(), command.strip())
-    print(section)
-    if not a.no_write:
-        write_section(section)
-        print(f"written to {REPO_ROOT / 'BENCHMARKS.md'}")
+    publish(section, write=not a.no_write)
 
 
 if __name__ == "__main__":

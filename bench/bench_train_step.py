@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks_md import write_section
+from benchmarks_md import publish
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -108,10 +108,7 @@ step time is spent outside compute (goal: under 5 %); EMA + logging + checkpoint
 over the bare loop. On a GPU the compute share only grows: the EMA is one fused lerp over the rank's partition \
 and the data loader runs in worker processes.
 """
-    print(section)
-    if not a.no_write:
-        write_section(section)
-        print("written to BENCHMARKS.md")
+    publish(section, write=not a.no_write)
 
 
 if __name__ == "__main__":

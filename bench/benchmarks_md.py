@@ -28,3 +28,11 @@ def write_section(section: str, path: Path = BENCHMARKS) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
     path.write_text(text)
+
+
+def publish(section: str, *, write: bool) -> None:
+    """Print the section; with ``write``, also put it into BENCHMARKS.md."""
+    print(section)
+    if write:
+        write_section(section)
+        print(f"written to {BENCHMARKS}")

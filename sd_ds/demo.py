@@ -24,6 +24,7 @@ import base64
 import gzip
 import io
 import json
+import math
 import os
 import random
 import subprocess
@@ -137,7 +138,8 @@ def write_demo_parts(data_dir: Path, *, per_combination: int, photo_crops: int, 
 
 # --- the tiny VAE ------------------------------------------------------------------------------
 
-def train_vae(model_dir: Path, images: list[Image.Image], *, steps: int, resolution: int, seed: int = 0) -> float:
+def train_vae(model_dir: Path, images: list[Image.Image], *, steps: int, resolution: int, batch_size: int = 32,
+              lr: float = 2e-3, seed: int = 0) -> float:
     """Train the tiny VAE (reconstruction + small KL), then set scaling_factor = 1/std(latents)."""
     import torch
     from diffusers import AutoencoderKL
@@ -148,12 +150,12 @@ def train_vae(model_dir: Path, images: list[Image.Image], *, steps: int, resolut
     x_all = torch.stack([
         torch.from_numpy(np.asarray(im.convert("RGB").resize((resolution, resolution), Image.LANCZOS))).permute(2, 0, 1)
         for im in images]).float() / 127.5 - 1
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     vae.train()
     bar = tqdm(range(steps), desc="demo: train tiny VAE", unit="step", dynamic_ncols=True)
     for step in bar:
-        idx = torch.randint(0, len(x_all), (32,), generator=g)
+        idx = torch.randint(0, len(x_all), (batch_size,), generator=g)
         x = x_all[idx]
         if step % 2:
             x = x.flip(-1)
@@ -164,7 +166,7 @@ def train_vae(model_dir: Path, images: list[Image.Image], *, steps: int, resolut
         loss.backward()
         opt.step()
         for group in opt.param_groups:
-            group["lr"] = 2e-3 * 0.5 * (1 + np.cos(np.pi * (step + 1) / steps))
+            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / steps))
         bar.set_postfix(mse=f"{loss.item():.4f}", refresh=False)
     vae.eval()
     with torch.no_grad():
@@ -184,12 +186,12 @@ def train_vae(model_dir: Path, images: list[Image.Image], *, steps: int, resolut
 class DemoSettings:
     output: Path
     per_combination: int = 12
-    photo_crops: int = 24
-    vae_steps: int = 600
-    train_steps: int = 1500
+    photo_crops: int = 12
+    vae_steps: int = 500
+    train_steps: int = 1100
     micro_batch_size: int = 32
-    image_logging_steps: int = 500
-    sample_steps: int = 25
+    image_logging_steps: int = 400
+    sample_steps: int = 20
     nproc: Optional[int] = None
 
 
@@ -219,7 +221,7 @@ def run_demo(s: DemoSettings) -> Path:
     else:
         status("2/6 converting parts to webdataset shards")
         run([sys.executable, "tools/convert_laion_to_wds.py", "--file_list", list_path, "--output_dir", shards,
-             "--samples_per_shard", "256"])
+             "--samples_per_shard", "64"])  # enough shards for every rank x worker
 
     if (model_dir / "vae" / ".demo_trained").is_file():
         status(f"3/6 tiny model: reusing {model_dir}")
@@ -227,7 +229,7 @@ def run_demo(s: DemoSettings) -> Path:
         status("3/6 creating the tiny model, then training its VAE on the demo images")
         run([sys.executable, "-m", "sd_ds.init", "--output_dir", model_dir, "--preset", "tiny", "--seed", "0"])
         images = [Image.open(io.BytesIO(b)) for _, b in demo_samples(2, 8, seed=7)]
-        mse = train_vae(model_dir, images, steps=s.vae_steps, resolution=32)
+        mse = train_vae(model_dir, images, steps=s.vae_steps, resolution=32, batch_size=16, lr=1.5e-3)
         (model_dir / "vae" / ".demo_trained").write_text(json.dumps({"reconstruction_mse": mse}))
         status(f"   VAE reconstruction MSE {mse:.4f} (images in [-1, 1])")
 
@@ -243,8 +245,10 @@ def run_demo(s: DemoSettings) -> Path:
         run(["./run.sh", "--output_dir", train_dir, "--train_shards", shards,
              "--pretrained_model_name_or_path", model_dir, "--resolution", "32", "--center_crop", "True",
              "--min_size", "32", "--per_device_train_batch_size", s.micro_batch_size, "--learning_rate", "1e-3",
+             # Demo captions are at most 14 tokens: a 16-token context halves the tiny UNet's cross-attention cost.
+             "--model_max_length", "16",
              "--lr_scheduler_type", "cosine", "--warmup_steps", str(min(100, s.train_steps // 10)),
-             "--max_steps", s.train_steps, "--logging_steps", "25", "--image_logging_steps", s.image_logging_steps,
+             "--max_steps", s.train_steps, "--logging_steps", math.gcd(25, s.image_logging_steps), "--image_logging_steps", s.image_logging_steps,
              "--num_inference_steps", s.sample_steps, "--save_steps", s.train_steps, "--save_total_limit", "2",
              "--use_ema", "--ema_decay", "0.995", "--ema_warmup", "True", "--dataloader_num_workers", "1",
              "--shuffle_buffer", "500", "--seed", "0", "--max_grad_norm", "1.0", "--bf16", "True",
@@ -258,7 +262,7 @@ def run_demo(s: DemoSettings) -> Path:
     grid = out / "heldout_prompts.png"
     prompts = [caption_of(*c) for c in HELD_OUT]
     run([sys.executable, "-m", "sd_ds.sample", "--model", export_dir, *sum([["--prompt", p] for p in prompts], []),
-         "--num_images", "4", "--steps", str(s.sample_steps), "--guidance_scale", "5.0", "--seed", "0",
+         "--num_images", "4", "--steps", str(s.sample_steps), "--guidance_scale", "7.5", "--seed", "0",
          "--output", grid])
 
     status(f"6/6 done in {time.time() - t_start:.0f} s")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-__all__ = ["ImageInfo", "ImageRejected", "probe_image", "EXTENSIONS"]
+__all__ = ["ImageInfo", "ImageRejected", "Rejected", "probe_image", "EXTENSIONS"]
 
 # Format → tar member extension, the names img2dataset writes and open_clip's pipeline selects.
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
@@ -29,12 +29,16 @@ _PNG_IEND = b"IEND\xaeB`\x82"  # chunk type + its fixed CRC
 _OTHER_MAGIC = (b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x01\x00")
 
 
-class ImageRejected(ValueError):
-    """An image the converter skips; ``reason`` is the stats key it is counted under."""
+class Rejected(ValueError):
+    """Input the converter skips; ``reason`` is the stats key it is counted under."""
 
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+class ImageRejected(Rejected):
+    """An image the converter skips."""
 
 
 @dataclass(frozen=True)

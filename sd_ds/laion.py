@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Optional, Union
 
+from sd_ds.image_header import Rejected
+
 __all__ = [
     "LAYOUTS", "Layout", "LineRejected", "split_line", "decode_text", "decode_image_base64",
     "read_filelist", "read_file_list_list", "resolve_listed_path", "iter_part_lines",
@@ -46,12 +48,8 @@ except ImportError:  # pragma: no cover
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-class LineRejected(ValueError):
-    """A line the converter skips; ``reason`` is the stats key it is counted under."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+class LineRejected(Rejected):
+    """A line the converter skips."""
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def test_image_logging_writes_pngs_and_tensorboard_images(run):
     assert len((samples / "step_00000004_captions.txt").read_text().splitlines()) == 2
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(out), size_guidance={"images": 0})
+    acc = EventAccumulator(str(out / "runs"), size_guidance={"images": 0})
     acc.Reload()
     tags = acc.Tags()["images"]
     assert {"images/reconstruction", "images/samples_guidance_7.5", "images/validation_prompts"} <= set(tags)
