@@ -105,8 +105,8 @@ load and DeepSpeed's initialisation.
 
 Reading: with EMA, logging and checkpoints on, {100 * (full['wall_s'] - full['compute_s']) / full['wall_s']:.1f} % of \
 step time is spent outside compute (goal: under 5 %); EMA + logging + checkpoints add {extra_ms:.1f} ms per step \
-over the bare loop. On a GPU the compute share only grows: the EMA is one fused lerp over the rank's partition \
-and the data loader runs in worker processes.
+over the bare loop. Most of the rest is data wait: here each rank's loader worker shares the 2 cores with the \
+ranks themselves (4 busy processes on 2 cores); compute times of the two runs differ by the machine's noise.
 """
     publish(section, write=not a.no_write)
 
