@@ -20,8 +20,6 @@ Every stage is skipped when its output already exists, so a re-run reuses what i
 from __future__ import annotations
 
 import argparse
-import base64
-import gzip
 import io
 import json
 import math
@@ -36,6 +34,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from sd_ds.laion import write_part
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -125,9 +125,7 @@ def write_demo_parts(data_dir: Path, *, per_combination: int, photo_crops: int, 
     part_paths = []
     for i in range(parts):
         path = data_dir / f"part-{i:05d}.gz"
-        with gzip.open(path, "wt", encoding="utf-8", compresslevel=6) as f:
-            for caption, blob in samples[i::parts]:
-                f.write(f"{caption}\t_\t{base64.b64encode(blob).decode('ascii')}\n")
+        write_part(path, samples[i::parts])  # caption \t _ \t base64, gzip
         part_paths.append(path)
     filelist = data_dir / "laion_demo.filelist"
     filelist.write_text("".join(f"{p.resolve()}\n" for p in part_paths))

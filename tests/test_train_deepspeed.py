@@ -50,7 +50,7 @@ def test_two_rank_run_trains_logs_and_rotates(two_rank_run):
     (times,) = [json.loads(line) for line in (out / "time_breakdown.json").read_text().splitlines()]
     assert times["steps"] == STEPS
     assert times["compute_s"] > 0 and times["data_wait_s"] > 0 and times["other_s"] > 0
-    assert times["compute_s"] + times["data_wait_s"] + times["other_s"] == pytest.approx(times["wall_s"])
+    assert times["compute_s"] + times["data_wait_s"] < times["wall_s"]  # measured separately, never overlapping
     samples_seen = scalars(out / "runs", "train/samples_seen")
     assert samples_seen[-1] == (STEPS, float(STEPS * 2 * 4))
     # save_steps 8 over 24 steps, limit 2: 8 rotated away; `latest` names the newest.
