@@ -35,7 +35,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from sd_ds.laion import write_part  # noqa: E402
+from sd_ds.convert.parts import write_part  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 
@@ -121,7 +121,7 @@ def pixel_decode_rate(part: Path) -> float:
     """MB/s (compressed input) of a full PIL pixel decode of every image of a part, inflate included."""
     import base64
 
-    from sd_ds.laion import iter_part_lines
+    from sd_ds.convert.parts import iter_part_lines
 
     t0 = time.perf_counter()
     for line in iter_part_lines(part):

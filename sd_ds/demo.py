@@ -35,7 +35,7 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sd_ds.laion import write_part
+from sd_ds.convert.parts import write_part
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -87,7 +87,7 @@ class Dataset:
     def __init__(self, root):
         from pathlib import Path
 
-        from sd_ds.laion import format_line, write_part
+        from sd_ds.convert.parts import format_line, write_part
 
         self.root = root = Path(root)
         root.mkdir(parents=True, exist_ok=True)

@@ -22,10 +22,10 @@ import pytest
 from PIL import Image
 
 from laion_parts import Dataset, bad_lines, crops, encode, photo
-from sd_ds.image_header import ImageRejected, probe_image
-from sd_ds.laion import (LAYOUTS, LineRejected, PartStreamError, decode_image_base64, iter_part_lines,
-                         read_file_list_list, read_filelist, split_line, write_part)
-from sd_ds.wds_convert import PIL_MAX_IMAGE_PIXELS, tar_header
+from sd_ds.convert.image_header import PIL_MAX_IMAGE_PIXELS, ImageRejected, probe_image
+from sd_ds.convert.parts import (LAYOUTS, LineRejected, PartStreamError, decode_image_base64, iter_part_lines,
+                                 read_file_list_list, read_filelist, split_line, write_part)
+from sd_ds.convert.tar_writing import tar_header
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "convert_laion_to_wds.py"

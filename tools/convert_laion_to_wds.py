@@ -18,7 +18,7 @@ Work split: a gzip part cannot be counted without inflating it, so instead of a 
 read of every part) each part is read once, by one worker, into a fragment of finished tar members; shards
 are then cut from the fragments in input order as soon as the counts before them are known. So every shard
 holds exactly --samples_per_shard samples except the last of each source, samples keep their input order,
-and the bytes are the same for any --processes (sd_ds/wds_convert.py has the details). A killed run resumes
+and the bytes are the same for any --processes (sd_ds/convert/ has the details). A killed run resumes
 when started again with the same arguments (done parts and shards are kept); other arguments are refused.
 
 Bad lines are skipped and counted by reason in the stats, never fatal:
@@ -37,8 +37,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sd_ds.wds_convert import (FAILURE_REASONS, PIL_MAX_IMAGE_PIXELS, ConvertOptions,  # noqa: E402
-                               OutputDirError, available_cores, collect_sources, convert, format_summary)
+from sd_ds.convert.hooks import FaultInjection  # noqa: E402
+from sd_ds.convert.image_header import PIL_MAX_IMAGE_PIXELS  # noqa: E402
+from sd_ds.convert.planning import ConvertOptions, OutputDirError, collect_sources  # noqa: E402
+from sd_ds.convert.reasons import FAILURE_REASONS  # noqa: E402
+from sd_ds.convert.run import available_cores, convert, format_summary  # noqa: E402
 
 DOC = __doc__.replace("{reasons}", textwrap.fill(", ".join(FAILURE_REASONS), 106, initial_indent="  ",
                                                 subsequent_indent="  "))
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         stats = convert(sources, args.output_dir, options, processes=args.processes, progress=not args.no_progress,
-                        inflate_thread={"auto": None, "yes": True, "no": False}[args.inflate_thread])
+                        inflate_thread={"auto": None, "yes": True, "no": False}[args.inflate_thread],
+                        hook=FaultInjection.from_env())  # the tests' way in to kill a run at a chosen point
     except OutputDirError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""LAION part files: line layouts, filelists, reading parts, and writing parts for tests and demos.
+"""Part reading: LAION part files, their line layouts, filelists, and writing parts for tests and demos.
 
 A part is a text file (usually gzip-compressed), one sample per line, tab-separated. Two layouts occur:
 
@@ -8,8 +8,8 @@ A part is a text file (usually gzip-compressed), one sample per line, tab-separa
 
 Captions decode as UTF-8, falling back to GB18030 (parts from Chinese pipelines mix the two). A part is listed
 in a *filelist* (one part path per line), and filelists in a ``train.filelist.list`` (``path [weight]`` per
-line): the seed's layout. A relative path in a list is taken as written (relative to the working directory,
-as the seed did) when it exists there, else relative to the listing file's folder.
+line): the layout of ppdiffusers, sd-ds's predecessor. A relative path in a list is taken as written (relative
+to the working directory, as ppdiffusers did) when it exists there, else relative to the listing file's folder.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Optional, Union
 
-from sd_ds.image_header import Rejected
+from sd_ds.convert.image_header import ImageRejected, probe_image
+from sd_ds.convert.reasons import Rejected
 
 __all__ = [
     "LAYOUTS", "Layout", "LineRejected", "split_line", "decode_text", "decode_image_base64",
-    "read_filelist", "read_file_list_list", "resolve_listed_path", "iter_part_lines",
+    "read_filelist", "read_file_list_list", "resolve_listed_path", "iter_part_lines", "part_size",
     "PartStreamError", "detect_layout", "write_part", "format_line",
 ]
 
@@ -41,9 +42,9 @@ except ImportError:  # pragma: no cover - exercised only where isal is not insta
     _igzip_threaded = None
 
 try:  # SIMD base64: the decode is a large share of the per-sample cost
-    import pybase64 as _b64
+    import pybase64 as _fast_base64
 except ImportError:  # pragma: no cover
-    _b64 = base64
+    _fast_base64 = base64
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -54,6 +55,8 @@ class LineRejected(Rejected):
 
 @dataclass(frozen=True)
 class Layout:
+    """Where a layout keeps the caption and the base64 image (0-based tab-separated columns)."""
+
     name: str
     caption_column: int
     image_column: int
@@ -119,7 +122,7 @@ def split_line(line: bytes, layout: Layout) -> tuple[str, memoryview]:
 
 def decode_image_base64(data: Union[bytes, memoryview]) -> bytes:
     try:
-        return _b64.b64decode(data, validate=True)
+        return _fast_base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         raise LineRejected("invalid_base64") from None
 
@@ -127,7 +130,7 @@ def decode_image_base64(data: Union[bytes, memoryview]) -> bytes:
 # --- filelists -----------------------------------------------------------------------------------
 
 def resolve_listed_path(entry: str, listing_file: Union[str, Path]) -> str:
-    """A path read from a list file: as written if it exists (seed behaviour), else next to the list."""
+    """A path read from a list file: as written if it exists (as ppdiffusers did), else next to the list."""
     if os.path.isabs(entry) or os.path.exists(entry):
         return entry
     beside = os.path.join(os.path.dirname(os.fspath(listing_file)), entry)
@@ -149,7 +152,7 @@ def read_filelist(path: Union[str, Path]) -> list[str]:
 
 def read_file_list_list(path: Union[str, Path]) -> list[tuple[str, float]]:
     """(filelist path, weight) per line of a ``train.filelist.list``; weight 1.0 when the line has none."""
-    out = []
+    entries = []
     for line in _list_lines(path):
         entry, weight = line, 1.0
         tokens = line.rsplit(None, 1)
@@ -160,8 +163,8 @@ def read_file_list_list(path: Union[str, Path]) -> list[tuple[str, float]]:
                 pass  # a path with a space in it and no weight
         if not weight >= 0:
             raise ValueError(f"{path}: negative or NaN weight in line {line!r}")
-        out.append((resolve_listed_path(entry, path), weight))
-    return out
+        entries.append((resolve_listed_path(entry, path), weight))
+    return entries
 
 
 # --- reading parts -------------------------------------------------------------------------------
@@ -200,7 +203,7 @@ def iter_part_lines(path: Union[str, Path], raw_position: list[int] | None = Non
     ``raw_position``, if given, gets the compressed bytes consumed so far in its first item (for progress).
     ``reader``: "threaded", "buffered" or "exact", see ``_open_reader``.
     """
-    done = 0
+    done = 0  # lines given so far (a retry with the exact reader skips them)
     error: Optional[PartStreamError] = None
     for mode in dict.fromkeys((reader, "exact")):
         try:
@@ -211,8 +214,8 @@ def iter_part_lines(path: Union[str, Path], raw_position: list[int] | None = Non
             compressed = raw.peek(2)[:2] == GZIP_MAGIC
             try:
                 with _open_reader(raw, mode) as stream:
-                    for i, line in enumerate(stream):
-                        if i < done:
+                    for line_index, line in enumerate(stream):
+                        if line_index < done:
                             continue
                         done += 1
                         if raw_position is not None:
@@ -229,20 +232,26 @@ def iter_part_lines(path: Union[str, Path], raw_position: list[int] | None = Non
     raise error
 
 
+def part_size(path: Union[str, Path]) -> int:
+    """Bytes of a part on disk (its share of the progress bar); 0 when it cannot be read."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
 def detect_layout(path: Union[str, Path], max_lines: int = 10000) -> Optional[str]:
     """The layout of a part's first good line (its image column decodes to a JPEG/PNG/WebP header), or None
     when none of its first ``max_lines`` lines is good in any layout."""
-    from sd_ds.image_header import ImageRejected, probe_image
-
     try:
         # the exact reader: the fast ones would inflate 1 MB ahead (and start a thread) for a line or two
-        for i, line in enumerate(iter_part_lines(path, reader="exact")):
-            if i >= max_lines:
+        for line_index, line in enumerate(iter_part_lines(path, reader="exact")):
+            if line_index >= max_lines:
                 break
             for layout in LAYOUTS.values():
                 try:
-                    _, b64 = split_line(line, layout)
-                    probe_image(decode_image_base64(b64))
+                    _, image_base64 = split_line(line, layout)
+                    probe_image(decode_image_base64(image_base64))
                     return layout.name
                 except (LineRejected, ImageRejected):
                     continue
@@ -258,13 +267,13 @@ Row = Union[tuple[Union[str, dict], bytes], bytes]
 
 def format_line(caption: Union[str, dict], image: bytes, layout: str = "laion400m") -> bytes:
     """One part line for ``caption`` and encoded ``image`` (a dict caption is the laion_aes JSON as is)."""
-    b64 = base64.b64encode(image)
+    image_base64 = base64.b64encode(image)
     if layout == "laion400m":
-        return caption.encode("utf-8") + b"\t_\t" + b64 + b"\n"
+        return caption.encode("utf-8") + b"\t_\t" + image_base64 + b"\n"
     if layout == "laion_aes":
         meta = caption if isinstance(caption, dict) else {"caption_en": caption}
         text = json.dumps(meta, ensure_ascii=False).encode("utf-8")
-        return b"\t".join([b"_", b"_", text, b"_", b"_", b64]) + b"\n"
+        return b"\t".join([b"_", b"_", text, b"_", b"_", image_base64]) + b"\n"
     raise ValueError(f"unknown layout {layout!r}; choose from {sorted(LAYOUTS)}")
 
 
@@ -272,7 +281,7 @@ def write_part(path: Union[str, Path], rows: Iterable[Row], fmt: str = "laion400
                compresslevel: int = 6) -> int:
     """Write a LAION part: each row a ``(caption, image bytes)`` pair or a raw ``bytes`` line (written as is,
     newline added if missing, for malformed-input tests). Returns the number of lines."""
-    n = 0
+    lines = 0
     # stdlib gzip (zlib) writes what LAION's tools wrote; isal's writer only knows levels 0-3
     opener = (lambda p: _gzip_std.open(p, "wb", compresslevel=compresslevel)) if gzip else (lambda p: open(p, "wb"))
     with opener(path) as f:
@@ -282,5 +291,5 @@ def write_part(path: Union[str, Path], rows: Iterable[Row], fmt: str = "laion400
             else:
                 line = format_line(row[0], row[1], fmt)
             f.write(line)
-            n += 1
-    return n
+            lines += 1
+    return lines

@@ -1,4 +1,4 @@
-"""Identify an encoded image from its header, without decoding pixels.
+"""Image header checks: identify an encoded image from its header, without decoding pixels.
 
 The LAION converter must reject not-images, truncated images and decompression bombs at the speed of
 inflating the input. A full pixel decode costs several times that, and even PIL's lazy ``Image.open``
@@ -13,7 +13,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-__all__ = ["ImageInfo", "ImageRejected", "Rejected", "probe_image", "EXTENSIONS"]
+from sd_ds.convert.reasons import Rejected
+
+__all__ = ["ImageInfo", "ImageRejected", "probe_image", "EXTENSIONS", "PIL_MAX_IMAGE_PIXELS"]
+
+PIL_MAX_IMAGE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS, without importing PIL at start-up
 
 # Format → tar member extension, the names img2dataset writes and open_clip's pipeline selects.
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
@@ -27,14 +31,6 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND\xaeB`\x82"  # chunk type + its fixed CRC
 # Recognised but not carried into shards: open_clip-style loaders select jpg/png/webp members only.
 _OTHER_MAGIC = (b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x01\x00")
-
-
-class Rejected(ValueError):
-    """Input the converter skips; ``reason`` is the stats key it is counted under."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 class ImageRejected(Rejected):
@@ -78,11 +74,11 @@ def probe_image(data: bytes, max_pixels: int | None = None) -> ImageInfo:
 
 
 def _probe_jpeg(data: bytes) -> ImageInfo:
-    n = len(data)
+    data_length = len(data)
     pos = 2
     size = None
     while True:
-        if pos + 4 > n:
+        if pos + 4 > data_length:
             raise ImageRejected("truncated_image", "JPEG ends inside its header")
         if data[pos] != 0xFF:
             raise ImageRejected("not_an_image", f"JPEG: no marker at byte {pos}")
@@ -99,7 +95,7 @@ def _probe_jpeg(data: bytes) -> ImageInfo:
         if seg_len < 2:
             raise ImageRejected("not_an_image", "JPEG: segment length < 2")
         if marker in _JPEG_SOF and size is None:
-            if pos + 9 > n:
+            if pos + 9 > data_length:
                 raise ImageRejected("truncated_image", "JPEG ends inside its frame header")
             height, width = struct.unpack_from(">HH", data, pos + 5)
             size = (width, height)

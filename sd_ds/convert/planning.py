@@ -1,0 +1,277 @@
+"""Work planning: what a conversion will do, before and while it runs.
+
+- ``ConvertOptions``: everything that decides the output bytes;
+- ``PartSource`` and ``collect_sources``: the sources (one per filelist) and their parts, from the command line;
+- the plan record (``convert_options.json``) a resumed run must match, and ``open_output``, which checks the
+  output folder against it and takes the folder's lock;
+- ``Frontier``: turns part sample counts, learnt in input order, into shard jobs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import json
+import os
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterable, Optional
+
+from sd_ds.convert.image_header import PIL_MAX_IMAGE_PIXELS
+from sd_ds.convert.parts import LAYOUTS, part_size, read_file_list_list, read_filelist
+from sd_ds.convert.tar_writing import PartSpan, ShardJob
+from sd_ds.fileio import write_json_atomic
+
+__all__ = ["ConvertOptions", "PartSource", "collect_sources", "OutputDirError", "plan_record", "open_output",
+           "Frontier", "SourceResult", "WORK_DIR"]
+
+WORK_DIR = "_convert"  # OUT/_convert: the run's bookkeeping (lock, fragments, part records)
+OPTIONS_FILE = "convert_options.json"
+_OPEN_END = 2 ** 62  # "no upper bound" in a failure window
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything that decides the output bytes (so a resume must match it); not --processes."""
+
+    layout: str = "auto"
+    """Line layout: laion400m, laion_aes, or auto (decided per part from its first good line)."""
+    samples_per_shard: int = 10000
+    min_size: int = 0
+    """Skip images whose shorter side is below this (0: keep all)."""
+    max_pixels: int = PIL_MAX_IMAGE_PIXELS
+    """Skip images with more pixels than this (decompression bombs); 0: no limit."""
+    max_side: int = 0
+    """Downscale (and re-encode as JPEG) images whose longer side exceeds this; 0: never."""
+    resize_shorter_to: int = 0
+    """Downscale (and re-encode as JPEG) images whose shorter side exceeds this to exactly this; 0: never."""
+    jpeg_quality: int = 95
+    limit: Optional[int] = None
+    """Convert only the first N good samples (in input order)."""
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("auto", *LAYOUTS):
+            raise ValueError(f"layout {self.layout!r}: choose auto, {', '.join(LAYOUTS)}")
+        if self.samples_per_shard < 1:
+            raise ValueError("samples_per_shard must be >= 1")
+        for name in ("min_size", "max_pixels", "max_side", "resize_shorter_to"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError("jpeg_quality must be in 1..100")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("limit must be >= 1")
+
+    @property
+    def reencodes(self) -> bool:
+        return bool(self.max_side or self.resize_shorter_to)
+
+
+# --- sources -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PartSource:
+    """One filelist (or the loose part paths, named 'inputs'): its parts and its mixing weight."""
+
+    name: str
+    weight: float
+    parts: tuple[str, ...]
+
+
+def collect_sources(file_lists: Iterable[str] = (), filelists: Iterable[str] = (),
+                    inputs: Iterable[str] = ()) -> tuple[list[PartSource], list[str]]:
+    """Sources from ``train.filelist.list`` files, filelists and part paths/globs, in that order; and every
+    input path that does not exist (lists, filelists, parts, globs matching nothing), so a run can refuse
+    before any work."""
+    sources: list[PartSource] = []
+    missing: list[str] = []
+    listed: list[tuple[str, float]] = []
+    for path in file_lists:
+        if os.path.isfile(path):
+            listed.extend(read_file_list_list(path))
+        else:
+            missing.append(path)
+    listed.extend((path, 1.0) for path in filelists)
+    for path, weight in listed:
+        if os.path.isfile(path):
+            sources.append(PartSource(path, weight, tuple(read_filelist(path))))
+        else:
+            missing.append(path)
+    loose: list[str] = []
+    for pattern in inputs:
+        if glob.has_magic(pattern):
+            matches = sorted(glob.glob(pattern))
+            loose.extend(matches)
+            if not matches:
+                missing.append(pattern)
+        else:
+            loose.append(pattern)
+    if loose:
+        sources.append(PartSource("inputs", 1.0, tuple(loose)))
+    seen = set(missing)
+    for source in sources:
+        for part in source.parts:
+            if part not in seen and not os.path.isfile(part):
+                missing.append(part)
+                seen.add(part)
+    return sources, missing
+
+
+# --- the plan record and the output folder ------------------------------------------------------------
+
+class OutputDirError(RuntimeError):
+    """OUT cannot be used: written with other inputs/options, not a converter output, or in use."""
+
+
+def plan_record(sources: list[PartSource], options: ConvertOptions) -> dict:
+    """What ``convert_options.json`` holds: the options and every part with its size."""
+    return {"version": 1, "options": asdict(options),
+            "sources": [{"name": source.name, "weight": source.weight,
+                         "parts": [[part, part_size(part)] for part in source.parts]}
+                        for source in sources]}
+
+
+def _first_difference(now: Any, before: Any, where: str = "") -> str:
+    if isinstance(now, dict) and isinstance(before, dict):
+        for key in sorted(set(now) | set(before)):
+            if now.get(key) != before.get(key):
+                return _first_difference(now.get(key), before.get(key), f"{where}.{key}" if where else key)
+    if isinstance(now, list) and isinstance(before, list) and len(now) == len(before):
+        for index, (item_now, item_before) in enumerate(zip(now, before)):
+            if item_now != item_before:
+                return _first_difference(item_now, item_before, f"{where}[{index}]")
+    return f"{where}: {_short(now)} now, {_short(before)} before"
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def open_output(out: Path, plan: dict) -> IO[str]:
+    """Check that ``out`` is empty or holds a run of this plan, take its lock, record the plan. Returns the
+    lock's file handle (held until closed)."""
+    options_path = out / OPTIONS_FILE
+    if not options_path.is_file() and out.is_dir() and any(out.iterdir()):
+        raise OutputDirError(f"{out} is not empty and was not written by this converter; "
+                             f"choose an empty or new --output_dir")
+    (out / WORK_DIR / "parts").mkdir(parents=True, exist_ok=True)
+    lock = open(out / WORK_DIR / "lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise OutputDirError(f"another conversion is writing to {out}") from None
+    if options_path.is_file():
+        before = json.loads(options_path.read_text(encoding="utf-8"))
+        if before != plan:
+            lock.close()
+            raise OutputDirError(
+                f"{out} holds a conversion with other inputs or options ({_first_difference(plan, before)}). "
+                f"Resume with the same arguments, or choose another --output_dir.")
+    else:
+        write_json_atomic(options_path, plan)
+    return lock
+
+
+# --- the order of shards -------------------------------------------------------------------------------
+
+@dataclass
+class SourceResult:
+    """What a source ends up with: its shards (global numbers) and samples."""
+
+    shards: list[int] = field(default_factory=list)
+    samples: int = 0
+    excluded: bool = False  # after the --limit cut: nothing from it is used or counted
+
+
+class Frontier:
+    """Turns sample counts, learnt part by part in input order, into shard jobs.
+
+    Shard k of a source holds its samples [k·S, (k+1)·S). It is ready when the part holding sample (k+1)·S
+    is known (so every failure before that sample is known too), or when the source ends.
+    """
+
+    def __init__(self, sources: list[PartSource], samples_per_shard: int, limit: Optional[int]):
+        self.samples_per_shard, self.limit = samples_per_shard, limit
+        self.part_paths = [part for source in sources for part in source.parts]
+        self.source_end: list[int] = []  # global index after the last part of each source
+        parts_so_far = 0
+        for source in sources:
+            parts_so_far += len(source.parts)
+            self.source_end.append(parts_so_far)
+        self.results = [SourceResult() for _ in sources]
+        self.next_part = 0  # parts before this are consumed
+        self.source = 0  # the source being cut into shards
+        self.entries: deque[tuple[int, int, int]] = deque()  # (part, first sample, samples) still needed
+        self.known = 0  # good samples of the current source in consumed parts
+        self.shard_in_source = 0  # next shard index within the current source
+        self.next_shard = 0  # global number of the next shard
+        self.before = 0  # samples included from earlier sources
+        self.cut = False  # the --limit is reached
+        self._advance()
+
+    @property
+    def done(self) -> bool:
+        return self.source >= len(self.results)
+
+    def first_needed_part(self) -> int:
+        return self.entries[0][0] if self.entries else self.next_part
+
+    def consume(self, samples: int) -> list[ShardJob]:
+        """The sample count of part ``next_part``; returns the shard jobs that became ready."""
+        self.entries.append((self.next_part, self.known, samples))
+        self.known += samples
+        self.next_part += 1
+        return self._advance()
+
+    def _advance(self) -> list[ShardJob]:
+        jobs = []
+        per_shard = self.samples_per_shard
+        while not self.done:
+            final = self.next_part >= self.source_end[self.source]
+            included = self.known
+            if self.limit is not None and self.known >= self.limit - self.before:
+                self.cut, final, included = True, True, self.limit - self.before
+            while True:
+                lo = self.shard_in_source * per_shard
+                if final:
+                    if lo >= included:
+                        break
+                    hi = min(lo + per_shard, included)
+                    last = hi >= included
+                elif self.known > lo + per_shard:
+                    hi, last = lo + per_shard, False
+                else:
+                    break
+                jobs.append(self._job(lo, hi, last, included))
+                self.shard_in_source += 1
+            if not final:
+                break
+            self.results[self.source].samples = included
+            self.before += included
+            self.source += 1
+            self.entries.clear()
+            self.known = self.shard_in_source = 0
+            if self.cut:
+                if included == 0:
+                    self.results[self.source - 1].excluded = True
+                for result in self.results[self.source:]:
+                    result.excluded = True
+                self.source = len(self.results)
+        return jobs
+
+    def _job(self, lo: int, hi: int, last: bool, included: int) -> ShardJob:
+        # A failure belongs to the shard of the good sample before it (the first shard when there is none).
+        failures_from = 0 if lo == 0 else lo + 1
+        failures_to = hi if not last else (included - 1 if self.cut else _OPEN_END)
+        while self.entries and self.entries[0][1] + self.entries[0][2] < failures_from:
+            self.entries.popleft()  # no later shard needs it: all its samples and failures are behind
+        parts = tuple(PartSpan(part, first, samples, self.part_paths[part]) for part, first, samples in self.entries
+                      if first <= failures_to and first + samples >= failures_from)
+        shard = self.next_shard
+        self.next_shard += 1
+        self.results[self.source].shards.append(shard)
+        return ShardJob(shard=shard, source_index=self.source, first_sample=lo, end_sample=hi,
+                        failures_from=failures_from, failures_to=failures_to, parts=parts)

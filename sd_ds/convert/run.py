@@ -1,0 +1,274 @@
+"""The conversion run: ``convert`` opens the output folder, runs the work on a process pool and writes the
+totals (stats.json, sizes.json, sources.json); ``format_summary`` is the table printed at the end.
+
+The loop itself is ``ConversionRun``: it hands parts to workers in input order (a bounded look-ahead past the
+oldest part whose count is not yet used), feeds their sample counts to the ``Frontier``, hands the shards that
+became ready to workers, and deletes fragments no shard still needs. ``Progress`` is its bar: compressed bytes
+read, and samples written with their rate.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from sd_ds.convert.hooks import Hook, no_hook
+from sd_ds.convert.planning import WORK_DIR, ConvertOptions, Frontier, PartSource, open_output, plan_record
+from sd_ds.convert.tar_writing import ShardJob, fragment_paths, shard_name, stats_name
+from sd_ds.convert.workers import PartJob, assemble_shard_job, convert_part, worker_init
+from sd_ds.fileio import write_json_atomic
+
+__all__ = ["convert", "ConversionRun", "Progress", "available_cores", "format_summary"]
+
+COMPLETE_FILE = "complete.json"  # in OUT/_convert: the run finished; a rerun only reports
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def convert(sources: list[PartSource], output_dir: str | os.PathLike, options: ConvertOptions, processes: int = 1,
+            progress: bool = True, inflate_thread: Optional[bool] = None,
+            log: Callable[[str], None] = print, hook: Hook = no_hook) -> dict:
+    """Convert ``sources`` into shards in ``output_dir`` (resuming what a previous run left); returns the
+    totals written to stats.json. Raises planning.OutputDirError when ``output_dir`` cannot be used.
+
+    ``inflate_thread``: inflate each part in a thread of its own, overlapping the parsing (None: when
+    ``processes`` leaves cores idle). The output is the same either way. ``hook``: called at the points
+    ``sd_ds.convert.hooks`` lists, in the main process and (a copy) in each worker."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_record(sources, options)
+    lock = open_output(out, plan)
+    try:
+        complete = out / WORK_DIR / COMPLETE_FILE
+        if complete.is_file():
+            shutil.rmtree(out / WORK_DIR / "parts", ignore_errors=True)
+            stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
+            log(f"{out}: already complete")
+            return stats
+        _remove_stale_temporaries(out)
+        started = time.monotonic()
+        if inflate_thread is None:
+            inflate_thread = processes < available_cores()
+        conversion = ConversionRun(sources, out, options, processes, "threaded" if inflate_thread else "buffered",
+                                   hook)
+        total_bytes = sum(size for source in plan["sources"] for _, size in source["parts"])
+        bar = Progress(total_bytes, conversion.done_bytes, enabled=progress)
+        try:
+            frontier = conversion.run(bar)
+        finally:
+            bar.close()
+        stats = _write_totals(sources, out, frontier)
+        write_json_atomic(complete, {"seconds_last_run": round(time.monotonic() - started, 3)})
+        shutil.rmtree(out / WORK_DIR / "parts", ignore_errors=True)
+        return stats
+    finally:
+        lock.close()
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporaries of a killed run (their writers are dead: workers die with the main process)."""
+    for directory in (out, out / WORK_DIR / "parts"):
+        for tmp in directory.glob("*.tmp.*"):
+            tmp.unlink(missing_ok=True)
+
+
+class Progress:
+    """The progress bar: compressed bytes read (resumed runs start at what earlier runs read), and the samples
+    written this run with their rate."""
+
+    def __init__(self, total_bytes: int, done_bytes: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_bytes, initial=min(done_bytes, total_bytes), unit="B", unit_scale=True,
+                        desc="convert", dynamic_ncols=True, disable=not enabled, smoothing=0.05, mininterval=0.5)
+        self.started = time.monotonic()
+        self.samples = 0
+
+    def advance(self, nbytes: int, samples: int) -> None:
+        self.samples += samples
+        self.bar.update(nbytes)
+        rate = self.samples / max(time.monotonic() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{self.samples:,} samples, {rate:,.0f} samples/s", refresh=False)
+
+    def drain(self, reports: Any, wait_s: float = 0.0) -> None:
+        """Take every (bytes, samples) report waiting in the workers' queue; with ``wait_s``, also those that
+        arrive within that long of each other (the last ones of workers that just finished)."""
+        try:
+            while True:
+                self.advance(*(reports.get(timeout=wait_s) if wait_s else reports.get_nowait()))
+        except queue.Empty:
+            pass
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class ConversionRun:
+    """The run loop over a process pool, and the state it keeps between events."""
+
+    def __init__(self, sources: list[PartSource], out: Path, options: ConvertOptions, processes: int, reader: str,
+                 hook: Hook = no_hook):
+        self.sources, self.out, self.processes, self.hook = sources, out, processes, hook
+        self.work = out / WORK_DIR
+        self.frontier = Frontier(sources, options.samples_per_shard, options.limit)
+        self.part_paths = self.frontier.part_paths
+        self.part_template = PartJob(part=-1, path="", work=str(self.work), options=options, reader=reader)
+        self.sample_counts: dict[int, int] = {}  # part → good samples, for every part converted so far
+        self.done_bytes = 0  # input bytes of the parts earlier runs converted
+        for record_path in (self.work / "parts").glob("*.json"):
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            if record["part"] < len(self.part_paths) and record["path"] == self.part_paths[record["part"]]:
+                self.sample_counts[record["part"]] = record["samples"]
+                self.done_bytes += record["bytes"]
+        self.pending: dict[Future, tuple[str, int]] = {}  # future → ("part", part) or ("shard", shard)
+        self.parts_in_flight: set[int] = set()
+        self.shard_first_part: dict[int, int] = {}  # shard in flight → first part holding its samples
+        self.deleted_below = 0  # fragments of the parts before this are deleted
+        self.next_dispatch = 0  # the next part to consider handing out
+        self.lookahead = 4 * processes + 2  # parts converted ahead of the oldest part not yet consumed
+        self.executor: Optional[ProcessPoolExecutor] = None
+
+    def run(self, progress: Progress) -> Frontier:
+        """Convert every part not converted yet and assemble every shard not assembled yet; returns the
+        frontier, which knows each source's shards and samples."""
+        # Workers even for --processes 1: the main process stays free to show progress mid-part. Spawned, not
+        # forked: no fork after threads (tqdm, queue feeders), and workers import little.
+        context = mp.get_context("spawn")
+        reports = context.Queue()
+        self.executor = ProcessPoolExecutor(self.processes, mp_context=context, initializer=worker_init,
+                                            initargs=(reports, os.getpid(), self.hook))
+        try:
+            self._consume_ready()
+            while True:
+                self._dispatch_parts()
+                if not self.pending:
+                    break
+                finished, _ = wait(list(self.pending), timeout=0.2, return_when=FIRST_COMPLETED)
+                progress.drain(reports)
+                for future in finished:
+                    self._finish(future, progress)
+                self._delete_consumed_fragments()
+            if not self.frontier.done:  # cannot happen: every part was converted and consumed
+                raise RuntimeError("conversion ended before all parts were consumed")
+        finally:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            progress.drain(reports, wait_s=0.05)  # reports still on their way from the workers
+        return self.frontier
+
+    def _dispatch_parts(self) -> None:
+        """Hand out parts in input order, at most one more than there are processes at a time, and no further
+        than ``lookahead`` past the oldest part not yet consumed."""
+        frontier = self.frontier
+        while (not frontier.done and len(self.parts_in_flight) < max(self.processes, 1) + 1
+               and self.next_dispatch < len(self.part_paths)
+               and self.next_dispatch < frontier.next_part + self.lookahead):
+            part = self.next_dispatch
+            if part not in self.sample_counts and part not in self.parts_in_flight:
+                self.parts_in_flight.add(part)
+                job = replace(self.part_template, part=part, path=self.part_paths[part])
+                self.pending[self.executor.submit(convert_part, job)] = ("part", part)
+            self.next_dispatch += 1
+
+    def _finish(self, future: Future, progress: Progress) -> None:
+        kind, ident = self.pending.pop(future)
+        result = future.result()  # a worker exception is a bug or an I/O error: stop the run
+        if kind == "part":
+            self.parts_in_flight.discard(ident)
+            self.sample_counts[ident] = result["samples"]
+            progress.advance(*result["unreported"])
+            self._consume_ready()
+        else:
+            self.shard_first_part.pop(ident, None)
+            self.hook("main_shard")
+
+    def _consume_ready(self) -> None:
+        """Feed the frontier every count it can take (it takes them in input order) and submit the shards
+        that became ready."""
+        while self.frontier.next_part in self.sample_counts and not self.frontier.done:
+            self._submit_shards(self.frontier.consume(self.sample_counts[self.frontier.next_part]))
+
+    def _submit_shards(self, jobs: list[ShardJob]) -> None:
+        for job in jobs:
+            first_sample_part = next((span.part for span in job.parts if span.end_sample > job.first_sample),
+                                     self.frontier.next_part)
+            if (self.out / shard_name(job.shard)).exists():
+                continue
+            self.shard_first_part[job.shard] = first_sample_part
+            source_name = self.sources[job.source_index].name
+            future = self.executor.submit(assemble_shard_job, job, source_name, str(self.out), self.part_template)
+            self.pending[future] = ("shard", job.shard)
+
+    def _delete_consumed_fragments(self) -> None:
+        """Delete the fragments of parts that neither the frontier nor a shard in flight still needs (their
+        records stay: a shard's failures and the totals are read from them)."""
+        low = min([self.frontier.first_needed_part(), *self.shard_first_part.values()])
+        for part in range(self.deleted_below, low):
+            paths = fragment_paths(self.work, part)
+            paths.members.unlink(missing_ok=True)
+            paths.offsets.unlink(missing_ok=True)
+        self.deleted_below = max(self.deleted_below, low)
+
+
+# --- totals ----------------------------------------------------------------------------------------------
+
+def _write_totals(sources: list[PartSource], out: Path, frontier: Frontier) -> dict:
+    """sizes.json, sources.json and stats.json from the shards' stats (and, for a source without shards, from
+    its part records); returns the stats."""
+    work = out / WORK_DIR
+    sizes: dict[str, int] = {}
+    totals: Counter = Counter()
+    per_source = []
+    successes = empty_captions = 0
+    for source_index, (source, result) in enumerate(zip(sources, frontier.results)):
+        failures: Counter = Counter()
+        for shard in result.shards:
+            shard_stats = json.loads((out / stats_name(shard)).read_text(encoding="utf-8"))
+            sizes[shard_name(shard)] = shard_stats["successes"]
+            failures.update(shard_stats["failures"])
+            empty_captions += shard_stats["empty_captions"]
+        if not result.shards and not result.excluded:
+            # No sample to attribute failures to: count them from the part records.
+            first = frontier.source_end[source_index] - len(source.parts)
+            for part in range(first, first + len(source.parts)):
+                record = json.loads(fragment_paths(work, part).record.read_text(encoding="utf-8"))
+                failures.update(reason for _, reason, _ in record["failures"])
+        totals.update(failures)
+        successes += result.samples
+        per_source.append({"name": source.name, "weight": source.weight, "parts": len(source.parts),
+                           "shards": len(result.shards), "samples": result.samples,
+                           "failures": dict(sorted(failures.items())), "excluded_by_limit": result.excluded})
+    stats = {"count": successes + sum(totals.values()), "successes": successes,
+             "failures": dict(sorted(totals.items())), "empty_captions": empty_captions, "shards": len(sizes),
+             "parts": sum(len(source.parts) for source in sources), "sources": per_source}
+    sources_json = {"sources": [
+        {"name": source.name, "weight": source.weight, "shards": [shard_name(shard) for shard in result.shards],
+         "samples": result.samples}
+        for source, result in zip(sources, frontier.results)]}
+    write_json_atomic(out / "sizes.json", sizes)
+    write_json_atomic(out / "sources.json", sources_json)
+    write_json_atomic(out / "stats.json", stats)
+    return stats
+
+
+def format_summary(stats: dict) -> str:
+    """The end-of-run table: converted samples and each failure reason, with shares of all lines."""
+    total = max(stats["count"], 1)
+    rows = [("converted", stats["successes"])]
+    rows += [(f"skipped: {reason}", count) for reason, count in stats["failures"].items()]
+    rows.append(("(kept, empty caption)", stats["empty_captions"]))
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [f"{'outcome':<{width}}{'samples':>14}{'share':>9}"]
+    lines += [f"{label:<{width}}{count:>14,}{100 * count / total:>8.2f}%" for label, count in rows]
+    lines.append(f"{stats['shards']:,} shards from {stats['parts']:,} parts in {len(stats['sources'])} source(s)")
+    return "\n".join(lines)
