@@ -1,36 +1,71 @@
-"""Save, find, rotate and load training checkpoints.
+"""Save, find, rotate and load training checkpoints: one ``Checkpointer`` owns what a checkpoint holds.
 
 A checkpoint is ``output_dir/checkpoint-{step}/`` holding, explicitly:
 - the DeepSpeed engine state (module, ZeRO-2 optimizer partitions, LR scheduler), written by
   ``engine.save_checkpoint`` so that DeepSpeed's own ``zero_to_fp32.py`` and ``ds_to_universal`` work on it;
-- ``rank_{r}_state.pt`` per rank: data-loader position and RNG states (each rank reads its own shards and
-  draws its own noise);
+- ``rank_{r}_state.safetensors`` per rank: data-loader position and RNG states (each rank reads its own shards
+  and draws its own noise), as tensors plus JSON metadata: no pickle, so loading it cannot run code;
 - the rank's EMA partition (``sd_ds.ema``) when EMA is on;
-- optionally the trained UNet in diffusers format (``--only_save_updated_model``);
-- ``trainer_state.json`` (step, samples seen, world size, resolved config), written LAST by the main
-  process after every rank finished: its presence is what makes a checkpoint complete.
-``output_dir/latest`` names the newest complete checkpoint; it is replaced atomically (tmp + os.replace) and
-has the format DeepSpeed's loaders expect, so ``zero_to_fp32.py output_dir out`` works as well.
+- with ``--only_save_updated_model`` (default) the trained UNet (``unet/``, ``unet_ema/`` with EMA, and
+  ``text_encoder/`` when trained) in diffusers format;
+- ``trainer_state.json`` (TrainState, world size, resolved config), written LAST by the main process after
+  every rank finished: its presence is what makes a checkpoint complete.
+``output_dir/latest`` names the newest complete checkpoint; it is replaced atomically and has the format
+DeepSpeed's loaders expect, so ``zero_to_fp32.py output_dir out`` works as well.
+
+DeepSpeed's own files are pickles. They are loaded with ``weights_only`` unpickling (``safe_loading``), which
+builds only tensors, containers and the allow-listed DeepSpeed/torch types below and never calls other code.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
 import json
+import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 
-from sd_ds.distributed import barrier
+from sd_ds.fileio import save_atomic, write_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    from sd_ds.config import TrainConfig
+    from sd_ds.distributed import DistInfo
+
+logger = logging.getLogger("sd_ds.checkpoint")
 
 PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
 _STEP_RE = re.compile(rf"^{PREFIX}(\d+)$")
 
+
+@dataclass
+class TrainState:
+    step: int = 0              # optimizer steps taken (skipped overflow steps included)
+    samples_seen: int = 0      # over all ranks
+    skipped_steps: int = 0     # steps whose gradients held inf/nan (not applied)
+
+    def state_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, int(state[f.name]))
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous complete one is intact."""
+
+
+# --- finding checkpoints ----------------------------------------------------------------------------------
 
 def checkpoint_path(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / f"{PREFIX}{step}"
@@ -71,44 +106,6 @@ def find_resume_checkpoint(output_dir: str | Path, resume_from_checkpoint: str) 
     return path
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def rank_state_path(ckpt: Path, rank: int) -> Path:
-    return ckpt / f"rank_{rank}_state.pt"
-
-
-def save_checkpoint(engine: Any, output_dir: str | Path, step: int, *, rank: int, is_main_process: bool,
-                    trainer_state: dict[str, Any], rank_state: dict[str, Any], ema: Any = None,
-                    save_total_limit: Optional[int] = None, export_models: Any = None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint path."""
-    output_dir = Path(output_dir)
-    ckpt = checkpoint_path(output_dir, step)
-    if is_main_process and ckpt.exists():
-        # A leftover from a crash at this very step; never mix two attempts in one directory.
-        shutil.rmtree(ckpt)
-    barrier()
-    # save_latest=False: our own `latest` is written only once the whole checkpoint is complete.
-    engine.save_checkpoint(str(output_dir), tag=ckpt.name, client_state={"sd_ds_step": step}, save_latest=False)
-    torch.save(rank_state, rank_state_path(ckpt, rank))
-    if ema is not None:
-        from sd_ds.ema import save_ema_shard
-
-        save_ema_shard(ema, ckpt, rank)
-    if export_models is not None:
-        export_models(ckpt)  # collective (gathers fp32 weights), writes on the main process
-    barrier()
-    if is_main_process:
-        _write_atomic(ckpt / TRAINER_STATE, json.dumps(trainer_state, indent=2, default=str))
-        _write_atomic(output_dir / LATEST, ckpt.name)
-        rotate_checkpoints(output_dir, save_total_limit, keep=ckpt)
-    barrier()
-    return ckpt
-
-
 def rotate_checkpoints(output_dir: str | Path, save_total_limit: Optional[int], keep: Optional[Path] = None) -> list[Path]:
     """Delete the oldest complete checkpoints beyond the limit, and incomplete leftovers older than the newest
     complete one. The newest complete checkpoint is never deleted."""
@@ -128,43 +125,247 @@ def rotate_checkpoints(output_dir: str | Path, save_total_limit: Optional[int], 
     return doomed
 
 
-def load_checkpoint(engine: Any, ckpt: Path, *, rank: int, world_size: int, ema: Any = None,
-                    universal_dir: Optional[Path] = None) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
-    """Restore the engine (and EMA); return (trainer_state, this rank's saved state or None when the
-    checkpoint was written by a different number of ranks)."""
-    trainer_state = read_trainer_state(ckpt)
-    same_world = trainer_state.get("world_size") == world_size
-    if same_world:
-        load_path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_lr_scheduler_states=True)
-    else:
-        if universal_dir is None:
-            raise ValueError("resuming on a different number of ranks needs the universal checkpoint")
-        load_path, _ = engine.load_checkpoint(str(universal_dir.parent), tag=universal_dir.name,
-                                              load_lr_scheduler_states=True)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {ckpt}")
-    if ema is not None:
-        from sd_ds.ema import load_ema_shards
+# --- loading without running pickled code ------------------------------------------------------------------
 
-        ema.load_state_dict(load_ema_shards(ckpt, ema, rank, world_size))
-    rank_state = torch.load(rank_state_path(ckpt, rank), weights_only=False) if same_world else None
-    return trainer_state, rank_state
+def _deepspeed_checkpoint_types() -> list[Any]:
+    """The non-tensor classes DeepSpeed 0.19 pickles into ZeRO-1/2 checkpoints (model, optimizer and universal
+    files), allow-listed for weights_only unpickling: building them calls no code of the file's choosing."""
+    import collections
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    types: list[Any] = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, collections.OrderedDict]
+    with contextlib.suppress(ImportError):
+        from deepspeed.checkpoint.constants import PARAM_SLICE_MAPPINGS  # noqa: F401
+    return types
 
 
-def make_universal(ckpt: Path, *, is_main_process: bool) -> Path:
-    """Convert a ZeRO checkpoint to DeepSpeed's universal format (once, on the main process) so it can be
-    loaded by a different number of ranks. Collective."""
+@contextlib.contextmanager
+def safe_loading() -> Iterator[None]:
+    """Every ``torch.load`` inside the block, DeepSpeed's included (which pass weights_only=False), unpickles
+    with ``weights_only=True`` and the allow-list above: a tampered checkpoint fails to load instead of running
+    its payload."""
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+# --- per-rank state without pickle ---------------------------------------------------------------------------
+
+def rank_state_path(ckpt: Path, rank: int) -> Path:
+    return ckpt / f"rank_{rank}_state.safetensors"
+
+
+def _split_tensors(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "") -> Any:
+    """JSON-able structure with every tensor replaced by {"__tensor__": name} and stored in ``tensors``."""
+    if isinstance(obj, torch.Tensor):
+        name = prefix or "tensor"
+        tensors[name] = obj.detach().cpu().contiguous()
+        return {"__tensor__": name}
+    if isinstance(obj, dict):
+        return {str(k): _split_tensors(v, tensors, f"{prefix}.{k}" if prefix else str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split_tensors(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]
+    return obj
+
+
+def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: _join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def save_rank_state(path: Path, state: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    meta = _split_tensors(state, tensors)
+    save_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata={"sd_ds_state": json.dumps(meta)}))
+
+
+def load_rank_state(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["sd_ds_state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _join_tensors(meta, tensors)
+
+
+# --- the checkpointer -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResumePoint:
+    path: Path
+    world_size: int                     # ranks that wrote it
+    universal_dir: Optional[Path] = None  # DeepSpeed universal copy when this run has another rank count
+
+
+def plan_resume(cfg: "TrainConfig", dist_info: "DistInfo") -> Optional[ResumePoint]:
+    """Collective. Rank 0 picks the checkpoint (a late-listing filesystem could show ranks different newest
+    checkpoints) and every rank gets its choice; a different rank count converts it to DeepSpeed's universal
+    format first (once, on rank 0)."""
+    choice: Optional[str] = None
+    error: Optional[str] = None
+    if dist_info.is_main_process:
+        try:
+            found = find_resume_checkpoint(cfg.output_dir, cfg.checkpoint.resume_from_checkpoint)
+            choice = str(found) if found is not None else None
+        except FileNotFoundError as e:
+            error = str(e)
+    choice, error = dist_info.broadcast_object((choice, error))
+    if error:
+        raise SystemExit(error)
+    if choice is None:
+        return None
+    path = Path(choice)
+    if not is_complete(path):
+        raise RuntimeError(f"rank {dist_info.rank}: cannot read {path / TRAINER_STATE}, the checkpoint rank 0 chose "
+                           "to resume from; is output_dir on a filesystem that every node sees?")
+    saved_world_size = int(read_trainer_state(path)["world_size"])
+    universal = None
+    if saved_world_size != dist_info.world_size:
+        universal = make_universal(path, dist_info)
+    return ResumePoint(path, saved_world_size, universal)
+
+
+def make_universal(ckpt: Path, dist_info: "DistInfo") -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (once, on the main process) so that a different
+    number of ranks can load it. Collective."""
     out = ckpt.parent / f".{ckpt.name}-universal"
     target = out / ckpt.name
-    if is_main_process and not (out / ".complete").exists():
+    if dist_info.is_main_process and not (out / ".complete").exists():
         from argparse import Namespace
 
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
         shutil.rmtree(out, ignore_errors=True)
-        ds_to_universal(Namespace(input_folder=str(ckpt), output_folder=str(target), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                  inject_missing_state=True))
-        (out / ".complete").write_text("")
-    barrier()
+        with safe_loading():
+            ds_to_universal(Namespace(input_folder=str(ckpt), output_folder=str(target), num_extract_workers=1,
+                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                      inject_missing_state=True))
+        write_atomic(out / ".complete", "")
+    dist_info.barrier()
     return target
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        text = str(err)
+        # torch.save's C++ writer reports a full disk as a bare stream error.
+        if "No space left on device" in text or "iostream error" in text or "file write failed" in text:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class Checkpointer:
+    """Saves and restores everything a run needs to continue exactly: the engine (weights, ZeRO optimizer
+    partitions, LR schedule), the EMA shard, the data loader's position, the RNG states and the objective's
+    generator, and the TrainState; and optionally the trained models in diffusers format."""
+
+    def __init__(self, cfg: "TrainConfig", dist_info: "DistInfo", *, engine: Any, loader: Any,
+                 generator: torch.Generator, ema: Any = None,
+                 export_models: Optional[Callable[[Path], None]] = None,
+                 fault_point: Optional[Callable[[str, int], None]] = None) -> None:
+        self.output_dir = Path(cfg.output_dir)
+        self.cfg, self.dist = cfg, dist_info
+        self.engine, self.loader, self.generator, self.ema = engine, loader, generator, ema
+        self.export_models = export_models  # collective: gathers the weights, writes on the main process
+        self.fault_point = fault_point or (lambda name, step: None)
+
+    def _rank_state(self) -> dict[str, Any]:
+        from sd_ds.distributed import rng_state
+
+        return {"data": self.loader.state_dict(), "rng": rng_state(), "generator": self.generator.get_state()}
+
+    def save(self, state: TrainState) -> Path:
+        """Collective: every rank calls it at the same step."""
+        ckpt = checkpoint_path(self.output_dir, state.step)
+        try:
+            self._save(ckpt, state)
+        except Exception as e:
+            if not _is_disk_full(e):
+                raise
+            intact = list_checkpoints(self.output_dir)
+            intact_msg = f"{intact[-1][1].name} is intact" if intact else "no earlier checkpoint exists"
+            raise CheckpointWriteError(f"no space left on device while writing {ckpt.name} in {self.output_dir}; "
+                                       f"{intact_msg} (a new run resumes from it)") from e
+        logger.info("saved %s", ckpt.name)
+        return ckpt
+
+    def _save(self, ckpt: Path, state: TrainState) -> None:
+        dist_info = self.dist
+        if dist_info.is_main_process and ckpt.exists():
+            # A leftover from a crash at this very step; never mix two attempts in one directory.
+            (ckpt / TRAINER_STATE).unlink(missing_ok=True)
+            shutil.rmtree(ckpt)
+        dist_info.barrier()
+        self.fault_point("save_begin", state.step)
+        # save_latest=False: our own `latest` is written only once the whole checkpoint is complete.
+        self.engine.save_checkpoint(str(self.output_dir), tag=ckpt.name, client_state={"sd_ds_step": state.step},
+                                    save_latest=False)
+        self.fault_point("save_engine_written", state.step)
+        save_rank_state(rank_state_path(ckpt, dist_info.rank), self._rank_state())
+        if self.ema is not None:
+            from sd_ds.ema import save_ema_shard
+
+            save_ema_shard(self.ema, ckpt, dist_info.rank)
+        if self.export_models is not None:
+            self.export_models(ckpt)
+        self.fault_point("save_before_complete", state.step)
+        # Every rank reports whether its part is on disk; only then does the main process mark it complete.
+        dist_info.barrier()
+        if dist_info.is_main_process:
+            trainer_state = {**state.state_dict(), "world_size": dist_info.world_size,
+                             "global_batch_size": self.cfg.global_batch_size(dist_info.world_size),
+                             "config": self.cfg.to_dict()}
+            write_json_atomic(ckpt / TRAINER_STATE, trainer_state, indent=2, default=str)
+            write_atomic(self.output_dir / LATEST, ckpt.name)
+            rotate_checkpoints(self.output_dir, self.cfg.checkpoint.save_total_limit, keep=ckpt)
+        dist_info.barrier()
+
+    def load(self, resume: Optional[ResumePoint]) -> TrainState:
+        """Restore everything from ``resume`` (see ``plan_resume``); a fresh TrainState when None."""
+        state = TrainState()
+        if resume is None:
+            return state
+        same_world = resume.world_size == self.dist.world_size
+        source = resume.path if same_world else resume.universal_dir
+        with safe_loading():
+            load_path, _ = self.engine.load_checkpoint(str(source.parent), tag=source.name,
+                                                       load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {source}")
+        if self.ema is not None:
+            from sd_ds.ema import load_ema_shards
+
+            self.ema.load_state_dict(load_ema_shards(resume.path, self.ema, self.dist.rank, self.dist.world_size))
+        state.load_state_dict(read_trainer_state(resume.path))
+        if same_world:
+            from sd_ds.distributed import set_rng_state
+
+            rank_state = load_rank_state(rank_state_path(resume.path, self.dist.rank))
+            self.loader.load_state_dict(rank_state["data"])
+            set_rng_state(rank_state["rng"])
+            self.generator.set_state(rank_state["generator"])
+        else:
+            logger.warning("checkpoint %s was written by %d ranks, this run has %d: the data epoch restarts",
+                           resume.path, resume.world_size, self.dist.world_size)
+        logger.info("resumed from %s at step %d", resume.path, state.step)
+        return state

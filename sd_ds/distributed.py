@@ -1,27 +1,26 @@
-"""Everything that knows about ranks, devices and the DeepSpeed engine's configuration.
+"""Ranks, devices, the control-plane process group, and per-rank RNG.
 
-The JSON files in ``ds_configs/`` carry engine settings only (ZeRO stage, offload, loss-scale policy).
-Batch sizes, accumulation, clipping, precision and the optimizer are written here from the trainer's flags,
-so each is stated once; a user JSON that sets one of them to a different value is an error.
+Two kinds of collectives run in a training job:
+- the data plane (gradients, ZeRO partitions, EMA gathers): device tensors on DeepSpeed's process groups
+  (NCCL on GPUs), issued by DeepSpeed and by ``sd_ds.ema``;
+- the control plane (stop agreement, logged metric reductions, barriers around checkpoints and image
+  logging, the resume-checkpoint broadcast): a few CPU scalars. NCCL refuses CPU tensors ("No backend type
+  associated with device type cpu"), so every control-plane collective of sd-ds goes through one gloo group
+  created at start-up (``DistInfo.control_group``), never the default group.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from sd_ds.config import TrainConfig
-
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 # Rank 0 may spend minutes generating sample images while the others wait at a barrier.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
@@ -32,10 +31,31 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    control_group: Any = None  # gloo group for CPU-tensor collectives; None when not distributed
 
     @property
     def is_main_process(self) -> bool:
         return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.control_group is not None:
+            dist.barrier(group=self.control_group)
+
+    def all_reduce(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or max) over ranks of a small CPU tensor; returns a new tensor."""
+        values = values.detach().cpu().clone()
+        if self.control_group is not None and self.world_size > 1:
+            dist.all_reduce(values, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op],
+                            group=self.control_group)
+        return values
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s picklable ``obj`` on every rank (pickled in memory between our own processes only)."""
+        if self.control_group is None or self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.control_group)
+        return box[0]
 
 
 def init_distributed() -> DistInfo:
@@ -49,42 +69,25 @@ def init_distributed() -> DistInfo:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     accelerator = get_accelerator()
-    backend = accelerator.communication_backend_name()
-    if accelerator.device_name() == "cpu":
-        backend = "gloo"  # the ccl backend needs oneCCL; gloo is always there
-    deepspeed.init_distributed(dist_backend=backend, timeout=COLLECTIVE_TIMEOUT)
+    on_cpu = accelerator.device_name() == "cpu"
+    backend = "gloo" if on_cpu else accelerator.communication_backend_name()  # ccl needs oneCCL; gloo is always there
     local_rank = int(os.environ["LOCAL_RANK"])
-    if accelerator.device_name() == "cpu":
+    if on_cpu:
         device = torch.device("cpu")
     else:
+        # Before the process group: NCCL binds each rank's communicator to the current device.
         accelerator.set_device(local_rank)
         device = torch.device(accelerator.device_name(local_rank))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    deepspeed.init_distributed(dist_backend=backend, timeout=COLLECTIVE_TIMEOUT)
+    # Collective: every rank creates it, in the same order. On CPU the default group is gloo already, but a
+    # separate group keeps our barriers from interleaving with DeepSpeed's own collectives.
+    control_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, control_group)
 
 
-def barrier() -> None:
+def close_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks of a small float tensor (for logging)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= dist.get_world_size()
-    return values
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+        dist.destroy_process_group()
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -99,121 +102,28 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The global RNG states as tensors and plain JSON values (no pickle: checkpoints load with weights_only)."""
+    version, mt, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "mt": list(mt), "gauss": gauss},
+        "numpy": {"name": np_name, "keys": np_keys.tolist(), "pos": int(np_pos), "has_gauss": int(np_has_gauss),
+                  "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["mt"]), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# --- DeepSpeed configuration -------------------------------------------------------------------
-
-def default_ds_config_path(cfg: TrainConfig) -> Path:
-    name = {"bf16": "zero2_bf16.json", "fp16": "zero2_fp16.json", "fp32": "zero2_fp32.json"}[cfg.precision]
-    return DS_CONFIG_DIR / name
-
-
-def resolve_ds_config_path(cfg: TrainConfig) -> Path:
-    path = cfg.optim.deepspeed or os.environ.get("DS_CONFIG") or default_ds_config_path(cfg)
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DeepSpeed config {path} not found (from --deepspeed or DS_CONFIG)")
-    return path
-
-
-def _check_no_conflict(user: dict, key_path: tuple[str, ...], value: Any, source: Path) -> None:
-    node: Any = user
-    for k in key_path:
-        if not isinstance(node, dict) or k not in node:
-            return
-        node = node[k]
-    if node == "auto" or node == value:
-        return
-    raise ValueError(
-        f"{source}: '{'.'.join(key_path)}' is {node!r} but the trainer's flags give {value!r}. Batch sizes, "
-        "accumulation, clipping, precision and the optimizer are set by flags (--per_device_train_batch_size, "
-        "--gradient_accumulation_steps, --max_grad_norm, --bf16/--fp16, --learning_rate, ...); remove the key "
-        "from the JSON or make it agree.")
-
-
-def build_deepspeed_config(cfg: TrainConfig, world_size: int, *, load_universal: bool = False,
-                           device_type: str = "cuda") -> dict:
-    """The engine config: the user's JSON (engine settings) plus everything derived from the flags."""
-    source = resolve_ds_config_path(cfg)
-    user = json.loads(source.read_text())
-    o = cfg.optim
-    clip = o.max_grad_norm if o.max_grad_norm > 0 else 0.0
-    derived_scalars = {
-        ("train_micro_batch_size_per_gpu",): cfg.micro_batch_size,
-        ("gradient_accumulation_steps",): o.gradient_accumulation_steps,
-        ("train_batch_size",): cfg.global_batch_size(world_size),
-        ("gradient_clipping",): clip,
-        ("bf16", "enabled"): cfg.precision == "bf16",
-        ("fp16", "enabled"): cfg.precision == "fp16",
-    }
-    for key_path, value in derived_scalars.items():
-        _check_no_conflict(user, key_path, value, source)
-    for owned in ("optimizer", "scheduler"):
-        if owned in user:
-            raise ValueError(
-                f"{source}: remove the '{owned}' section; the optimizer (fused AdamW) and the learning-rate schedule "
-                "come from the trainer's flags (--learning_rate, --adam_*, --weight_decay, --lr_scheduler_type, ...)")
-
-    ds = dict(user)
-    ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
-    ds["gradient_accumulation_steps"] = o.gradient_accumulation_steps
-    ds["train_batch_size"] = cfg.global_batch_size(world_size)
-    ds["gradient_clipping"] = clip
-    ds["bf16"] = {**user.get("bf16", {}), "enabled": cfg.precision == "bf16"}
-    if cfg.precision == "bf16":
-        # A step whose gradients hold inf/nan is skipped (and counted) instead of poisoning the weights.
-        ds["bf16"].setdefault("check_grad_overflow", True)
-    ds["fp16"] = {**user.get("fp16", {}), "enabled": cfg.precision == "fp16"}
-    if cfg.precision != "fp32":
-        # Accumulate micro-batch gradients in fp32: bf16 sums lose low bits after a few additions.
-        ds.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
-    ds["optimizer"] = {
-        # DeepSpeed's FusedAdam with adam_w_mode (fused multi-tensor kernel on GPU, a JIT-built op on CPU).
-        "type": "AdamW",
-        "params": {
-            "lr": o.unet_learning_rate or o.learning_rate,
-            "betas": [o.adam_beta1, o.adam_beta2],
-            "eps": o.adam_epsilon,
-            "weight_decay": o.weight_decay,
-        },
-    }
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
-    if device_type == "cpu" and not offload:
-        # CPU ranks: torch's fused AdamW. DeepSpeed's CPU Adam op keeps beta^step as a running float product that
-        # a resume recomputes with pow(), so a resumed run drifts from the uninterrupted one by rounding; torch
-        # derives the bias correction from the step count every step (as DeepSpeed's CUDA FusedAdam does), and
-        # needs no JIT-built op.
-        ds["optimizer"]["params"].update({"torch_adam": True, "fused": True})
-    ds.setdefault("steps_per_print", 10**9)  # the trainer logs for itself
-    ds.setdefault("wall_clock_breakdown", False)
-    if load_universal:
-        ds.setdefault("checkpoint", {})["load_universal"] = True
-    zero = ds.get("zero_optimization", {})
-    if zero.get("stage", 0) not in (1, 2):
-        raise ValueError(f"{source}: zero_optimization.stage must be 1 or 2 (sd-ds keeps its EMA on ZeRO-1/2 partitions)")
-    return ds
-
-
-def initialize_engine(module: torch.nn.Module, param_groups: list[dict], ds_config: dict,
-                      lr_scheduler_fn: Any) -> Any:
-    """deepspeed.initialize with our optimizer param groups and a callable LR scheduler."""
-    import deepspeed
-
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, model_parameters=param_groups, config=ds_config, lr_scheduler=lr_scheduler_fn)
-    return engine
 
 
 def device_memory_stats(device: torch.device) -> Optional[dict[str, float]]:

@@ -50,14 +50,17 @@ def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tenso
 
 
 def consolidated_weights(ckpt: Path, *, ema: bool) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of the engine's module (keys ``unet.*`` and ``text_encoder.*``)."""
+    """Full fp32 weights of the engine's module (keys ``unet.*`` and ``text_encoder.*``), unpickled weights-only."""
     if ema:
         from sd_ds.ema import consolidate_ema
 
         return consolidate_ema(ckpt)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    from sd_ds.checkpoint import safe_loading
+
+    with safe_loading():
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
 
 
 def export_checkpoint(ckpt: str | Path, output_dir: str | Path, *, ema: bool = False,
@@ -94,17 +97,20 @@ def export_checkpoint(ckpt: str | Path, output_dir: str | Path, *, ema: bool = F
     info = json.loads((ckpt / "trainer_state.json").read_text())
     (output_dir / "sd_ds_export.json").write_text(json.dumps(
         {"checkpoint": str(ckpt.resolve()), "step": info["step"], "samples_seen": info["samples_seen"],
-         "ema": ema}, indent=2))
+         "ema": ema, "resolution": info.get("config", {}).get("data", {}).get("resolution")}, indent=2))
     return output_dir
 
 
-def save_trained_models(engine: Any, comp: Any, ckpt: Path, *, is_main_process: bool) -> None:
-    """--only_save_updated_model: the trained UNet (and text encoder) in diffusers format inside a checkpoint.
-    Collective: gathers each parameter's fp32 master copy from the ZeRO partitions."""
+def save_trained_models(engine: Any, components: Any, ema: Any, ckpt: Path, *, is_main_process: bool) -> None:
+    """--only_save_updated_model: the trained UNet (``unet/``), its EMA (``unet_ema/``) and a trained text encoder
+    (``text_encoder/``) in diffusers format inside a checkpoint, so that
+    ``UNet2DConditionModel.from_pretrained(ckpt / "unet")`` works as in the seed. Collective: gathers each
+    parameter's fp32 master copy (and the EMA) from the ZeRO partitions; the main process writes."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     module = engine.module
     full = {name: safe_get_full_fp32_param(p) for name, p in module.named_parameters() if p.requires_grad}
+    ema_unet = ema.full_state_dict(module.unet) if ema is not None else None
     if not is_main_process:
         return
     for sub in ("unet", "text_encoder"):
@@ -112,11 +118,19 @@ def save_trained_models(engine: Any, comp: Any, ckpt: Path, *, is_main_process: 
         if part is None or not any(k.startswith(sub + ".") for k in full):
             continue
         weights = {k: v.detach().cpu() for k, v in _strip(full, sub + ".").items()}
-        fresh = type(part).from_config(part.config) if sub == "unet" else type(part)(part.config)
-        missing = fresh.load_state_dict(weights, strict=False)
-        if missing.missing_keys and sub == "unet":
-            raise RuntimeError(f"UNet weights missing from the ZeRO partitions: {missing.missing_keys[:5]}")
-        fresh.save_pretrained(ckpt / sub, safe_serialization=True)
+        _save_fresh(part, weights, ckpt / sub, strict_unet=sub == "unet")
+    if ema_unet is not None:
+        _save_fresh(module.unet, ema_unet, ckpt / "unet_ema", strict_unet=True)
+    del components  # the frozen parts live in output_dir/base_model, written once per run
+
+
+def _save_fresh(part: torch.nn.Module, weights: dict[str, torch.Tensor], directory: Path, *, strict_unet: bool) -> None:
+    """A new fp32 module of ``part``'s class and config holding ``weights``, saved with save_pretrained."""
+    fresh = type(part).from_config(part.config) if hasattr(type(part), "from_config") else type(part)(part.config)
+    missing = fresh.load_state_dict(weights, strict=False)
+    if missing.missing_keys and strict_unet:
+        raise RuntimeError(f"UNet weights missing from the ZeRO partitions: {missing.missing_keys[:5]}")
+    fresh.save_pretrained(directory, safe_serialization=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

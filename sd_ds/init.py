@@ -68,7 +68,7 @@ def init_model(output_dir: str | Path, *, preset: str = "sd-v1", source: Optiona
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sd_ds.models import CLIP_TOKENIZER_DIR, _seeded, build_unet, load_tokenizer, save_tokenizer
+    from sd_ds.models import CLIP_TOKENIZER_DIR, build_unet, load_tokenizer, save_tokenizer, seeded
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {PRESETS}")
@@ -76,7 +76,7 @@ def init_model(output_dir: str | Path, *, preset: str = "sd-v1", source: Optiona
     out.mkdir(parents=True, exist_ok=True)
     unet_config = TINY_UNET if preset == "tiny" else SD_V1_UNET
     if preset == "tiny" and source is None:
-        with _seeded(seed + 1):  # not the UNet's stream: the same seed gives the same UNet in every preset
+        with seeded(seed + 1):  # not the UNet's stream: the same seed gives the same UNet in every preset
             vae = AutoencoderKL(**TINY_VAE)
             text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER))
         vae.save_pretrained(out / "vae", safe_serialization=True)
@@ -119,16 +119,13 @@ def _copy_components(source: str, out: Path) -> list[str]:
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel
 
-    from sd_ds.models import _not_found, load_tokenizer, save_tokenizer
+    from sd_ds.models import from_pretrained, load_tokenizer, save_tokenizer
 
     written = []
     for sub, cls in (("vae", AutoencoderKL), ("text_encoder", CLIPTextModel), ("scheduler", DDPMScheduler)):
-        try:
-            # DDPMScheduler reads any diffusers scheduler config (SD v1 ships PNDM): training needs only the
-            # noise schedule, and sampling picks its own scheduler.
-            obj = cls.from_pretrained(source, subfolder=sub)
-        except (OSError, ValueError) as e:
-            raise _not_found(sub, f"{source}/{sub}", e) from e
+        # DDPMScheduler reads any diffusers scheduler config (SD v1 ships PNDM): training needs only the noise
+        # schedule, and sampling picks its own scheduler.
+        obj = from_pretrained(cls, sub, source, sub)
         if sub == "scheduler":
             obj.save_pretrained(out / sub)
             c = obj.config

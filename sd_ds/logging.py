@@ -1,7 +1,9 @@
 """Training metrics: TensorBoard scalars and images, a console line, and the progress bar.
 
 Only the main process writes; every rank contributes to the reduced values (loss, throughput), so
-``StepMetrics.log`` must be called on all ranks at the same steps.
+``StepMetrics.log`` must be called on all ranks at the same steps. Between logging steps the loss is summed
+on the device (no ``.item()`` per micro batch: each would stall the host until the GPU caught up); it is read
+once per logging step, and the reductions go through the gloo control group (``DistInfo``).
 """
 
 from __future__ import annotations
@@ -11,15 +13,20 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
-from sd_ds.distributed import all_reduce_mean, all_reduce_sum, device_memory_stats
+from sd_ds.distributed import device_memory_stats
+
+if TYPE_CHECKING:
+    from sd_ds.distributed import DistInfo
 
 logger = logging.getLogger("sd_ds")
+
+DATA_WAIT_WARNING = 0.10  # fraction of step time spent waiting for batches that is worth a warning
 
 
 def setup_console_logging(is_main_process: bool) -> None:
@@ -32,10 +39,12 @@ def setup_console_logging(is_main_process: bool) -> None:
 class StepMetrics:
     """Accumulates per-step values between logging steps and writes their means."""
 
-    def __init__(self, output_dir: str | Path, *, is_main_process: bool, device: torch.device,
-                 max_steps: int, initial_step: int, disable_tqdm: bool) -> None:
+    def __init__(self, output_dir: str | Path, dist_info: "DistInfo", *, max_steps: int, initial_step: int,
+                 disable_tqdm: bool) -> None:
         self.output_dir = Path(output_dir)
-        self.is_main_process = is_main_process
+        self.dist = dist_info
+        self.is_main_process = is_main_process = dist_info.is_main_process
+        device = dist_info.device
         # Run totals (this rank): wall time since the first step began, split into data wait, compute (encoders,
         # forward, backward, optimizer) and everything else (EMA, logging, image logging, checkpoints).
         self.totals = {"wall_s": 0.0, "data_wait_s": 0.0, "compute_s": 0.0, "steps": 0}
@@ -43,6 +52,7 @@ class StepMetrics:
         self.device = device
         self.writer = None
         self.progress = None
+        self.warned_data_wait = False
         if is_main_process:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -55,16 +65,17 @@ class StepMetrics:
         self._reset()
 
     def _reset(self) -> None:
-        self.loss_sum = 0.0
+        self.loss_sum: torch.Tensor | float = 0.0  # a device tensor once a loss was added
         self.micro_batches = 0
         self.samples = 0
         self.data_wait = 0.0
         self.compute = 0.0
         self.window_start = time.perf_counter()
 
-    def add_micro_batch(self, loss: float, batch_size: int, data_wait_s: float, compute_s: float) -> None:
-        """``compute_s`` ends after ``loss.item()``, which waits for the device, so it holds on GPUs too."""
-        self.loss_sum += loss
+    def add_micro_batch(self, loss: torch.Tensor, batch_size: int, data_wait_s: float, compute_s: float) -> None:
+        """``loss`` stays on the device. On a GPU ``compute_s`` is host time up to the optimizer step; DeepSpeed's
+        overflow check waits for the device every step, so it still covers the step's kernels."""
+        self.loss_sum = self.loss_sum + loss.detach().float()
         self.micro_batches += 1
         self.samples += batch_size
         self.data_wait += data_wait_s
@@ -81,10 +92,13 @@ class StepMetrics:
             skipped_steps: int, extra: Optional[dict[str, float]] = None) -> None:
         """Collective: all ranks call it at the same step."""
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
-        local = torch.tensor([self.loss_sum / max(self.micro_batches, 1), self.data_wait / elapsed,
-                              max(elapsed - self.data_wait - self.compute, 0.0) / elapsed], dtype=torch.float64)
-        loss, data_wait_frac, other_frac = all_reduce_mean(local).tolist()
-        images = all_reduce_sum(torch.tensor([float(self.samples)], dtype=torch.float64)).item()
+        loss_sum = float(self.loss_sum)  # the one device → host read of the window
+        local = torch.tensor([loss_sum / max(self.micro_batches, 1), self.data_wait / elapsed,
+                              max(elapsed - self.data_wait - self.compute, 0.0) / elapsed, float(self.samples)],
+                             dtype=torch.float64)
+        summed = self.dist.all_reduce(local).tolist()
+        loss, data_wait_frac, other_frac = (v / self.dist.world_size for v in summed[:3])
+        images = summed[3]
         scalars = {
             "train/loss": loss,
             "train/images_per_s": images / elapsed,
@@ -100,6 +114,11 @@ class StepMetrics:
             scalars[f"lr/{name}"] = lr
         scalars.update(device_memory_stats(self.device) or {})
         scalars.update(extra or {})
+        if self.is_main_process and data_wait_frac > DATA_WAIT_WARNING and not self.warned_data_wait:
+            self.warned_data_wait = True
+            logger.warning("the model waited for data %.0f%% of the time at step %d: raise --dataloader_num_workers "
+                           "(each worker decodes ~150 images/s per core), or train on latent shards "
+                           "(python -m sd_ds.encode_latents)", 100 * data_wait_frac, step)
         if self.is_main_process:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)
@@ -138,16 +157,3 @@ class StepMetrics:
             self.progress.close()
         if self.writer is not None:
             self.writer.close()
-
-
-def image_grid(images: Sequence[Image.Image], cols: Optional[int] = None) -> Image.Image:
-    """Tile equally sized PIL images row-major into one image."""
-    if not images:
-        raise ValueError("no images to tile")
-    cols = cols or min(len(images), 8)
-    rows = (len(images) + cols - 1) // cols
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for i, img in enumerate(images):
-        grid.paste(img.convert("RGB"), ((i % cols) * w, (i // cols) * h))
-    return grid

@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # imported lazily below: diffusers/transformers take seconds 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from sd_ds.config import ModelConfig
+
 logger = logging.getLogger("sd_ds.models")
 
 # OpenAI CLIP ViT-L/14's tokenizer (SD v1), built by tools/build_clip_tokenizer.py; see its PROVENANCE.md.
@@ -45,12 +47,20 @@ class ModelNotFoundError(FileNotFoundError):
     """A component is not at the given path/id (or not reachable offline)."""
 
 
-def _not_found(what: str, where: str, err: Exception) -> ModelNotFoundError:
+def model_not_found(what: str, where: str, err: Exception) -> ModelNotFoundError:
     reason = str(err).splitlines()[0] if str(err) else ""
     return ModelNotFoundError(
         f"could not load the {what} from {where!r} ({type(err).__name__}: {reason}). "
         "Pass a local directory or a reachable hub id (HF_HUB_OFFLINE=1 allows only local folders and the "
         f"local hub cache); to create a from-scratch model directory run `{INIT_COMMAND}`.")
+
+
+def from_pretrained(cls: Any, what: str, path_or_id: str, subfolder: Optional[str] = None, **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` with a message that says what to pass when the component is not there."""
+    try:
+        return cls.from_pretrained(path_or_id, **({"subfolder": subfolder} if subfolder else {}), **kwargs)
+    except (OSError, ValueError) as e:
+        raise model_not_found(what, f"{path_or_id}{'/' + subfolder if subfolder else ''}", e) from e
 
 
 def _location(override: Optional[str], base: Optional[str], subfolder: str, what: str,
@@ -66,7 +76,7 @@ def _location(override: Optional[str], base: Optional[str], subfolder: str, what
 
 
 @contextlib.contextmanager
-def _seeded(seed: Optional[int]) -> Iterator[None]:
+def seeded(seed: Optional[int]) -> Iterator[None]:
     """Seed the CPU RNG for a block and restore the caller's state afterwards: the trainer has already given
     each rank its own RNG stream (noise, timesteps) and must get it back unchanged after a seeded init."""
     if seed is None:
@@ -141,7 +151,7 @@ def build_unet(config: dict[str, Any], seed: Optional[int] = None) -> UNet2DCond
     are the same on every rank and every run, and the caller's RNG state is left as it was."""
     from diffusers import UNet2DConditionModel
 
-    with _seeded(seed):
+    with seeded(seed):
         unet = UNet2DConditionModel.from_config(config)
     zero_output_projections(unet)
     return unet
@@ -158,25 +168,18 @@ def load_unet(path_or_id: str, subfolder: Optional[str] = None, seed: Optional[i
         unet = build_unet(json.loads(config_path.read_text()), seed=seed)
         logger.info("UNet randomly initialised from %s (seed %s), output projections zeroed", config_path, seed)
         return unet
-    try:
-        return UNet2DConditionModel.from_pretrained(path_or_id, subfolder=subfolder)
-    except (OSError, ValueError) as e:
-        raise _not_found("UNet", f"{path_or_id}{'/' + subfolder if subfolder else ''}", e) from e
+    return from_pretrained(UNet2DConditionModel, "UNet", path_or_id, subfolder)
 
 
 def load_tokenizer(path_or_id: str, subfolder: Optional[str] = None, model_max_length: int = 77) -> CLIPTokenizer:
     from transformers import CLIPTokenizer
 
     where = f"{path_or_id}{'/' + subfolder if subfolder else ''}"
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(path_or_id, **({"subfolder": subfolder} if subfolder else {}),
-                                                  model_max_length=model_max_length)
-    except (OSError, ValueError) as e:
-        raise _not_found("tokenizer", where, e) from e
+    tokenizer = from_pretrained(CLIPTokenizer, "tokenizer", path_or_id, subfolder, model_max_length=model_max_length)
     # transformers 5 returns a tokenizer holding only the special tokens when it finds no vocabulary files;
     # a byte-level BPE always has at least its 256 byte symbols.
     if len(tokenizer.get_vocab()) <= 256:
-        raise _not_found("tokenizer", where, FileNotFoundError(
+        raise model_not_found("tokenizer", where, FileNotFoundError(
             f"no vocabulary there (vocab.json + merges.txt or tokenizer.json); the CLIP tokenizer SD v1 uses "
             f"ships with sd-ds in {CLIP_TOKENIZER_DIR}"))
     return tokenizer
@@ -205,11 +208,7 @@ def load_components(pretrained_model_name_or_path: Optional[str], *, unet_name_o
     unet = load_unet(*_location(unet_name_or_path, base, "unet", "UNet", "--unet_name_or_path"), seed=seed)
 
     def load(cls: Any, what: str, where: tuple[str, Optional[str]], **kw: Any) -> Any:
-        path, subfolder = where
-        try:
-            return cls.from_pretrained(path, **({"subfolder": subfolder} if subfolder else {}), **kw)
-        except (OSError, ValueError) as e:
-            raise _not_found(what, f"{path}{'/' + subfolder if subfolder else ''}", e) from e
+        return from_pretrained(cls, what, *where, **kw)
 
     vae = load(AutoencoderKL, "VAE", _location(vae_name_or_path, base, "vae", "VAE", "--vae_name_or_path"))
     text_encoder = load(CLIPTextModel, "text encoder", _location(
@@ -222,6 +221,23 @@ def load_components(pretrained_model_name_or_path: Optional[str], *, unet_name_o
                            _location(None, base, "scheduler", "noise scheduler", None),
                            **({"prediction_type": prediction_type} if prediction_type else {}))
     return Components(unet, vae, text_encoder, tokenizer, noise_scheduler)
+
+
+def build_components(model_cfg: "ModelConfig", *, seed: int) -> Components:
+    """The five components set up for training: a config-only UNet initialised from ``seed`` (the same on every
+    rank), its attention backend and activation checkpointing set, the VAE frozen, the text encoder frozen
+    unless it is trained."""
+    components = load_components(
+        model_cfg.pretrained_model_name_or_path, unet_name_or_path=model_cfg.unet_name_or_path,
+        vae_name_or_path=model_cfg.vae_name_or_path, text_encoder_name_or_path=model_cfg.text_encoder_name_or_path,
+        tokenizer_name=model_cfg.tokenizer_name, prediction_type=model_cfg.prediction_type,
+        model_max_length=model_cfg.model_max_length, seed=seed)
+    configure_unet(components.unet, recompute=model_cfg.recompute,
+                   xformers=model_cfg.enable_xformers_memory_efficient_attention)
+    freeze(components.vae)
+    if not model_cfg.train_text_encoder:
+        freeze(components.text_encoder)
+    return components
 
 
 def configure_unet(unet: UNet2DConditionModel, *, recompute: bool, xformers: bool) -> None:

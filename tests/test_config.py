@@ -1,9 +1,13 @@
+import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
 from sd_ds.config import build_parser, parse_config
-from sd_ds.distributed import build_deepspeed_config
+from tests.helpers import REPO_ROOT, subprocess_env
+from sd_ds.engine import build_deepspeed_config
 
 SEED_COMMAND = (
     "--do_train --output_dir ./laion400m_pretrain_output_trainer "
@@ -45,6 +49,7 @@ def test_env_flags_turn_features_on(monkeypatch):
     monkeypatch.setenv("FLAG_USE_EMA", "1")
     monkeypatch.setenv("FLAG_RECOMPUTE", "True")
     monkeypatch.setenv("FLAG_XFORMERS", "1")
+    monkeypatch.setattr("sd_ds.config.xformers_installed", lambda: True)  # parse-time check: see the test below
     cfg = parse_config([])
     assert cfg.ema.use_ema and cfg.model.recompute and cfg.model.enable_xformers_memory_efficient_attention
 
@@ -86,9 +91,29 @@ def test_deepspeed_config_is_derived_from_flags():
     assert ds["optimizer"]["type"] == "AdamW"
     assert ds["optimizer"]["params"]["lr"] == 3e-4 and ds["optimizer"]["params"]["weight_decay"] == 0.05
     assert ds["zero_optimization"]["stage"] == 2
-    assert "torch_adam" not in ds["optimizer"]["params"], "GPUs get DeepSpeed's FusedAdam"
-    cpu = build_deepspeed_config(cfg, world_size=2, device_type="cpu")["optimizer"]["params"]
-    assert cpu["torch_adam"] is True and cpu["fused"] is True
+    # torch's fused AdamW on every device: DeepSpeed's FusedAdam would JIT-build a CUDA op with nvcc at start-up.
+    for device_type in ("cuda", "cpu"):
+        params = build_deepspeed_config(cfg, world_size=2, device_type=device_type)["optimizer"]["params"]
+        assert params["torch_adam"] is True and params["fused"] is True
+    assert ds["zero_optimization"]["overlap_comm"] is True
+
+
+def test_lean_engine_settings_for_one_micro_batch_and_one_rank():
+    cfg = parse_config(["--gradient_accumulation_steps", "1"])
+    one_rank = build_deepspeed_config(cfg, world_size=1)
+    # Nothing to accumulate: no fp32 gradient-accumulation buffer (4 bytes per parameter).
+    assert "grad_accum_dtype" not in one_rank.get("data_types", {})
+    # Nothing to overlap on one rank; buckets sized for an 860 M-parameter UNet, not DeepSpeed's 5e8 default.
+    assert one_rank["zero_optimization"]["overlap_comm"] is False
+    assert one_rank["zero_optimization"]["reduce_bucket_size"] == 200_000_000
+    assert build_deepspeed_config(cfg, world_size=2)["zero_optimization"]["overlap_comm"] is True
+
+
+def test_offload_keeps_deepspeed_cpu_adam(tmp_path):
+    user = tmp_path / "offload.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}))
+    params = build_deepspeed_config(parse_config(["--deepspeed", str(user)]), world_size=1)["optimizer"]["params"]
+    assert "torch_adam" not in params
 
 
 def test_fp16_uses_the_dynamic_loss_scale_config():
@@ -117,3 +142,96 @@ def test_ds_config_env_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("DS_CONFIG", str(user))
     ds = build_deepspeed_config(parse_config([]), world_size=1)
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("argv,rule", [
+    (["--save_steps", "0"], "--save_steps must be >= 1"),
+    (["--resolution", "0"], "--resolution must be a positive multiple of 8"),
+    (["--resolution", "36"], "--resolution must be a positive multiple of 8"),
+    (["--logging_steps", "0"], "--logging_steps must be >= 1"),
+    (["--image_logging_steps", "-1"], "--image_logging_steps must be >= 0"),
+    (["--ema_decay", "1.5"], "--ema_decay must be in [0, 1]"),
+    (["--ema_decay", "-0.1"], "--ema_decay must be in [0, 1]"),
+    (["--learning_rate", "0"], "--learning_rate must be > 0"),
+    (["--unet_learning_rate=-1e-4"], "--unet_learning_rate must be > 0"),
+    (["--warmup_steps", "-1"], "--warmup_steps must be >= 0"),
+    (["--adam_beta2", "1.0"], "--adam_beta1 and --adam_beta2 must be in [0, 1)"),
+    (["--adam_epsilon", "0"], "--adam_epsilon must be > 0"),
+    (["--max_consecutive_skipped_steps", "-1"], "--max_consecutive_skipped_steps must be >= 0"),
+    (["--dataloader_num_workers", "-2"], "--dataloader_num_workers must be >= 0"),
+    (["--snr_gamma", "0"], "--snr_gamma must be > 0"),
+])
+def test_out_of_range_flags_exit_2_with_the_rule(argv, rule, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_config(argv)
+    assert exc.value.code == 2
+    assert rule in capsys.readouterr().err
+
+
+def test_range_boundaries_are_accepted():
+    cfg = parse_config(["--resolution", "8", "--save_steps", "1", "--ema_decay", "1", "--image_logging_steps", "0",
+                        "--warmup_steps", "0", "--max_consecutive_skipped_steps", "0", "--dataloader_num_workers",
+                        "0", "--adam_beta1", "0"])
+    assert cfg.data.resolution == 8 and cfg.checkpoint.save_steps == 1 and cfg.ema.ema_decay == 1.0
+    assert cfg.optim.max_consecutive_skipped_steps == 0
+    assert parse_config(["--ema_decay", "0"]).ema.ema_decay == 0.0
+    assert parse_config([]).optim.max_consecutive_skipped_steps == 100
+
+
+# --- the seed's defaults and behaviour (issue 10) ---
+
+def test_seed_defaults(monkeypatch):
+    monkeypatch.delenv("FLAG_USE_EMA", raising=False)
+    cfg = parse_config([])
+    # Each checkpoint holds unet/ (and unet_ema/, text_encoder/) in diffusers format, as the seed's.
+    assert cfg.checkpoint.only_save_updated_model is True
+    assert parse_config(["--only_save_updated_model", "False"]).checkpoint.only_save_updated_model is False
+    # The seed's EMA (LitEma) warms its decay up; the seed's dataset drops 10 % of captions.
+    assert cfg.ema.ema_warmup is True and cfg.data.caption_dropout_prob == 0.1
+    text = " ".join(build_parser().format_help().split())
+    assert "min(--ema_decay, (1+n)/(10+n))" in text
+    assert "0.1 is the seed's rate" in text and "text_image_pair_dataset.py" in text
+
+
+def test_xformers_flag_without_xformers_stops_at_parsing(monkeypatch, capsys):
+    monkeypatch.setattr("sd_ds.config.xformers_installed", lambda: False)
+    for argv, env in ((["--enable_xformers_memory_efficient_attention"], None), ([], "1")):
+        if env:
+            monkeypatch.setenv("FLAG_XFORMERS", env)
+        with pytest.raises(SystemExit) as exc:
+            parse_config(argv)
+        assert exc.value.code == 2
+        assert "pip install xformers" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed here")
+def test_xformers_missing_exits_before_any_model_is_loaded(tmp_path):
+    """The real trainer entry point, FLAG_XFORMERS from the environment, a model path that does not exist: exit 2
+    with the install command (loading the model would have failed differently, and later)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sd_ds.train", "--pretrained_model_name_or_path", str(tmp_path / "no_model"),
+         "--train_shards", str(tmp_path / "no_shards"), "--output_dir", str(tmp_path / "out")],
+        cwd=REPO_ROOT, env=subprocess_env({"FLAG_XFORMERS": "1"}), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "pip install xformers" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_file_list_with_train_shards_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_config(["--file_list", "train.filelist.list", "--train_shards", "shards/"])
+    assert exc.value.code == 2
+    assert "--file_list and --train_shards were both given" in capsys.readouterr().err
+    assert parse_config(["--train_shards", "shards/"]).data.train_shards == ["shards/"]
+
+
+def test_image_logging_steps_zero_turns_image_logging_off():
+    # 0 is off (no multiple-of-logging_steps rule to meet); the trainer run in test_seed_snippet.py shows no images.
+    assert parse_config(["--logging_steps", "10", "--image_logging_steps", "0"]).logging.image_logging_steps == 0
+
+
+def test_help_group_headings_are_titles():
+    text = build_parser().format_help()
+    for section in ("run", "model", "data", "diffusion", "optim", "ema", "logging", "checkpoint"):
+        assert f"\n{section}:\n" in text, section
+    assert "Config(" not in text, "a dataclass signature leaked into --help"

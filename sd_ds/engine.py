@@ -1,0 +1,241 @@
+"""The DeepSpeed engine and what it trains: the objective module, parameter groups, LR schedule, the
+engine config derived from flags, the sharded EMA on its partitions, and the frozen encoders' step.
+
+The JSON files in ``ds_configs/`` carry engine settings only (ZeRO stage, offload, loss-scale policy).
+Batch sizes, accumulation, clipping, precision and the optimizer are written here from the trainer's flags
+(``derived_settings``: one table both checks a user JSON against and fills in), so each is stated once.
+Model and loss code (``sd_ds.models``, ``sd_ds.diffusion``) never import DeepSpeed; this module does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from sd_ds.config import TrainConfig
+from sd_ds.diffusion import training_loss
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from diffusers import DDPMScheduler
+
+    from sd_ds.distributed import DistInfo
+    from sd_ds.ema import ShardedEMA
+    from sd_ds.models import Components
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+# ZeRO-2 gradient buckets, in elements. DeepSpeed's default (5e8) allocates 1 GB bf16 buffers per bucket (two
+# with overlap_comm), sized for LLMs; the SD v1 UNet (860 M parameters) reduces in ~5 buckets of 2e8, few
+# enough collectives to stay bandwidth-bound, and the buffers stay at 400 MB.
+BUCKET_ELEMENTS = 200_000_000
+
+
+def weight_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+class DiffusionModule(torch.nn.Module):
+    """What the DeepSpeed engine owns: the UNet, plus the text encoder when it is trained too.
+
+    Its forward is the whole training objective, so the engine's bf16 casting, activation checkpointing and
+    gradient partitioning cover exactly the trained weights; the frozen VAE/text encoder stay outside.
+    """
+
+    def __init__(self, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module],
+                 noise_scheduler: "DDPMScheduler", cfg: TrainConfig) -> None:
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.noise_scheduler = noise_scheduler
+        self.prediction_type = cfg.model.prediction_type or noise_scheduler.config.prediction_type
+        self.diffusion = cfg.diffusion
+
+    def forward(self, latents: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor],
+                input_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.text_encoder is not None:
+            encoder_hidden_states = self.text_encoder(input_ids)[0]
+        return training_loss(
+            self.unet, latents, encoder_hidden_states, self.noise_scheduler,
+            prediction_type=self.prediction_type, noise_offset=self.diffusion.noise_offset,
+            input_perturbation=self.diffusion.input_perturbation, snr_gamma=self.diffusion.snr_gamma,
+            generator=generator)
+
+
+@torch.no_grad()
+def encode_batch(batch: dict, components: "Components", *, train_text_encoder: bool, device: torch.device,
+                 dtype: torch.dtype, generator: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """The frozen encoders' part of a step → (scaled latents [B,4,h,w], CLIP hidden states [B,L,D] or None when
+    the text encoder is trained, token ids [B,L] on the device).
+
+    Pixels travel host→device as uint8 (4x fewer bytes than fp32) and are normalised on the device; latent
+    shards carry the VAE posterior's moments, from which a fresh latent is drawn with the run's generator, as
+    the online path draws one from the encoder's output."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    vae = components.vae
+    if "latent_moments" in batch:
+        moments = batch["latent_moments"].to(device, dtype=torch.float32, non_blocking=True)
+        posterior = DiagonalGaussianDistribution(moments)
+    else:
+        pixels = batch["pixel_values"].to(device, non_blocking=True)
+        pixels = pixels.to(dtype).div_(127.5).sub_(1.0) if pixels.dtype == torch.uint8 else pixels.to(dtype)
+        posterior = vae.encode(pixels).latent_dist
+    latents = (posterior.sample(generator) * vae.config.scaling_factor).to(dtype)
+    hidden = None if train_text_encoder else components.text_encoder(input_ids)[0]
+    return latents, hidden, input_ids
+
+
+def param_groups(cfg: TrainConfig, module: DiffusionModule) -> list[dict]:
+    optim = cfg.optim
+    groups = [{"params": [p for p in module.unet.parameters() if p.requires_grad], "name": "unet",
+               "lr": optim.unet_learning_rate or optim.learning_rate}]
+    if module.text_encoder is not None:
+        groups.append({"params": [p for p in module.text_encoder.parameters() if p.requires_grad],
+                       "name": "text_encoder", "lr": optim.text_encoder_learning_rate or optim.learning_rate})
+    return groups
+
+
+def lr_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(cfg.optim.lr_scheduler_type, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                         num_training_steps=cfg.max_steps)
+
+
+# --- DeepSpeed configuration ---------------------------------------------------------------------------
+
+def default_ds_config_path(cfg: TrainConfig) -> Path:
+    name = {"bf16": "zero2_bf16.json", "fp16": "zero2_fp16.json", "fp32": "zero2_fp32.json"}[cfg.precision]
+    return DS_CONFIG_DIR / name
+
+
+def resolve_ds_config_path(cfg: TrainConfig) -> Path:
+    path = Path(cfg.optim.deepspeed or os.environ.get("DS_CONFIG") or default_ds_config_path(cfg))
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} not found (from --deepspeed or DS_CONFIG)")
+    return path
+
+
+def derived_settings(cfg: TrainConfig, world_size: int) -> dict[tuple[str, ...], Any]:
+    """Every engine value that a flag decides, by its key path in the DeepSpeed config."""
+    optim = cfg.optim
+    return {
+        ("train_micro_batch_size_per_gpu",): cfg.micro_batch_size,
+        ("gradient_accumulation_steps",): optim.gradient_accumulation_steps,
+        ("train_batch_size",): cfg.global_batch_size(world_size),
+        ("gradient_clipping",): optim.max_grad_norm if optim.max_grad_norm > 0 else 0.0,
+        ("bf16", "enabled"): cfg.precision == "bf16",
+        ("fp16", "enabled"): cfg.precision == "fp16",
+    }
+
+
+def _get(tree: dict, key_path: tuple[str, ...]) -> Any:
+    node: Any = tree
+    for key in key_path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _set(tree: dict, key_path: tuple[str, ...], value: Any) -> None:
+    for key in key_path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[key_path[-1]] = value
+
+
+def build_deepspeed_config(cfg: TrainConfig, world_size: int, *, load_universal: bool = False,
+                           device_type: str = "cuda") -> dict:
+    """The engine config: the user's JSON (engine settings) plus everything derived from the flags."""
+    source = resolve_ds_config_path(cfg)
+    user = json.loads(source.read_text())
+    for owned in ("optimizer", "scheduler"):
+        if owned in user:
+            raise ValueError(
+                f"{source}: remove the '{owned}' section; the optimizer (fused AdamW) and the learning-rate schedule "
+                "come from the trainer's flags (--learning_rate, --adam_*, --weight_decay, --lr_scheduler_type, ...)")
+    zero = user.get("zero_optimization", {})
+    if zero.get("stage", 0) not in (1, 2):
+        raise ValueError(f"{source}: zero_optimization.stage must be 1 or 2 (sd-ds keeps its EMA on ZeRO-1/2 partitions)")
+
+    ds = json.loads(json.dumps(user))  # a deep copy: the table below writes into nested sections
+    for key_path, value in derived_settings(cfg, world_size).items():
+        given = _get(user, key_path)
+        if given is not None and given != "auto" and given != value:
+            raise ValueError(
+                f"{source}: '{'.'.join(key_path)}' is {given!r} but the trainer's flags give {value!r}. Batch "
+                "sizes, accumulation, clipping, precision and the optimizer are set by flags "
+                "(--per_device_train_batch_size, --gradient_accumulation_steps, --max_grad_norm, --bf16/--fp16, "
+                "--learning_rate, ...); remove the key from the JSON or make it agree.")
+        _set(ds, key_path, value)
+
+    optim = cfg.optim
+    if cfg.precision == "bf16":
+        # A step whose gradients hold inf/nan is skipped (and counted) instead of poisoning the weights.
+        ds["bf16"].setdefault("check_grad_overflow", True)
+    if cfg.precision != "fp32" and optim.gradient_accumulation_steps > 1:
+        # Accumulate micro-batch gradients in fp32: bf16 sums lose low bits after a few additions. With one
+        # micro batch per step there is nothing to accumulate, and the fp32 buffer would cost 4 bytes/parameter.
+        ds.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
+    ds["optimizer"] = {"type": "AdamW", "params": {
+        "lr": optim.unet_learning_rate or optim.learning_rate,
+        "betas": [optim.adam_beta1, optim.adam_beta2],
+        "eps": optim.adam_epsilon,
+        "weight_decay": optim.weight_decay,
+    }}
+    zero_out = ds.setdefault("zero_optimization", {})
+    offload = zero_out.get("offload_optimizer", {}).get("device", "none") != "none"
+    if not offload:
+        # torch's fused AdamW (one multi-tensor kernel per group) on every device. DeepSpeed's FusedAdam builds a
+        # CUDA op with nvcc at start-up, which fails without a CUDA toolkit matching torch (most pip installs)
+        # and costs minutes where it works; its CPU Adam op keeps beta^step as a running float product that a
+        # resume recomputes with pow(), so a resumed run drifts. torch derives the bias correction from the step
+        # count, so a resume is exact. (Offload keeps DeepSpeedCPUAdam: the update runs on the CPU partitions.)
+        ds["optimizer"]["params"].update({"torch_adam": True, "fused": True})
+    if world_size == 1:
+        # Nothing to overlap with one rank: the second gradient buffer and the side stream are pure cost.
+        zero_out["overlap_comm"] = False
+    zero_out.setdefault("reduce_bucket_size", BUCKET_ELEMENTS)
+    zero_out.setdefault("allgather_bucket_size", BUCKET_ELEMENTS)
+    ds.setdefault("steps_per_print", 10**9)  # the trainer logs for itself
+    ds.setdefault("wall_clock_breakdown", False)
+    if load_universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    del device_type  # the same optimizer on every device now; kept for callers that pass it
+    return ds
+
+
+def build_engine(cfg: TrainConfig, components: "Components", dist_info: "DistInfo", *,
+                 load_universal: bool = False) -> "DeepSpeedEngine":
+    """deepspeed.initialize on the trained module, with our param groups, LR schedule and derived config."""
+    import deepspeed
+
+    trained_text_encoder = components.text_encoder if cfg.model.train_text_encoder else None
+    module = DiffusionModule(components.unet, trained_text_encoder, components.noise_scheduler, cfg)
+    ds_config = build_deepspeed_config(cfg, dist_info.world_size, load_universal=load_universal,
+                                       device_type=dist_info.device.type)
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups(cfg, module),
+                                           config=ds_config, lr_scheduler=lambda opt: lr_schedule(cfg, opt))
+    return engine
+
+
+def build_ema(cfg: TrainConfig, engine: "DeepSpeedEngine") -> Optional["ShardedEMA"]:
+    if not cfg.ema.use_ema:
+        return None
+    from sd_ds.ema import ShardedEMA
+
+    return ShardedEMA(engine, decay=cfg.ema.ema_decay, warmup=cfg.ema.ema_warmup, start_step=cfg.ema.ema_start_step)
+
+
+def group_lrs(engine: "DeepSpeedEngine") -> dict[str, float]:
+    return {group.get("name", str(i)): group["lr"] for i, group in enumerate(engine.optimizer.param_groups)}
+
+
+def grad_norm(engine: "DeepSpeedEngine") -> Optional[float]:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
