@@ -352,15 +352,57 @@ def test_forced_layout_and_all_bad_input_exit_1(tmp_path):
 
 
 def test_missing_input_is_reported_before_any_work(dataset, tmp_path):
-    filelist = tmp_path / "x.filelist"
-    filelist.write_text(f"{dataset.root / 'a0.gz'}\n{tmp_path / 'nope-00001.gz'}\n")
     out = tmp_path / "o"
-    proc = run_tool("--filelist", filelist, "--output_dir", out, check_rc=2)
-    assert str(tmp_path / "nope-00001.gz") in proc.stderr and not out.exists()
     proc = run_tool("--file_list", tmp_path / "no.list", "--output_dir", out, check_rc=2)
-    assert "no.list" in proc.stderr
+    assert "no.list" in proc.stderr and not out.exists()
+    proc = run_tool("--filelist", tmp_path / "no.filelist", "--output_dir", out, check_rc=2)
+    assert "no.filelist" in proc.stderr and not out.exists()
     proc = run_tool(str(tmp_path / "*.gz"), "--output_dir", out, check_rc=2)  # a glob matching nothing
     assert "*.gz" in proc.stderr and not out.exists()
+    proc = run_tool(dataset.root / "a0.gz", tmp_path / "typo.gz", "--output_dir", out, check_rc=2)  # a named part
+    assert str(tmp_path / "typo.gz") in proc.stderr and not out.exists()
+
+
+def test_missing_listed_part_is_skipped_and_counted_or_refused_with_strict(dataset, tmp_path):
+    missing = [tmp_path / "nope-00001.gz", tmp_path / "nope-00002.gz"]
+    filelist = tmp_path / "x.filelist"
+    filelist.write_text(f"{missing[0]}\n{dataset.root / 'a0.gz'}\n{missing[1]}\n")
+    out = tmp_path / "o"
+    proc = run_tool("--filelist", filelist, "--output_dir", out, "--strict", check_rc=2)
+    assert "--strict" in proc.stderr and all(str(p) in proc.stderr for p in missing) and not out.exists()
+
+    proc = run_tool("--filelist", filelist, "--output_dir", out)
+    assert "warning: 2 of 3 listed parts do not exist" in proc.stderr
+    assert all(str(p) in proc.stderr for p in missing)
+    assert "2 listed part(s) do not exist: skipped" in proc.stdout  # the final summary
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["missing_parts"], stats["parts"], stats["successes"]) == (2, 1, 6)
+    assert stats["sources"][0]["missing_parts"] == 2 and stats["failures"] == {}
+    reference = tmp_path / "ref"  # the same conversion with only the part that exists listed
+    (tmp_path / "ref.filelist").write_text(f"{dataset.root / 'a0.gz'}\n")
+    run_tool("--filelist", tmp_path / "ref.filelist", "--output_dir", reference)
+    assert (out / "00000.tar").read_bytes() == (reference / "00000.tar").read_bytes()
+    assert json.loads((reference / "stats.json").read_text())["missing_parts"] == 0
+    proc = run_tool("--filelist", filelist, "--output_dir", out)  # a rerun: same plan, already complete
+    assert "already complete" in proc.stdout and "2 listed part(s) do not exist" in proc.stdout
+
+
+def test_part_listed_twice_is_converted_once(dataset, tmp_path):
+    part = dataset.root / "a0.gz"
+    first = tmp_path / "first.filelist"  # the part, then the same file under two other spellings
+    first.write_text(f"{part}\n{dataset.root}/./a0.gz\n{os.path.relpath(part, tmp_path)}\n")
+    second = tmp_path / "second.filelist"  # and in a second source
+    second.write_text(f"{part}\n")
+    out = tmp_path / "o"
+    proc = run_tool("--filelist", first, "--filelist", second, "--output_dir", out)
+    assert "warning: 3 part(s) listed more than once" in proc.stderr
+    assert "3 part(s) listed more than once: converted once" in proc.stdout
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["duplicate_parts"], stats["parts"], stats["successes"], stats["shards"]) == (3, 1, 6, 1)
+    assert [s["duplicate_parts"] for s in stats["sources"]] == [2, 1]
+    sources = json.loads((out / "sources.json").read_text())["sources"]
+    assert [(s["samples"], s["shards"]) for s in sources] == [(6, ["00000.tar"]), (0, [])]
+    assert len(tar_samples(out / "00000.tar")) == 6
 
 
 def test_refuses_an_output_dir_written_otherwise(dataset, converted, tmp_path):
@@ -382,7 +424,7 @@ def test_help_explains_and_startup_stays_light():
     proc = run_tool("--help")
     for flag in ("--file_list", "--filelist", "--format", "--samples_per_shard", "--processes", "--min_size",
                  "--max_side", "--resize_shorter_to", "--jpeg_quality", "--limit", "--max_pixels", "sources.json",
-                 "truncated_gzip"):
+                 "truncated_gzip", "--strict", "missing_parts", "duplicate_parts", "--inflate_thread", "--no_progress"):
         assert flag in proc.stdout
     code = ("import runpy, sys; sys.argv = ['x', '--help']\ntry: runpy.run_path(%r, run_name='__main__')\n"
             "except SystemExit: pass\nassert 'torch' not in sys.modules and 'PIL' not in sys.modules" % str(TOOL))

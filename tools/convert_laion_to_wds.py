@@ -6,7 +6,13 @@
 
 Inputs (any mix; sources in this order): --file_list files (lines "filelist_path [weight]"), --filelist
 files (one part path per line, weight 1.0), part paths or globs (one source named "inputs"). Parts may be
-gzip-compressed or plain (told apart by content). A missing input is reported before any work (exit 2).
+gzip-compressed or plain (told apart by content). A list, filelist, part path or glob named on the command
+line that does not exist is reported before any work (exit 2). A part listed in a filelist that does not
+exist is skipped with a warning and counted (stats.json "missing_parts", per source and in total, and the
+final summary): tools/write_filelist.py writes ppdiffusers' 60,000 names, not all of which need exist;
+with --strict it is refused instead (exit 2, before any work). A part listed more than once (in one filelist
+or several, however its path is written) is converted once, where it is first listed, with a warning
+(stats.json "duplicate_parts").
 
 Output in OUT: 00000.tar, 00001.tar, ... with samples KEY.jpg|png|webp (the original image bytes unless a
 resize is asked for), KEY.txt (caption) and KEY.json (key, caption, width, height, source_part, line_number,
@@ -24,7 +30,9 @@ when started again with the same arguments (done parts and shards are kept); oth
 Bad lines are skipped and counted by reason in the stats, never fatal:
 {reasons}.
 Empty captions are kept and counted. Exit status 0, 1 when nothing could be converted, 2 for bad arguments,
-missing inputs or an unusable OUT, 130 when interrupted (rerun the command to resume).
+missing inputs (listed parts too, with --strict) or an unusable OUT (a file, not creatable or writable, not
+empty and not a converter output, written with other inputs or options, or in use by another run), 130 when
+interrupted (rerun the command to resume).
 """
 
 from __future__ import annotations
@@ -76,8 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inflate_thread", choices=["auto", "yes", "no"], default="auto",
                    help="inflate each part in a thread beside its parser (auto, the default: when --processes "
                         "leaves cores idle); never changes the output")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse (exit 2) when a part listed in a filelist does not exist, instead of skipping it "
+                        "with a warning")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
+
+
+def _print_paths(headline: str, paths: list[str], shown: int = 20) -> None:
+    """A headline and the first ``shown`` paths, on stderr."""
+    print(headline, file=sys.stderr)
+    for path in paths[:shown]:
+        print(f"  {path}", file=sys.stderr)
+    if len(paths) > shown:
+        print(f"  ... and {len(paths) - shown:,} more", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,17 +112,28 @@ def main(argv: list[str] | None = None) -> int:
                                  limit=args.limit)
     except ValueError as e:
         parser.error(str(e))
-    sources, missing = collect_sources(args.file_list, args.filelist, args.inputs)
-    if missing:
-        print(f"error: {len(missing)} input file(s) not found; nothing was converted:", file=sys.stderr)
-        for path in missing[:20]:
-            print(f"  {path}", file=sys.stderr)
-        if len(missing) > 20:
-            print(f"  ... and {len(missing) - 20} more", file=sys.stderr)
+    collected = collect_sources(args.file_list, args.filelist, args.inputs)
+    if collected.missing_inputs:
+        _print_paths(f"error: {len(collected.missing_inputs)} input file(s) not found; nothing was converted:",
+                     collected.missing_inputs)
         return 2
-    if not any(s.parts for s in sources):
-        parser.error("no input parts: give part paths/globs, --filelist or --file_list")
-    t0 = time.monotonic()
+    sources = collected.sources
+    missing_parts, duplicate_parts = collected.missing_parts, collected.duplicate_parts
+    if missing_parts and args.strict:
+        _print_paths(f"error: {len(missing_parts):,} listed part(s) do not exist (--strict); nothing was converted:",
+                     missing_parts)
+        return 2
+    if missing_parts:
+        listed = len(missing_parts) + sum(len(source.parts) for source in sources)
+        _print_paths(f"warning: {len(missing_parts):,} of {listed:,} listed parts do not exist; they are skipped and "
+                     f"counted in stats.json (missing_parts); --strict refuses them:", missing_parts)
+    if duplicate_parts:
+        _print_paths(f"warning: {len(duplicate_parts):,} part(s) listed more than once; each is converted once, "
+                     f"where first listed:", duplicate_parts)
+    if not any(source.parts for source in sources):
+        parser.error("no input parts: give part paths/globs, --filelist or --file_list"
+                     + (" (none of the listed parts exists)" if missing_parts else ""))
+    started = time.monotonic()
     try:
         stats = convert(sources, args.output_dir, options, processes=args.processes, progress=not args.no_progress,
                         inflate_thread={"auto": None, "yes": True, "no": False}[args.inflate_thread],
@@ -114,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
     print(format_summary(stats))
-    print(f"output: {args.output_dir} ({time.monotonic() - t0:.1f} s)")
+    print(f"output: {args.output_dir} ({time.monotonic() - started:.1f} s)")
     return 0 if stats["successes"] else 1
 
 

@@ -1,7 +1,8 @@
 """Work planning: what a conversion will do, before and while it runs.
 
 - ``ConvertOptions``: everything that decides the output bytes;
-- ``PartSource`` and ``collect_sources``: the sources (one per filelist) and their parts, from the command line;
+- ``PartSource`` and ``collect_sources``: the sources (one per filelist) and their parts, from the command line,
+  with missing and repeated parts set aside;
 - the plan record (``convert_options.json``) a resumed run must match, and ``open_output``, which checks the
   output folder against it and takes the folder's lock;
 - ``Frontier``: turns part sample counts, learnt in input order, into shard jobs.
@@ -23,7 +24,7 @@ from sd_ds.convert.parts import LAYOUTS, part_size, read_file_list_list, read_fi
 from sd_ds.convert.tar_writing import PartSpan, ShardJob
 from sd_ds.fileio import write_json_atomic
 
-__all__ = ["ConvertOptions", "PartSource", "collect_sources", "OutputDirError", "plan_record", "open_output",
+__all__ = ["ConvertOptions", "PartSource", "CollectedInputs", "collect_sources", "OutputDirError", "plan_record", "open_output",
            "Frontier", "SourceResult", "WORK_DIR"]
 
 WORK_DIR = "_convert"  # OUT/_convert: the run's bookkeeping (lock, fragments, part records)
@@ -72,50 +73,83 @@ class ConvertOptions:
 
 @dataclass(frozen=True)
 class PartSource:
-    """One filelist (or the loose part paths, named 'inputs'): its parts and its mixing weight."""
+    """One filelist (or the loose part paths, named 'inputs'): the parts to convert and its mixing weight."""
 
     name: str
     weight: float
     parts: tuple[str, ...]
+    missing_parts: tuple[str, ...] = ()
+    """Listed parts that do not exist: skipped, and counted in stats.json (``--strict`` refuses them)."""
+    duplicate_parts: tuple[str, ...] = ()
+    """Parts listed before, here or in an earlier source: converted once, where they are first listed."""
+
+
+@dataclass
+class CollectedInputs:
+    """The sources of a run, and what is wrong with the inputs that named them."""
+
+    sources: list[PartSource]
+    missing_inputs: list[str]
+    """Lists, filelists, part paths given on the command line and globs matching nothing that do not exist:
+    a run refuses them, before any work."""
+
+    @property
+    def missing_parts(self) -> list[str]:
+        return [part for source in self.sources for part in source.missing_parts]
+
+    @property
+    def duplicate_parts(self) -> list[str]:
+        return [part for source in self.sources for part in source.duplicate_parts]
 
 
 def collect_sources(file_lists: Iterable[str] = (), filelists: Iterable[str] = (),
-                    inputs: Iterable[str] = ()) -> tuple[list[PartSource], list[str]]:
-    """Sources from ``train.filelist.list`` files, filelists and part paths/globs, in that order; and every
-    input path that does not exist (lists, filelists, parts, globs matching nothing), so a run can refuse
-    before any work."""
-    sources: list[PartSource] = []
-    missing: list[str] = []
+                    inputs: Iterable[str] = ()) -> CollectedInputs:
+    """Sources from ``train.filelist.list`` files, filelists and part paths/globs, in that order.
+
+    A part listed in a filelist that does not exist goes to the source's ``missing_parts`` (a 60,000-name
+    filelist need not have every part on disk); a part listed again (the same file, however its path is
+    written) to ``duplicate_parts``. Everything named on the command line that does not exist goes to
+    ``missing_inputs``."""
+    missing_inputs: list[str] = []
     listed: list[tuple[str, float]] = []
     for path in file_lists:
         if os.path.isfile(path):
             listed.extend(read_file_list_list(path))
         else:
-            missing.append(path)
+            missing_inputs.append(path)
     listed.extend((path, 1.0) for path in filelists)
+    named: list[tuple[str, float, list[str]]] = []  # (source name, weight, parts as listed)
     for path, weight in listed:
         if os.path.isfile(path):
-            sources.append(PartSource(path, weight, tuple(read_filelist(path))))
+            named.append((path, weight, read_filelist(path)))
         else:
-            missing.append(path)
+            missing_inputs.append(path)
     loose: list[str] = []
     for pattern in inputs:
         if glob.has_magic(pattern):
             matches = sorted(glob.glob(pattern))
             loose.extend(matches)
             if not matches:
-                missing.append(pattern)
+                missing_inputs.append(pattern)
         else:
             loose.append(pattern)
+            if not os.path.isfile(pattern):
+                missing_inputs.append(pattern)
     if loose:
-        sources.append(PartSource("inputs", 1.0, tuple(loose)))
-    seen = set(missing)
-    for source in sources:
-        for part in source.parts:
-            if part not in seen and not os.path.isfile(part):
-                missing.append(part)
-                seen.add(part)
-    return sources, missing
+        named.append(("inputs", 1.0, [part for part in loose if os.path.isfile(part)]))
+    sources = []
+    seen: set[str] = set()  # real paths of the parts listed so far
+    for name, weight, listed_parts in named:
+        parts, missing, duplicates = [], [], []
+        for part in listed_parts:
+            identity = os.path.realpath(part)
+            if identity in seen:
+                duplicates.append(part)
+                continue
+            seen.add(identity)
+            (parts if os.path.isfile(part) else missing).append(part)
+        sources.append(PartSource(name, weight, tuple(parts), tuple(missing), tuple(duplicates)))
+    return CollectedInputs(sources, missing_inputs)
 
 
 # --- the plan record and the output folder ------------------------------------------------------------

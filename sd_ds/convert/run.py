@@ -224,7 +224,9 @@ class ConversionRun:
 
 def _write_totals(sources: list[PartSource], out: Path, frontier: Frontier) -> dict:
     """sizes.json, sources.json and stats.json from the shards' stats (and, for a source without shards, from
-    its part records); returns the stats."""
+    its part records); returns the stats. Listed parts that do not exist, and parts listed more than once, are
+    counted per source and in total (``missing_parts``, ``duplicate_parts``); they hold no lines, so ``count``
+    (every line read) does not include them."""
     work = out / WORK_DIR
     sizes: dict[str, int] = {}
     totals: Counter = Counter()
@@ -246,11 +248,14 @@ def _write_totals(sources: list[PartSource], out: Path, frontier: Frontier) -> d
         totals.update(failures)
         successes += result.samples
         per_source.append({"name": source.name, "weight": source.weight, "parts": len(source.parts),
+                           "missing_parts": len(source.missing_parts), "duplicate_parts": len(source.duplicate_parts),
                            "shards": len(result.shards), "samples": result.samples,
                            "failures": dict(sorted(failures.items())), "excluded_by_limit": result.excluded})
     stats = {"count": successes + sum(totals.values()), "successes": successes,
              "failures": dict(sorted(totals.items())), "empty_captions": empty_captions, "shards": len(sizes),
-             "parts": sum(len(source.parts) for source in sources), "sources": per_source}
+             "parts": sum(len(source.parts) for source in sources),
+             "missing_parts": sum(len(source.missing_parts) for source in sources),
+             "duplicate_parts": sum(len(source.duplicate_parts) for source in sources), "sources": per_source}
     sources_json = {"sources": [
         {"name": source.name, "weight": source.weight, "shards": [shard_name(shard) for shard in result.shards],
          "samples": result.samples}
@@ -262,7 +267,8 @@ def _write_totals(sources: list[PartSource], out: Path, frontier: Frontier) -> d
 
 
 def format_summary(stats: dict) -> str:
-    """The end-of-run table: converted samples and each failure reason, with shares of all lines."""
+    """The end-of-run table: converted samples and each failure reason, with shares of all lines; then the
+    shards, and the listed parts that were missing or repeated."""
     total = max(stats["count"], 1)
     rows = [("converted", stats["successes"])]
     rows += [(f"skipped: {reason}", count) for reason, count in stats["failures"].items()]
@@ -271,4 +277,9 @@ def format_summary(stats: dict) -> str:
     lines = [f"{'outcome':<{width}}{'samples':>14}{'share':>9}"]
     lines += [f"{label:<{width}}{count:>14,}{100 * count / total:>8.2f}%" for label, count in rows]
     lines.append(f"{stats['shards']:,} shards from {stats['parts']:,} parts in {len(stats['sources'])} source(s)")
+    if stats.get("missing_parts"):  # .get: stats.json of a run before these were counted
+        lines.append(f"{stats['missing_parts']:,} listed part(s) do not exist: skipped (stats.json: missing_parts)")
+    if stats.get("duplicate_parts"):
+        lines.append(f"{stats['duplicate_parts']:,} part(s) listed more than once: converted once "
+                     f"(stats.json: duplicate_parts)")
     return "\n".join(lines)
