@@ -420,6 +420,16 @@ def test_refuses_an_output_dir_written_otherwise(dataset, converted, tmp_path):
     assert "not empty" in proc.stderr
 
 
+def test_unusable_output_dir_is_a_one_line_error_exit_2(dataset, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for out, reason in [(a_file, "is a file, not a folder"), (a_file / "shards", "Not a directory")]:
+        proc = run_tool(dataset.root / "a0.gz", "--output_dir", out, check_rc=2)
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
+        assert proc.stderr.startswith("error: ") and str(out) in proc.stderr and reason in proc.stderr
+    assert a_file.read_text() == "not a folder"
+
+
 def test_help_explains_and_startup_stays_light():
     proc = run_tool("--help")
     for flag in ("--file_list", "--filelist", "--format", "--samples_per_shard", "--processes", "--min_size",

@@ -184,28 +184,42 @@ def _short(value: Any, limit: int = 120) -> str:
 
 
 def open_output(out: Path, plan: dict) -> IO[str]:
-    """Check that ``out`` is empty or holds a run of this plan, take its lock, record the plan. Returns the
-    lock's file handle (held until closed)."""
+    """Create ``out`` if needed, check that it is empty or holds a run of this plan, take its lock, record the
+    plan. Returns the lock's file handle (held until closed). Raises OutputDirError, with a one-line reason,
+    for any folder that cannot be used, including one the file system refuses (a file, no permission)."""
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"--output_dir {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _lock_and_record(out, plan)
+    except OSError as e:
+        reason = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+        raise OutputDirError(f"cannot create or write to --output_dir {out} ({reason})") from None
+
+
+def _lock_and_record(out: Path, plan: dict) -> IO[str]:
     options_path = out / OPTIONS_FILE
-    if not options_path.is_file() and out.is_dir() and any(out.iterdir()):
+    if not options_path.is_file() and any(out.iterdir()):
         raise OutputDirError(f"{out} is not empty and was not written by this converter; "
                              f"choose an empty or new --output_dir")
     (out / WORK_DIR / "parts").mkdir(parents=True, exist_ok=True)
     lock = open(out / WORK_DIR / "lock", "w")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise OutputDirError(f"another conversion is writing to {out}") from None
+        if options_path.is_file():
+            before = json.loads(options_path.read_text(encoding="utf-8"))
+            if before != plan:
+                raise OutputDirError(
+                    f"{out} holds a conversion with other inputs or options ({_first_difference(plan, before)}). "
+                    f"Resume with the same arguments, or choose another --output_dir.")
+        else:
+            write_json_atomic(options_path, plan)
+    except BaseException:
         lock.close()
-        raise OutputDirError(f"another conversion is writing to {out}") from None
-    if options_path.is_file():
-        before = json.loads(options_path.read_text(encoding="utf-8"))
-        if before != plan:
-            lock.close()
-            raise OutputDirError(
-                f"{out} holds a conversion with other inputs or options ({_first_difference(plan, before)}). "
-                f"Resume with the same arguments, or choose another --output_dir.")
-    else:
-        write_json_atomic(options_path, plan)
+        raise
     return lock
 
 

@@ -46,7 +46,6 @@ def convert(sources: list[PartSource], output_dir: str | os.PathLike, options: C
     ``processes`` leaves cores idle). The output is the same either way. ``hook``: called at the points
     ``sd_ds.convert.hooks`` lists, in the main process and (a copy) in each worker."""
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     plan = plan_record(sources, options)
     lock = open_output(out, plan)
     try:
