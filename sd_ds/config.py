@@ -71,15 +71,20 @@ class ModelConfig:
 class DataConfig:
     train_shards: list[str] = _f(
         [], "Webdataset shards: URLs with brace patterns (dir/{00000..00099}.tar), directories (a converter "
-        "output dir mixes its sources by their filelist weights), globs, or URL::weight for mixtures.",
+        "output dir mixes its sources by their filelist weights), globs, or URL::weight for mixtures. A directory "
+        "written by `python -m sd_ds.encode_latents` (latent shards, recognised by its latents.json) trains on "
+        "precomputed VAE moments instead of images; latent and image shards cannot be mixed in one run.",
         nargs="+")
     file_list: Optional[str] = _f(
         None, "The seed's train.filelist.list of raw LAION parts. Not read directly: convert it first with "
         "tools/convert_laion_to_wds.py (the trainer says how).")
     resolution: int = _f(256, "Training image size (square crops).")
-    center_crop: bool = _f(False, "Center crop instead of random crop.")
-    random_flip: bool = _f(False, "Random horizontal flip.")
-    min_size: Optional[int] = _f(None, "Skip images whose shorter side is smaller (default: --resolution).")
+    center_crop: bool = _f(False, "Center crop instead of random crop (latent shards hold the centre crop they "
+                           "were encoded with).")
+    random_flip: bool = _f(False, "Random horizontal flip (latent shards: needs shards encoded with --flip_variants).")
+    min_size: Optional[int] = _f(
+        None, "Skip (and count) images whose shorter side is below this many pixels. Default: no minimum; smaller "
+        "images are upscaled to --resolution as the seed's transform does.")
     caption_dropout_prob: float = _f(0.1, "Probability a caption is replaced by \"\" (for classifier-free guidance).")
     shuffle_buffer: int = _f(1000, "Samples in each worker's shuffle buffer.")
     resample_shards: bool = _f(False, "Sample shards with replacement (allows fewer shards than ranks x workers).")

@@ -7,8 +7,13 @@ each rank, per epoch:
         shard list ─ seeded epoch-aware shuffle (same order on every rank) ─ split by rank ─ split by worker
           ─ tar → samples (warn, count and continue) ─ seeded shuffle buffer
     mix the sources by weight (seeded) ─ number the raw samples ─ [resume: skip k raw samples, undecoded]
-      ─ decode (skip and count corrupt / too small) ─ map: resize, crop, flip, caption dropout ─ batch + tokenise
+      ─ prepare (skip and count corrupt / too small): decode, resize, crop, flip (latent shards: pick the
+        stored moments, flipped or not) ─ caption dropout ─ batch + tokenise
     ─ with_epoch(batches per worker)
+
+Image shards give ``pixel_values`` [B,3,R,R]; latent shards (``python -m sd_ds.encode_latents``, recognised
+by the ``latents.json`` manifest in their directory) give ``latent_moments`` [B,2C,R/f,R/f] as stored (mean, then
+log-variance channels), from which the trainer draws a fresh latent each step.
 
 Every rank and worker yields exactly ``batches_per_worker`` batches per epoch: a worker whose shards run dry
 starts another pass over them, so no rank ever waits for another. Randomness comes from (seed, epoch, rank,
@@ -39,12 +44,15 @@ import tarfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
+
+if TYPE_CHECKING:
+    from sd_ds.config import DataConfig
 
 logger = logging.getLogger("sd_ds.data")
 
@@ -55,11 +63,18 @@ SHUFFLE_INITIAL = 100  # samples in a shuffle buffer before it starts yielding (
 # --- shard sources ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Source:
-    name: str
+class ShardSource:
+    """A set of shards drawn from with one mixture weight (one ``--train_shards`` entry, or one source of a
+    converter's ``sources.json`` / a latent manifest)."""
+
+    name: str  # also seeds the source's shuffles: a latent source keeps its image source's name, hence its order
     weight: float
     shards: tuple[str, ...]
-    samples: Optional[int]  # from sources.json / sizes.json; None until counted
+    samples: Optional[int]  # from sources.json / sizes.json / the latent manifest; None until counted
+
+
+class UnreadableShardError(ValueError):
+    """A shard that is not a readable tar (zero bytes, not a tar, unreadable file)."""
 
 
 def _is_local(url: str) -> bool:
@@ -73,6 +88,20 @@ def _expand(url: str) -> list[str]:
     for u in braceexpand.braceexpand(url):
         out.extend(sorted(globlib.glob(u)) if _is_local(u) and any(ch in u for ch in "*?[") else [u])
     return out
+
+
+def _split_weight(entry: str) -> tuple[str, float]:
+    """``URL::weight`` → (URL, weight); a plain URL has weight 1."""
+    url, weight = entry, 1.0
+    if "::" in entry:
+        url, w = entry.rsplit("::", 1)
+        try:
+            weight = float(w)
+        except ValueError:
+            raise ValueError(f"--train_shards {entry!r}: the weight after '::' must be a number") from None
+    if not weight > 0:
+        raise ValueError(f"--train_shards {entry!r}: mixture weights must be > 0")
+    return url, weight
 
 
 def _sizes_json_count(shards: Iterable[str]) -> Optional[int]:
@@ -93,49 +122,86 @@ def _sizes_json_count(shards: Iterable[str]) -> Optional[int]:
 
 
 def count_samples(shard: str) -> int:
-    """Samples (distinct keys) in a local tar shard, read from its headers only."""
+    """Samples (distinct keys) in a local tar shard, read from its headers only. UnreadableShardError (naming
+    the shard) when it is no tar at all; a tar cut short counts the samples before the cut."""
     keys = set()
-    with tarfile.open(shard) as tf:
-        for member in tf:
-            if member.isfile():
-                keys.add(wds.tariterators.base_plus_ext(member.name)[0])
+    try:
+        with tarfile.open(shard) as tf:
+            try:
+                for member in tf:
+                    if member.isfile():
+                        keys.add(wds.tariterators.base_plus_ext(member.name)[0])
+            except (tarfile.TarError, OSError) as e:  # cut short: the reader counts it as a tar error too
+                logger.warning("shard %s: %s: %s (counted the %d samples before it)", shard, type(e).__name__, e,
+                               len(keys))
+    except (tarfile.TarError, OSError) as e:
+        size = os.path.getsize(shard) if os.path.isfile(shard) else None
+        raise UnreadableShardError(f"{shard}: not a readable tar ({'zero bytes' if size == 0 else e})") from None
     keys.discard(None)
     return len(keys)
 
 
-def parse_sources(train_shards: list[str]) -> list[Source]:
+def parse_sources(train_shards: list[str]) -> list[ShardSource]:
     """``--train_shards`` entries → sources. An entry is a webdataset URL (brace patterns), a glob, or a
-    directory (all its ``*.tar``; a converter output's ``sources.json`` makes each of its sources a weighted
-    source), optionally suffixed with ``::weight``."""
-    sources: list[Source] = []
+    directory (all its ``*.tar``; a converter output's ``sources.json`` or a latent directory's manifest makes
+    each of its sources a weighted source), optionally suffixed with ``::weight``."""
+    sources: list[ShardSource] = []
     for entry in train_shards:
-        url, weight = entry, 1.0
-        if "::" in entry:
-            url, w = entry.rsplit("::", 1)
-            try:
-                weight = float(w)
-            except ValueError:
-                raise ValueError(f"--train_shards {entry!r}: the weight after '::' must be a number") from None
-        if not weight > 0:
-            raise ValueError(f"--train_shards {entry!r}: mixture weights must be > 0")
+        url, weight = _split_weight(entry)
         path = Path(url)
+        manifest = load_latent_manifest(path) if path.is_dir() else None
+        if manifest is not None:
+            # Each source under the name the encoder gave it (its image source's), so that the latent run
+            # shuffles and mixes as the image run with the same flags and seed does.
+            sources.extend(ShardSource(s["name"], float(s["weight"]) * weight, tuple(str(path / n) for n in s["shards"]),
+                                       int(s["samples"])) for s in manifest["sources"] if s["shards"])
+            continue
         if path.is_dir() and (path / "sources.json").is_file():
             for s in json.loads((path / "sources.json").read_text())["sources"]:
                 shards = tuple(str(path / n) for n in s["shards"])
                 if shards and float(s.get("weight", 1.0)) > 0:
                     samples = s.get("samples")
-                    sources.append(Source(f"{url}:{s.get('name', len(sources))}", float(s.get("weight", 1.0)) * weight,
-                                          shards, int(samples) if samples is not None else _sizes_json_count(shards)))
+                    sources.append(ShardSource(f"{url}:{s.get('name', len(sources))}",
+                                               float(s.get("weight", 1.0)) * weight, shards,
+                                               int(samples) if samples is not None else _sizes_json_count(shards)))
             continue
         shards = tuple(sorted(str(p) for p in path.glob("*.tar"))) if path.is_dir() else tuple(_expand(url))
         missing = [s for s in shards if _is_local(s) and not os.path.isfile(s)]
         if not shards or missing:
             raise FileNotFoundError(f"--train_shards {entry!r}: no shards found"
                                     + (f" (missing: {', '.join(missing[:3])})" if missing else ""))
-        sources.append(Source(url, weight, shards, _sizes_json_count(shards)))
+        sources.append(ShardSource(url, weight, shards, _sizes_json_count(shards)))
     if not sources:
         raise ValueError("--train_shards: no sources (empty list, or sources.json lists no shards)")
     return sources
+
+
+def _counted(sources: list[ShardSource]) -> tuple[list[ShardSource], dict[str, str]]:
+    """Sources with their sample counts read from the tar headers where no sizes.json gave them, leaving out
+    shards that are no readable tar or hold no sample (→ (sources, {unreadable shard: why})). A source left
+    with no shard is an error naming its shards."""
+    counted, unreadable = [], {}
+    for s in sources:
+        if s.samples is not None:
+            counted.append(s)
+            continue
+        counts = {}
+        for shard in s.shards:
+            try:
+                counts[shard] = count_samples(shard)
+            except UnreadableShardError as e:
+                unreadable[shard] = str(e)
+        kept = tuple(shard for shard in s.shards if counts.get(shard))
+        if not kept:
+            raise ValueError(f"source {s.name!r}: no shard with a readable sample: "
+                             + "; ".join(unreadable.get(shard, f"{shard}: no samples") for shard in s.shards[:5])
+                             + (f"; ... ({len(s.shards)} shards)" if len(s.shards) > 5 else ""))
+        if len(kept) < len(s.shards):
+            logger.warning("source %r: skipping %d of %d shards: %s", s.name, len(s.shards) - len(kept),
+                           len(s.shards), "; ".join(unreadable.get(shard, f"{shard}: no samples")
+                                                    for shard in s.shards if shard not in kept))
+        counted.append(ShardSource(s.name, s.weight, kept, sum(counts[shard] for shard in kept)))
+    return counted, unreadable
 
 
 def raise_if_raw_parts(path: str) -> None:
@@ -151,6 +217,71 @@ def raise_if_raw_parts(path: str) -> None:
         f"then train with\n"
         f"    --train_shards SHARDS\n"
         f"(the filelist weights are kept in SHARDS/sources.json and used to mix the sources).")
+
+
+# --- latent shards (written by python -m sd_ds.encode_latents) ----------------------------------------
+
+LATENT_MANIFEST = "latents.json"  # in the output directory, written when every shard is encoded
+LATENT_WORK_DIR = ".encode"       # the encoder's plan and per-shard records while it runs
+MOMENTS, MOMENTS_FLIPPED = "moments", "moments_flip"  # sample members: raw little-endian [2C, R/f, R/f]
+LATENT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# What a cache fixes and every latent directory of one run must share.
+LATENT_COMPATIBLE = ("resolution", "crop", "dtype", "shape", "flip_variants", "vae")
+
+
+def load_latent_manifest(directory: Path) -> Optional[dict]:
+    """The manifest of a latent-shard directory; None for a directory that is not one; an error for one
+    whose encoding has not finished."""
+    directory = Path(directory)
+    if (directory / LATENT_MANIFEST).is_file():
+        return json.loads((directory / LATENT_MANIFEST).read_text())
+    if (directory / LATENT_WORK_DIR / "plan.json").is_file():
+        done = len(list((directory / LATENT_WORK_DIR).glob("*.tar.json")))
+        raise ValueError(f"{directory}: latent encoding has not finished ({done} shard(s) done, no "
+                         f"{LATENT_MANIFEST}); run the same `python -m sd_ds.encode_latents` command again to finish it")
+    return None
+
+
+def _latent_directory(url: str) -> Optional[Path]:
+    """The latent directory an entry reads from: itself, or the directory of the shards it names."""
+    path = Path(url)
+    if path.is_dir():
+        return path if load_latent_manifest(path) is not None else None
+    if not _is_local(url):
+        return None
+    parents = {Path(s).parent for s in _expand(url)}
+    latent = [p for p in parents if load_latent_manifest(p) is not None]
+    if latent and len(latent) < len(parents):
+        raise ValueError(f"--train_shards {url!r} names latent shards ({latent[0]}) and image shards together")
+    return latent[0] if latent else None
+
+
+def read_latent_manifest(train_shards: list[str]) -> Optional[dict]:
+    """The latent manifest ``--train_shards`` trains on (that of the first latent directory; all of them must
+    agree on everything in LATENT_COMPATIBLE), or None for image shards. Mixing latent and image sources, or
+    latent directories made differently, is an error."""
+    manifests: dict[str, Optional[dict]] = {}
+    for entry in train_shards:
+        url, _ = _split_weight(entry)
+        directory = _latent_directory(url)
+        manifests[entry] = load_latent_manifest(directory) if directory is not None else None
+    latent = [e for e, m in manifests.items() if m is not None]
+    images = [e for e, m in manifests.items() if m is None]
+    if not latent:
+        return None
+    if images:
+        raise ValueError(
+            f"--train_shards mixes latent shards ({', '.join(latent)}) with image shards ({', '.join(images)}): a run "
+            f"trains on one or the other. Encode the image shards too (python -m sd_ds.encode_latents --train_shards "
+            f"... --output_dir ..., with the same VAE and resolution) or train on the image shards only.")
+    first = manifests[latent[0]]
+    for entry in latent[1:]:
+        other = manifests[entry]
+        differ = [k for k in LATENT_COMPATIBLE if other.get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"--train_shards: the latent shards of {latent[0]!r} and {entry!r} were encoded "
+                             f"differently ({', '.join(differ)}); encode every source with the same settings")
+    return first
 
 
 # --- skipped-sample accounting (one per worker) -------------------------------------------------------
@@ -187,15 +318,23 @@ class SkipSample(Exception):
         self.reason = reason
 
 
+def _caption(sample: dict) -> str:
+    caption = sample.get("txt")
+    if caption is None:
+        raise SkipSample("missing_caption", "no .txt member")
+    return caption.decode("utf-8", errors="replace") if isinstance(caption, bytes) else str(caption)
+
+
 @dataclass(frozen=True)
 class ImageTransform:
     """The seed's (ppdiffusers' laion400m pretraining) image transform: shorter side to int(resolution / 0.9)
-    with LANCZOS, random (or center) crop to resolution, optional horizontal flip."""
+    with LANCZOS (smaller images are upscaled, as there), random (or center) crop to resolution, optional
+    horizontal flip. ``min_size`` skips images whose shorter side is below it instead (None: no minimum)."""
 
     resolution: int
     center_crop: bool = False
     random_flip: bool = False
-    min_size: Optional[int] = None  # default: resolution
+    min_size: Optional[int] = None
     jpeg_draft: bool = True
 
     @property
@@ -207,12 +346,11 @@ class ImageTransform:
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
             raise SkipSample("missing_image", f"no {'/'.join(IMAGE_EXTS)} member")
-        if "txt" not in sample:
-            raise SkipSample("missing_caption", "no .txt member")
+        caption = _caption(sample)
         try:
             img = Image.open(io.BytesIO(sample[ext]))
-            if min(img.size) < (self.resolution if self.min_size is None else self.min_size):
-                raise SkipSample("too_small", f"{img.size[0]}x{img.size[1]}")
+            if self.min_size is not None and min(img.size) < self.min_size:
+                raise SkipSample("too_small", f"{img.size[0]}x{img.size[1]} (--min_size {self.min_size})")
             if self.jpeg_draft and img.format == "JPEG":
                 # libjpeg scales by 1/2, 1/4 or 1/8 while decoding, only as far as the shorter side stays
                 # >= the resize target: several times faster for large photos, and LANCZOS still only shrinks.
@@ -224,8 +362,7 @@ class ImageTransform:
             raise
         except Exception as e:  # noqa: BLE001 - whatever PIL raises, the sample is unusable
             raise SkipSample("undecodable", f"{type(e).__name__}: {e}") from None
-        caption = sample["txt"]
-        return img, caption.decode("utf-8", errors="replace") if isinstance(caption, bytes) else str(caption)
+        return img, caption
 
     def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
         """uint8 [3, resolution, resolution]."""
@@ -247,6 +384,50 @@ class ImageTransform:
         if self.random_flip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class ImageSamples:
+    """Image shards: decode, resize + crop (+ flip) with ImageTransform → uint8 pixels."""
+
+    batch_key = "pixel_values"
+
+    def __init__(self, transform: ImageTransform) -> None:
+        self.transform = transform
+
+    def prepare(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, str]:
+        img, caption = self.transform.decode(sample)
+        return self.transform(img, rng), caption
+
+    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(items).float().div_(127.5).sub_(1.0)  # [B,3,R,R] in [-1, 1]
+
+
+class LatentSamples:
+    """Latent shards: a sample's stored moments (the flipped image's with --random_flip, half of the time)."""
+
+    batch_key = "latent_moments"
+
+    def __init__(self, manifest: dict, random_flip: bool) -> None:
+        self.shape = tuple(manifest["shape"])
+        self.dtype = LATENT_DTYPES[manifest["dtype"]]
+        self.nbytes = math.prod(self.shape) * torch.finfo(self.dtype).bits // 8
+        self.random_flip = random_flip
+
+    def prepare(self, sample: dict, rng: random.Random) -> tuple[torch.Tensor, str]:
+        member = MOMENTS_FLIPPED if self.random_flip and rng.random() < 0.5 else MOMENTS
+        data = sample.get(member)
+        if data is None:
+            raise SkipSample("missing_latent", f"no .{member} member")
+        caption = _caption(sample)
+        if len(data) != self.nbytes:
+            raise SkipSample("corrupt_latent", f".{member} has {len(data)} bytes, {self.nbytes} expected")
+        moments = torch.frombuffer(bytearray(data), dtype=self.dtype).view(self.shape)  # [2C, R/f, R/f]
+        if not torch.isfinite(moments).all():
+            raise SkipSample("corrupt_latent", f".{member} holds non-finite values")
+        return moments, caption
+
+    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(items)  # [B, 2C, R/f, R/f], stored dtype
 
 
 # --- pipeline stages ---------------------------------------------------------------------------------
@@ -328,11 +509,11 @@ def _batched(batch_size: int, collate: Callable[[list], dict]) -> Callable:
 class ShardStream(torch.utils.data.IterableDataset):
     """One epoch of one rank's batches; each data-loader worker iterates its own part."""
 
-    def __init__(self, sources: list[Source], *, tokenizer: Any, transform: ImageTransform, micro_batch_size: int,
-                 model_max_length: int, caption_dropout_prob: float, shuffle_buffer: int, seed: int, rank: int,
-                 world_size: int, num_workers: int, resample: bool, batches_per_worker: int,
+    def __init__(self, sources: list[ShardSource], *, tokenizer: Any, samples: "ImageSamples | LatentSamples",
+                 micro_batch_size: int, model_max_length: int, caption_dropout_prob: float, shuffle_buffer: int,
+                 seed: int, rank: int, world_size: int, num_workers: int, resample: bool, batches_per_worker: int,
                  max_skips_in_a_row: int) -> None:
-        self.sources, self.tokenizer, self.transform = sources, tokenizer, transform
+        self.sources, self.tokenizer, self.samples = sources, tokenizer, samples
         self.micro_batch_size, self.model_max_length = micro_batch_size, model_max_length
         self.caption_dropout_prob, self.shuffle_buffer = caption_dropout_prob, shuffle_buffer
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -341,7 +522,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.epoch = 0
         self.resume: dict[int, tuple[int, int]] = {}  # worker -> (batches taken, raw samples consumed)
 
-    def _source_samples(self, source: Source, worker: int, log: SkipLog) -> Iterator[dict]:
+    def _source_samples(self, source: ShardSource, worker: int, log: SkipLog) -> Iterator[dict]:
         """Endless raw samples of one source for this (rank, worker, epoch)."""
         total_weight = sum(s.weight for s in self.sources)
         # The buffers of all sources together hold about shuffle_buffer samples, as in a single-source run.
@@ -370,8 +551,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                 read += 1
                 yield sample
             if read == 0:
+                tried = sorted(opened)
                 raise RuntimeError(f"rank {self.rank} worker {worker}: no readable sample in the shards of source "
-                                   f"{source.name!r} it was given ({log.counts['tar_errors']} tar errors)")
+                                   f"{source.name!r} it was given ({log.counts['tar_errors']} tar errors): "
+                                   f"{', '.join(tried[:5])}{' ...' if len(tried) > 5 else ''}")
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -383,10 +566,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         streams = [self._source_samples(s, worker, log) for s in self.sources]
         skips_in_a_row = 0
 
-        def decode(sample: dict) -> Optional[dict]:
+        def prepare(sample: dict) -> Optional[dict]:
             nonlocal skips_in_a_row
+            # The sample's own RNG: its random choices do not depend on which samples came before it.
+            rng = _rng(self.seed, self.epoch, os.path.basename(sample["__url__"]), sample["__key__"],
+                       sample["__repeat__"])
             try:
-                sample["image"], sample["caption"] = self.transform.decode(sample)
+                data, caption = self.samples.prepare(sample, rng)
             except SkipSample as skip:
                 log.skip(skip.reason, f"{sample.get('__url__')}:{sample['__key__']}: {skip}")
                 skips_in_a_row += 1
@@ -395,15 +581,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                                        f"unusable ({dict(log.counts)}); check the shards and --min_size/--resolution")
                 return None
             skips_in_a_row = 0
-            return sample
-
-        def transform(sample: dict) -> dict:
-            # The sample's own RNG: its random choices do not depend on which samples came before it.
-            rng = _rng(self.seed, self.epoch, os.path.basename(sample["__url__"]), sample["__key__"],
-                       sample["__repeat__"])
-            pixels = self.transform(sample["image"], rng)
-            caption = "" if rng.random() < self.caption_dropout_prob else sample["caption"]  # for CFG
-            return {"pixels": pixels, "caption": caption, "key": sample["__key__"], "index": sample["__index__"]}
+            caption = "" if rng.random() < self.caption_dropout_prob else caption  # for CFG
+            return {"data": data, "caption": caption, "key": sample["__key__"], "index": sample["__index__"]}
 
         batch_numbers = itertools.count(batches_done + 1)
 
@@ -412,7 +591,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
             captions = [s["caption"] for s in samples]
             return {
-                "pixel_values": torch.stack([s["pixels"] for s in samples]).float().div_(127.5).sub_(1.0),  # [B,3,R,R]
+                self.samples.batch_key: self.samples.collate([s["data"] for s in samples]),
                 "input_ids": tokenize(self.tokenizer, captions, self.model_max_length),  # [B, model_max_length]
                 "captions": captions,
                 "keys": [s["key"] for s in samples],
@@ -426,8 +605,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                            _rng(self.seed, self.epoch, self.rank, worker, "mix")),
             _numbered,
             lambda src: itertools.islice(src, raw_done, None),  # resume: skip raw samples, undecoded
-            wds.map(decode),
-            wds.map(transform),
+            wds.map(prepare),
             _batched(self.micro_batch_size, collate),
         ).with_epoch(self.batches_per_worker - batches_done)
 
@@ -461,8 +639,10 @@ atexit.register(_stop_workers_at_exit)
 class TrainLoader:
     """Endless iterator of micro batches for this rank; rolls over epochs; exact state for resume."""
 
-    def __init__(self, dataset: ShardStream, *, num_workers: int, pin_memory: bool, fingerprint: dict) -> None:
+    def __init__(self, dataset: ShardStream, *, num_workers: int, pin_memory: bool, fingerprint: dict,
+                 shard_stats: Optional[dict[str, int]] = None) -> None:
         self.dataset = dataset
+        self.shard_stats = dict(shard_stats or {})  # shards left out when the loader was built (unreadable_shards)
         self.num_workers = num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.batches_per_epoch = dataset.batches_per_worker * max(1, num_workers)
@@ -528,9 +708,10 @@ class TrainLoader:
         return total
 
     def stats(self) -> dict[str, int]:
-        """Skipped samples by reason (too_small, undecodable, missing_image, missing_caption, tar_errors), over
-        the batches taken so far, from all workers (and the run this one resumed)."""
-        return dict(self._stats_total())
+        """Skipped samples by reason (too_small, undecodable, missing_image, missing_caption, tar_errors; on
+        latent shards missing_latent, corrupt_latent), over the batches taken so far, from all workers (and the
+        run this one resumed), plus the shards left out as unreadable when the loader was built."""
+        return {**self._stats_total(), **self.shard_stats}
 
     def state_dict(self) -> dict:
         taken = sum(b for b, _ in self._taken.values())
@@ -542,7 +723,8 @@ class TrainLoader:
     def load_state_dict(self, state: dict) -> None:
         """Call before iterating. Resumes exactly where the saved loader's consumer stopped, or restarts the
         saved epoch (with a warning) if the saved position means different samples now."""
-        self._stats_before = collections.Counter(state.get("stats", {}))
+        self._stats_before = collections.Counter({k: v for k, v in state.get("stats", {}).items()
+                                                  if k not in self.shard_stats})  # those are counted anew
         self._stats_epoch = {}
         self.epoch = int(state["epoch"])
         self._taken = {}
@@ -558,15 +740,31 @@ class TrainLoader:
         self._taken = {int(w): (int(b), int(r)) for w, b, r in state["workers"]}
 
 
-def build_train_loader(train_shards: list[str], *, tokenizer: Any, micro_batch_size: int, resolution: int,
-                       center_crop: bool = False, random_flip: bool = False, min_size: Optional[int] = None,
-                       caption_dropout_prob: float = 0.1, model_max_length: int = 77, num_workers: int = 2,
-                       shuffle_buffer: int = 1000, seed: int = 0, rank: int = 0, world_size: int = 1,
-                       resample_shards: bool = False, samples_per_epoch: Optional[int] = None,
-                       pin_memory: bool = False) -> TrainLoader:
-    sources = parse_sources(list(train_shards))
-    workers = max(1, num_workers)
-    if not resample_shards:
+def build_train_loader(data: "DataConfig", *, tokenizer: Any, model_max_length: int, micro_batch_size: int,
+                       seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+                       **unpacked: Any) -> TrainLoader:
+    """This rank's loader for the ``--train_shards`` in ``data``: image shards, or latent shards when their
+    directory holds an encoder manifest (``read_latent_manifest``)."""
+    if unpacked or not hasattr(data, "train_shards"):
+        # TRANSITION: the trainer's call before it passed its DataConfig (train_shards list + 10 unpacked
+        # values); removed once sd_ds/train.py calls the form above.
+        from sd_ds.config import DataConfig
+
+        renamed = {"num_workers": "dataloader_num_workers"}
+        data = DataConfig(train_shards=list(data), **{renamed.get(k, k): v for k, v in unpacked.items()})
+    manifest = read_latent_manifest(list(data.train_shards))
+    sources = parse_sources(list(data.train_shards))
+    shard_stats: dict[str, int] = {}
+    if data.samples_per_epoch is None:
+        # sizes.json (or sources.json, the latent manifest), else read the tar headers once.
+        sources, unreadable = _counted(sources)
+        if unreadable:
+            shard_stats["unreadable_shards"] = len(unreadable)
+        total = sum(s.samples for s in sources)
+    else:
+        total = data.samples_per_epoch
+    workers = max(1, data.dataloader_num_workers)
+    if not data.resample_shards:
         for s in sources:
             if len(s.shards) < world_size * workers:
                 raise ValueError(
@@ -575,29 +773,38 @@ def build_train_loader(train_shards: list[str], *, tokenizer: Any, micro_batch_s
                     f"more, smaller shards (convert_laion_to_wds.py --samples_per_shard), use fewer workers "
                     f"(--dataloader_num_workers), or sample shards with replacement (resample_shards=True, "
                     f"--resample_shards).")
-    if samples_per_epoch is None:
-        # sizes.json (or sources.json) from the converter, else read the tar headers once.
-        sources = [s if s.samples is not None else Source(s.name, s.weight, s.shards, sum(map(count_samples, s.shards)))
-                   for s in sources]
-        total = sum(s.samples for s in sources)
-    else:
-        total = samples_per_epoch
     batches_per_worker = max(1, total // (world_size * workers * micro_batch_size))
-    transform = ImageTransform(resolution, center_crop, random_flip, min_size)
+    if manifest is None:
+        samples: ImageSamples | LatentSamples = ImageSamples(
+            ImageTransform(data.resolution, data.center_crop, data.random_flip, data.min_size))
+    else:
+        if data.random_flip and not manifest["flip_variants"]:
+            raise ValueError("--random_flip on latent shards needs the flipped images' moments, and these were "
+                             "encoded without them: encode again with --flip_variants, or drop --random_flip")
+        if not data.center_crop:
+            logger.warning("latent shards hold centre crops at %d px, made when they were encoded: --center_crop "
+                           "False (a random crop per step) does not apply to them", manifest["resolution"])
+        samples = LatentSamples(manifest, data.random_flip)
     dataset = ShardStream(
-        sources, tokenizer=tokenizer, transform=transform, micro_batch_size=micro_batch_size,
-        model_max_length=model_max_length, caption_dropout_prob=caption_dropout_prob, shuffle_buffer=shuffle_buffer,
-        seed=seed, rank=rank, world_size=world_size, num_workers=num_workers, resample=resample_shards,
-        batches_per_worker=batches_per_worker,
+        sources, tokenizer=tokenizer, samples=samples, micro_batch_size=micro_batch_size,
+        model_max_length=model_max_length, caption_dropout_prob=data.caption_dropout_prob,
+        shuffle_buffer=data.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
+        num_workers=data.dataloader_num_workers, resample=data.resample_shards, batches_per_worker=batches_per_worker,
         # About two passes over a worker's share with nothing usable: broken data, not bad luck.
         max_skips_in_a_row=2 * math.ceil(total / (world_size * workers)) + 1000)
-    if num_workers > 0:
+    if data.dataloader_num_workers > 0:
         # Tokenising happens in the workers; a Rust tokenizer's own thread pool there only oversubscribes.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     fingerprint = {"sources": [[s.name, s.weight, len(s.shards)] for s in sources], "seed": seed,
-                   "micro_batch_size": micro_batch_size, "shuffle_buffer": shuffle_buffer,
-                   "resample_shards": resample_shards, "batches_per_worker": batches_per_worker}
-    loader = TrainLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, fingerprint=fingerprint)
-    logger.info("data: %d source(s), %d samples/epoch, %d batches/epoch on each rank (%d worker(s) x %d)",
-                len(sources), total, loader.batches_per_epoch, workers, batches_per_worker)
+                   "micro_batch_size": micro_batch_size, "shuffle_buffer": data.shuffle_buffer,
+                   "resample_shards": data.resample_shards, "batches_per_worker": batches_per_worker}
+    if manifest is not None:
+        # Latent shards lack the samples the encoder skipped: a position in an image run's stream means
+        # other samples there, although the source names (hence the shuffles) are the same.
+        fingerprint["latents"] = True
+    loader = TrainLoader(dataset, num_workers=data.dataloader_num_workers, pin_memory=pin_memory,
+                         fingerprint=fingerprint, shard_stats=shard_stats)
+    logger.info("data: %d %s source(s), %d samples/epoch, %d batches/epoch on each rank (%d worker(s) x %d)",
+                len(sources), "image" if manifest is None else "latent", total, loader.batches_per_epoch, workers,
+                batches_per_worker)
     return loader

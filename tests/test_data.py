@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sd_ds.config import DataConfig
 from sd_ds.data import ImageTransform, build_train_loader, raise_if_raw_parts
 
 RES = 32  # training resolution in these tests; images are 36..80 px photo crops
@@ -84,11 +85,15 @@ def write_shards(out: Path, shard_sizes: list[int], *, first_shard: int = 0, see
     return keys
 
 
-def loader(shards, tokenizer, **kw):
-    args = dict(tokenizer=tokenizer, micro_batch_size=4, resolution=RES, num_workers=0, shuffle_buffer=8,
-                random_flip=True, caption_dropout_prob=0.2, seed=7)
-    args.update(kw)
-    return build_train_loader([str(s) for s in shards], **args)
+def loader(shards, tokenizer, *, micro_batch_size: int = 4, seed: int = 7, rank: int = 0, world_size: int = 1,
+           **data_fields):
+    """build_train_loader as the trainer calls it; data_fields override DataConfig's fields."""
+    fields = dict(resolution=RES, dataloader_num_workers=0, shuffle_buffer=8, random_flip=True,
+                  caption_dropout_prob=0.2)
+    fields.update(data_fields)
+    return build_train_loader(DataConfig(train_shards=[str(s) for s in shards], **fields), tokenizer=tokenizer,
+                              model_max_length=77, micro_batch_size=micro_batch_size, seed=seed, rank=rank,
+                              world_size=world_size)
 
 
 def take(data_loader, n: int) -> list[dict]:
@@ -201,19 +206,26 @@ def test_random_crop_and_flip_are_crops_of_the_resized_image(tmp_path, tokenizer
     assert len(offsets) > 3 and flips == {False, True}  # random, not fixed
 
 
-def test_small_images_are_skipped_unless_min_size_allows_them(tmp_path, tokenizer):
+def test_small_images_are_upscaled_unless_min_size_skips_them(tmp_path, tokenizer):
     rng = random.Random(3)
     small = {f"{i:09d}": photo_sample(f"{i:09d}", rng, size=(60, 24)) for i in (1, 4, 7, 9)}
     keys = write_shards(tmp_path, [12], special=small)
-    data = loader([tmp_path], tokenizer, shuffle_buffer=1, samples_per_epoch=8)  # 8 of the 12 are big enough
-    batches = take(data, 2)
-    seen = {k for b in batches for k in b["keys"]}
-    assert seen == set(keys) - set(small)
-    assert data.stats() == {"too_small": 4}
+    originals = images_by_key(tmp_path)
 
-    relaxed = loader([tmp_path], tokenizer, shuffle_buffer=1, min_size=20)
-    seen = {k for b in take(relaxed, 3) for k in b["keys"]}
-    assert seen == set(keys) and relaxed.stats() == {}
+    # Default, as the seed's transform: the shorter side is upscaled to int(R / 0.9), nothing is skipped.
+    data = loader([tmp_path], tokenizer, shuffle_buffer=1, center_crop=True, random_flip=False)
+    by_key = {k: px for b in take(data, 3) for k, px in zip(b["keys"], b["pixel_values"].numpy())}
+    assert set(by_key) == set(keys) and data.stats() == {}
+    for key in small:
+        full = resized(originals[key])
+        assert full[0].shape[1:] == (35, 87)  # 24 px upscaled to 35, not skipped
+        assert crop_matches(by_key[key], full, round((35 - RES) / 2), round((87 - RES) / 2))
+
+    # Opt-in: --min_size skips them and counts them.
+    strict = loader([tmp_path], tokenizer, shuffle_buffer=1, samples_per_epoch=8, min_size=RES)  # 8 of 12 are big
+    seen = {k for b in take(strict, 2) for k in b["keys"]}
+    assert seen == set(keys) - set(small)
+    assert strict.stats() == {"too_small": 4}
 
 
 def test_corrupt_samples_are_skipped_counted_and_warned_about_sparingly(tmp_path, tokenizer, caplog):
@@ -252,7 +264,7 @@ def test_unusable_data_is_an_error_not_a_hang(tmp_path, tokenizer):
     write_shards(tmp_path / "small", [4, 4], special={f"{s * 10_000 + i:09d}": photo_sample("s", rng, size=(20, 20))
                                                       for s in range(2) for i in range(4)})
     with pytest.raises(RuntimeError, match="in a row were unusable"):
-        take(loader([tmp_path / "small"], tokenizer), 1)
+        take(loader([tmp_path / "small"], tokenizer, min_size=RES), 1)
 
     garbage = tmp_path / "garbage"
     garbage.mkdir()
@@ -260,7 +272,31 @@ def test_unusable_data_is_an_error_not_a_hang(tmp_path, tokenizer):
         (garbage / f"{i:05d}.tar").write_bytes(b"this is not a tar file" * 50)
     (garbage / "sizes.json").write_text(json.dumps({"00000.tar": 8, "00001.tar": 8}))
     with pytest.raises(RuntimeError, match="no readable sample"):  # raised in a worker, re-raised here
-        take(loader([garbage], tokenizer, num_workers=2), 1)
+        take(loader([garbage], tokenizer, dataloader_num_workers=2), 1)
+
+
+@pytest.mark.parametrize("bad", ["zero_bytes", "not_a_tar"])
+def test_unreadable_shard_without_sizes_json_is_named_skipped_and_counted(tmp_path, tokenizer, caplog, bad):
+    keys = write_shards(tmp_path, [6, 6, 6], sizes_json=False)
+    broken = tmp_path / "00001.tar"
+    broken.write_bytes(b"" if bad == "zero_bytes" else b"this is not a tar file" * 50)
+    with caplog.at_level(logging.WARNING, logger="sd_ds.data"):
+        data = loader([tmp_path], tokenizer, caption_dropout_prob=0.0)
+    assert str(broken) in caplog.text  # the warning names the shard
+    assert data.batches_per_epoch == 3  # the 12 samples of the two readable shards
+    seen = {k for b in take(data, 3) for k in b["keys"]}
+    assert seen == {k for k in keys if not k.startswith("00001")}
+    assert data.stats() == {"unreadable_shards": 1}
+
+    resumed = loader([tmp_path], tokenizer, caption_dropout_prob=0.0)
+    resumed.load_state_dict(data.state_dict())
+    assert resumed.stats() == {"unreadable_shards": 1}  # counted once, not once per resume
+
+    for i in (0, 2):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="no shard with a readable sample") as e:
+        loader([tmp_path], tokenizer)
+    assert all(f"{tmp_path / f'{i:05d}.tar'}: not a readable tar" in str(e.value) for i in range(3))
 
 
 # --- determinism and exact resume --------------------------------------------------------------------
@@ -286,7 +322,7 @@ def test_same_seed_same_batches_other_seed_other_batches(tmp_path, tokenizer):
 def test_resume_is_exact_across_an_epoch_boundary(tmp_path, tokenizer, num_workers):
     sizes = [13, 11, 12, 12]
     write_shards(tmp_path, sizes, special=bad_samples(random.Random(1), sizes))
-    kw = dict(num_workers=num_workers, caption_dropout_prob=0.3)
+    kw = dict(dataloader_num_workers=num_workers, caption_dropout_prob=0.3, min_size=RES)  # skips the small ones
     reference_run = loader([tmp_path], tokenizer, **kw)
     assert reference_run.batches_per_epoch == 12  # 48 samples / 4 (rounded down to whole batches per worker)
     n, m = 5, 10  # 5 + 10 crosses into epoch 1
@@ -365,7 +401,7 @@ def test_ranks_read_disjoint_shards_and_an_epoch_reads_every_sample_once(tmp_pat
     keys = write_shards(tmp_path, [8] * 8)
     per_rank = []
     for rank in (0, 1):
-        data = loader([tmp_path], tokenizer, rank=rank, world_size=2, num_workers=2, shuffle_buffer=100)
+        data = loader([tmp_path], tokenizer, rank=rank, world_size=2, dataloader_num_workers=2, shuffle_buffer=100)
         assert data.batches_per_epoch == 8  # 64 samples / (2 ranks x 2 workers x 4) = 4 per worker
         per_rank.append([k for b in take(data, 8) for k in b["keys"]])
     shards = [{k[:5] for k in ks} for ks in per_rank]
@@ -392,14 +428,14 @@ def test_uneven_shards_give_every_rank_the_same_batch_count(tmp_path, tokenizer)
 def test_too_few_shards_is_a_clear_error_at_start(tmp_path, tokenizer):
     write_shards(tmp_path, [8, 8, 8])
     with pytest.raises(ValueError, match=r"3 shard\(s\) for 2 rank\(s\) x 2 data worker\(s\) = 4 readers") as e:
-        loader([tmp_path], tokenizer, world_size=2, num_workers=2)
+        loader([tmp_path], tokenizer, world_size=2, dataloader_num_workers=2)
     for hint in ("more, smaller shards", "fewer workers", "resample_shards=True"):
         assert hint in str(e.value)
 
 
 def test_resampled_shards_allow_fewer_shards_than_readers(tmp_path, tokenizer):
     keys = write_shards(tmp_path, [10, 10])
-    data = loader([tmp_path], tokenizer, world_size=2, rank=1, num_workers=2, resample_shards=True)
+    data = loader([tmp_path], tokenizer, world_size=2, rank=1, dataloader_num_workers=2, resample_shards=True)
     assert data.batches_per_epoch == 2  # 20 samples / (2 ranks x 2 workers x 4) = 1 batch per worker
     batches = take(data, 5)
     assert {k for b in batches for k in b["keys"]} <= set(keys) and data.epoch == 2
@@ -434,20 +470,19 @@ def test_mixture_weights_from_sources_json(tmp_path, tokenizer):
 def test_mixture_weights_from_url_suffix(tmp_path, tokenizer):
     write_shards(tmp_path / "a", [50, 50])
     write_shards(tmp_path / "b", [50, 50], first_shard=2, seed=1)
-    batches = take(build_train_loader([f"{tmp_path / 'a'}/{{00000..00001}}.tar::0.1", f"{tmp_path / 'b'}::0.9"],
-                                      tokenizer=tokenizer, micro_batch_size=10, resolution=RES, num_workers=0,
-                                      shuffle_buffer=8), 20)
+    batches = take(loader([f"{tmp_path / 'a'}/{{00000..00001}}.tar::0.1", f"{tmp_path / 'b'}::0.9"], tokenizer,
+                          micro_batch_size=10, random_flip=False, caption_dropout_prob=0.1, seed=0), 20)
     assert 0.83 <= source_fraction(batches, 2) <= 0.96
 
 
 def test_batches_per_epoch_from_sizes_json_from_counting_or_given(tmp_path, tokenizer):
     write_shards(tmp_path, [12, 12, 12, 12])
-    assert loader([tmp_path], tokenizer, num_workers=2).batches_per_epoch == 12
+    assert loader([tmp_path], tokenizer, dataloader_num_workers=2).batches_per_epoch == 12
     (tmp_path / "sizes.json").write_text(json.dumps({f"{i:05d}.tar": 100 for i in range(4)}))
-    assert loader([tmp_path], tokenizer, num_workers=2).batches_per_epoch == 100  # read, not counted
+    assert loader([tmp_path], tokenizer, dataloader_num_workers=2).batches_per_epoch == 100  # read, not counted
     (tmp_path / "sizes.json").unlink()
-    assert loader([tmp_path], tokenizer, num_workers=2).batches_per_epoch == 12  # counted from the tars
-    glob = loader([f"{tmp_path}/*.tar"], tokenizer, num_workers=2, samples_per_epoch=20)
+    assert loader([tmp_path], tokenizer, dataloader_num_workers=2).batches_per_epoch == 12  # counted from the tars
+    glob = loader([f"{tmp_path}/*.tar"], tokenizer, dataloader_num_workers=2, samples_per_epoch=20)
     assert glob.batches_per_epoch == 4  # 20 // (2 workers x 4) = 2 per worker
 
 
