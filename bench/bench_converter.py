@@ -146,14 +146,14 @@ SECTION = "## 1. Converter vs gzip -dc"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data_dir", default=os.path.join(tempfile.gettempdir(), "sd_ds_bench_parts"))
-    p.add_argument("--samples_per_part", type=int, default=300)
-    p.add_argument("--parts", type=int, default=6, help="parts per process in the big run (default 6)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--max_processes", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = p.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_dir", default=os.path.join(tempfile.gettempdir(), "sd_ds_bench_parts"))
+    parser.add_argument("--samples_per_part", type=int, default=300)
+    parser.add_argument("--parts", type=int, default=6, help="parts per process in the big run (default 6)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max_processes", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    args = parser.parse_args()
 
     procs = list(range(1, args.max_processes + 1))
     parts = make_parts(Path(args.data_dir), args.parts * procs[-1], args.samples_per_part)

@@ -2,7 +2,9 @@
 
 Parts hold real JPEG/PNG/WebP bytes cut from scikit-image's photos and every kind of bad line. The tests
 check sample counts, member names and contents, stats by reason, sources.json, byte-identical output across
---processes, resume after a SIGKILL at several points, and that webdataset and tarfile read the same samples.
+--processes, resume after a SIGKILL at several points, and that webdataset and tarfile read the same samples;
+listed parts that are missing (skipped and counted, or refused with --strict) or repeated (converted once), and
+an unusable --output_dir (one line, exit 2). The frontier and the fault hook are also tested on their own.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import pytest
 from PIL import Image
 
 from laion_parts import Dataset, bad_lines, crops, encode, photo
+from sd_ds.convert.hooks import KILL_AT_ENV, SLOW_ENV, FaultInjection, no_hook
 from sd_ds.convert.image_header import PIL_MAX_IMAGE_PIXELS, ImageRejected, probe_image
 from sd_ds.convert.parts import (LAYOUTS, LineRejected, PartStreamError, decode_image_base64, iter_part_lines,
                                  read_file_list_list, read_filelist, split_line, write_part)
-from sd_ds.convert.tar_writing import tar_header
+from sd_ds.convert.planning import Frontier, PartSource
+from sd_ds.convert.tar_writing import PartSpan, tar_header
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "convert_laion_to_wds.py"
@@ -190,6 +194,38 @@ def test_tar_header_is_tarfiles():
         info = tarfile.TarInfo(name.decode())
         info.size, info.mode, info.uid, info.gid, info.uname, info.gname, info.mtime = size, 0o644, 0, 0, "", "", 0
         assert tar_header(name, size) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+def test_frontier_cuts_each_source_into_full_shards_in_input_order():
+    sources = [PartSource("a", 1.0, ("a0", "a1")), PartSource("b", 1.0, ("b0",))]
+    frontier = Frontier(sources, samples_per_shard=3, limit=None)
+    jobs = frontier.consume(5)  # a0: 5 samples; shard 0 is ready once a sample past it is known
+    assert [(j.shard, j.source_index, j.first_sample, j.end_sample) for j in jobs] == [(0, 0, 0, 3)]
+    assert (jobs[0].failures_from, jobs[0].failures_to) == (0, 3)
+    assert jobs[0].parts == (PartSpan(0, 0, 5, "a0"),)
+    jobs = frontier.consume(2) + frontier.consume(4)  # a1 ends source a (its last shard is short), b0 source b
+    assert [(j.shard, j.source_index, j.first_sample, j.end_sample) for j in jobs] == [
+        (1, 0, 3, 6), (2, 0, 6, 7), (3, 1, 0, 3), (4, 1, 3, 4)]
+    assert (jobs[0].failures_from, jobs[0].failures_to) == (4, 6) and jobs[1].failures_from == 7
+    assert jobs[1].parts == (PartSpan(1, 5, 2, "a1"),) and frontier.done
+    assert [(r.shards, r.samples) for r in frontier.results] == [([0, 1, 2], 7), ([3, 4], 4)]
+
+    limited = Frontier(sources, samples_per_shard=3, limit=4)
+    jobs = limited.consume(5)  # the limit falls inside a0: nothing after it is read or counted
+    assert [(j.first_sample, j.end_sample, j.failures_to) for j in jobs] == [(0, 3, 3), (3, 4, 3)]
+    assert limited.done and [r.excluded for r in limited.results] == [False, True]
+
+
+def test_fault_injection_hook():
+    assert FaultInjection.from_env({}) is no_hook
+    hook = FaultInjection.from_env({KILL_AT_ENV: "part:3", SLOW_ENV: "0.5"})
+    assert (hook.kill_point, hook.kill_count, hook.sleep_per_sample_s) == ("part", 3, 0.5)
+    assert FaultInjection.from_env({KILL_AT_ENV: "shard"}).kill_count == 1
+    code = ("import os; from sd_ds.convert.hooks import FaultInjection\n"
+            "hook = FaultInjection('part', 2)\nhook('sample'); hook('part'); print('alive', flush=True)\n"
+            "hook('part'); print('not reached')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == -signal.SIGKILL and proc.stdout == "alive\n", proc.stderr
 
 
 # --- the tool end to end ----------------------------------------------------------------------------------

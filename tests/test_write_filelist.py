@@ -1,4 +1,4 @@
-"""tools/write_filelist.py: the seed's 60,000-part filelist, custom patterns, and --check_exists."""
+"""tools/write_filelist.py: ppdiffusers' 60,000-part filelist, custom patterns, and --check_exists."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def run(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True, timeout=60)
 
 
-def test_default_is_the_seed_filelist(tmp_path):
+def test_default_is_the_ppdiffusers_filelist(tmp_path):
     out = tmp_path / "filelist" / "laion400m_en.filelist"
     proc = run(out)
     assert proc.returncode == 0, proc.stderr

@@ -57,38 +57,42 @@ DOC = __doc__.replace("{reasons}", textwrap.fill(", ".join(FAILURE_REASONS), 106
 
 def build_parser() -> argparse.ArgumentParser:
     summary, epilog = DOC.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=summary, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="*", metavar="PART", help="part files or globs (quote globs), gzip or plain")
-    p.add_argument("--file_list", action="append", default=[], metavar="LIST",
-                   help="a train.filelist.list: lines 'filelist_path [weight]' (repeatable)")
-    p.add_argument("--filelist", action="append", default=[], metavar="FILE",
-                   help="a filelist: one part path per line; weight 1.0 (repeatable)")
-    p.add_argument("--output_dir", required=True, help="folder for the shards (created; resumed if it holds a run)")
-    p.add_argument("--format", choices=["auto", "laion400m", "laion_aes"], default="auto",
-                   help="line layout. laion400m: caption, _, base64 image; laion_aes: JSON caption (caption_en, "
-                        "else blip_caption_en) in column 3, image in column 6; auto (default): decided per part "
-                        "from its first good line")
-    p.add_argument("--samples_per_shard", type=int, default=10000, help="samples per shard (default 10000)")
-    p.add_argument("--processes", type=int, default=available_cores(),
-                   help="worker processes (default: all cores, here %(default)s); does not change the output")
-    p.add_argument("--min_size", type=int, default=0, help="skip images whose shorter side is smaller (default 0)")
-    p.add_argument("--max_pixels", type=int, default=PIL_MAX_IMAGE_PIXELS,
-                   help="skip images with more pixels, width x height (decompression bombs); default PIL's "
-                        "MAX_IMAGE_PIXELS, %(default)s; 0: no limit")
-    p.add_argument("--max_side", type=int, default=0,
-                   help="downscale images whose longer side exceeds this and re-encode them as JPEG (default 0: off)")
-    p.add_argument("--resize_shorter_to", type=int, default=0,
-                   help="downscale images whose shorter side exceeds this to it, re-encoding as JPEG (default 0: off)")
-    p.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality of re-encoded images (default 95)")
-    p.add_argument("--limit", type=int, default=None, help="convert only the first N good samples (trials)")
-    p.add_argument("--inflate_thread", choices=["auto", "yes", "no"], default="auto",
-                   help="inflate each part in a thread beside its parser (auto, the default: when --processes "
-                        "leaves cores idle); never changes the output")
-    p.add_argument("--strict", action="store_true",
-                   help="refuse (exit 2) when a part listed in a filelist does not exist, instead of skipping it "
-                        "with a warning")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return p
+    parser = argparse.ArgumentParser(description=summary, epilog=epilog,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="*", metavar="PART", help="part files or globs (quote globs), gzip or plain")
+    parser.add_argument("--file_list", action="append", default=[], metavar="LIST",
+                        help="a train.filelist.list: lines 'filelist_path [weight]' (repeatable)")
+    parser.add_argument("--filelist", action="append", default=[], metavar="FILE",
+                        help="a filelist: one part path per line; weight 1.0 (repeatable)")
+    parser.add_argument("--output_dir", required=True,
+                        help="folder for the shards (created; resumed if it holds a run)")
+    parser.add_argument("--format", choices=["auto", "laion400m", "laion_aes"], default="auto",
+                        help="line layout. laion400m: caption, _, base64 image; laion_aes: JSON caption (caption_en, "
+                             "else blip_caption_en) in column 3, image in column 6; auto (default): decided per part "
+                             "from its first good line")
+    parser.add_argument("--samples_per_shard", type=int, default=10000, help="samples per shard (default 10000)")
+    parser.add_argument("--processes", type=int, default=available_cores(),
+                        help="worker processes (default: all cores, here %(default)s); does not change the output")
+    parser.add_argument("--min_size", type=int, default=0, help="skip images whose shorter side is smaller (default 0)")
+    parser.add_argument("--max_pixels", type=int, default=PIL_MAX_IMAGE_PIXELS,
+                        help="skip images with more pixels, width x height (decompression bombs); default PIL's "
+                             "MAX_IMAGE_PIXELS, %(default)s; 0: no limit")
+    parser.add_argument("--max_side", type=int, default=0,
+                        help="downscale images whose longer side exceeds this and re-encode them as JPEG "
+                             "(default 0: off)")
+    parser.add_argument("--resize_shorter_to", type=int, default=0,
+                        help="downscale images whose shorter side exceeds this to it, re-encoding as JPEG "
+                             "(default 0: off)")
+    parser.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality of re-encoded images (default 95)")
+    parser.add_argument("--limit", type=int, default=None, help="convert only the first N good samples (trials)")
+    parser.add_argument("--inflate_thread", choices=["auto", "yes", "no"], default="auto",
+                        help="inflate each part in a thread beside its parser (auto, the default: when --processes "
+                             "leaves cores idle); never changes the output")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse (exit 2) when a part listed in a filelist does not exist, instead of skipping it "
+                             "with a warning")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return parser
 
 
 def _print_paths(headline: str, paths: list[str], shown: int = 20) -> None:

@@ -283,8 +283,7 @@ def write_part(path: Union[str, Path], rows: Iterable[Row], fmt: str = "laion400
     newline added if missing, for malformed-input tests). Returns the number of lines."""
     lines = 0
     # stdlib gzip (zlib) writes what LAION's tools wrote; isal's writer only knows levels 0-3
-    opener = (lambda p: _gzip_std.open(p, "wb", compresslevel=compresslevel)) if gzip else (lambda p: open(p, "wb"))
-    with opener(path) as f:
+    with (_gzip_std.open(path, "wb", compresslevel=compresslevel) if gzip else open(path, "wb")) as f:
         for row in rows:
             if isinstance(row, (bytes, bytearray)):
                 line = bytes(row) if row.endswith(b"\n") else bytes(row) + b"\n"

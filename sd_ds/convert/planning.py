@@ -24,8 +24,8 @@ from sd_ds.convert.parts import LAYOUTS, part_size, read_file_list_list, read_fi
 from sd_ds.convert.tar_writing import PartSpan, ShardJob
 from sd_ds.fileio import write_json_atomic
 
-__all__ = ["ConvertOptions", "PartSource", "CollectedInputs", "collect_sources", "OutputDirError", "plan_record", "open_output",
-           "Frontier", "SourceResult", "WORK_DIR"]
+__all__ = ["ConvertOptions", "PartSource", "CollectedInputs", "collect_sources", "OutputDirError", "plan_record",
+           "open_output", "Frontier", "SourceResult", "WORK_DIR"]
 
 WORK_DIR = "_convert"  # OUT/_convert: the run's bookkeeping (lock, fragments, part records)
 OPTIONS_FILE = "convert_options.json"

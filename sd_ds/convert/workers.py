@@ -81,17 +81,18 @@ def _resize(image: bytes, info: ImageInfo, options: ConvertOptions) -> tuple[byt
 
     Image.MAX_IMAGE_PIXELS = options.max_pixels or None  # already enforced on the header; keep PIL consistent
     try:
-        with Image.open(io.BytesIO(image)) as im:
-            im.draft("RGB", size)  # JPEG: decode at a reduced DCT scale, much faster for large downscales
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                im = Image.new("RGB", rgba.size, (255, 255, 255))
-                im.paste(rgba, mask=rgba.getchannel("A"))
+        with Image.open(io.BytesIO(image)) as pil_image:
+            pil_image.draft("RGB", size)  # JPEG: decode at a reduced DCT scale, much faster for large downscales
+            has_alpha = pil_image.mode in ("RGBA", "LA", "PA")
+            if has_alpha or (pil_image.mode == "P" and "transparency" in pil_image.info):
+                rgba = pil_image.convert("RGBA")
+                pil_image = Image.new("RGB", rgba.size, (255, 255, 255))
+                pil_image.paste(rgba, mask=rgba.getchannel("A"))
             else:
-                im = im.convert("RGB")
-            im = im.resize(size, Image.LANCZOS)
+                pil_image = pil_image.convert("RGB")
+            pil_image = pil_image.resize(size, Image.LANCZOS)
             encoded = io.BytesIO()
-            im.save(encoded, format="JPEG", quality=options.jpeg_quality)
+            pil_image.save(encoded, format="JPEG", quality=options.jpeg_quality)
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageRejected("decode_error", str(e)) from None
     return encoded.getvalue(), ImageInfo("jpeg", *size)
