@@ -104,7 +104,7 @@ def _split_weight(entry: str) -> tuple[str, float]:
     return url, weight
 
 
-def _sizes_json_count(shards: Iterable[str]) -> Optional[int]:
+def sizes_json_count(shards: Iterable[str]) -> Optional[int]:
     """Samples in the shards according to the sizes.json beside them; None if any shard is not listed."""
     total, tables = 0, {}
     for shard in shards:
@@ -163,14 +163,14 @@ def parse_sources(train_shards: list[str]) -> list[ShardSource]:
                     samples = s.get("samples")
                     sources.append(ShardSource(f"{url}:{s.get('name', len(sources))}",
                                                float(s.get("weight", 1.0)) * weight, shards,
-                                               int(samples) if samples is not None else _sizes_json_count(shards)))
+                                               int(samples) if samples is not None else sizes_json_count(shards)))
             continue
         shards = tuple(sorted(str(p) for p in path.glob("*.tar"))) if path.is_dir() else tuple(_expand(url))
         missing = [s for s in shards if _is_local(s) and not os.path.isfile(s)]
         if not shards or missing:
             raise FileNotFoundError(f"--train_shards {entry!r}: no shards found"
                                     + (f" (missing: {', '.join(missing[:3])})" if missing else ""))
-        sources.append(ShardSource(url, weight, shards, _sizes_json_count(shards)))
+        sources.append(ShardSource(url, weight, shards, sizes_json_count(shards)))
     if not sources:
         raise ValueError("--train_shards: no sources (empty list, or sources.json lists no shards)")
     return sources

@@ -49,6 +49,69 @@ def write_tiny_shards(out_dir: Path, *, num_shards: int = 4, samples_per_shard: 
     return out_dir
 
 
+_PHOTOS: list = []
+
+
+def photos() -> list:
+    """Five of the photos scikit-image ships, as RGB PIL images."""
+    if not _PHOTOS:
+        from PIL import Image
+        from skimage import data as skdata
+
+        for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry"):
+            _PHOTOS.append(Image.fromarray(getattr(skdata, name)()[..., :3]))
+    return _PHOTOS
+
+
+def encode_image(img, fmt: str) -> bytes:
+    """A PIL image as JPEG (q90), PNG or WEBP bytes."""
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def photo_sample(key: str, rng: random.Random, *, size: Optional[tuple[int, int]] = None) -> dict:
+    """A webdataset sample: a random crop of a photo resized to `size` (default 36..80 px a side), caption, json."""
+    from PIL import Image
+
+    photo = rng.choice(photos())
+    w, h = size or (rng.randint(36, 80), rng.randint(36, 80))
+    side = int(min(photo.size) * rng.uniform(0.5, 1.0))
+    x, y = rng.randint(0, photo.width - side), rng.randint(0, photo.height - side)
+    img = photo.crop((x, y, x + side, y + side)).resize((w, h), Image.Resampling.LANCZOS)
+    fmt, ext = rng.choice([("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp")])
+    return {"__key__": key, ext: encode_image(img, fmt), "txt": f"a photo number {key}",
+            "json": json.dumps({"key": key, "width": w, "height": h})}
+
+
+def write_photo_shards(out: Path, shard_sizes: list[int], *, first_shard: int = 0, seed: int = 0,
+                       sizes_json: bool = True, special: Optional[dict[str, dict]] = None) -> list[str]:
+    """Photo samples in the converter layout: OUT/NNNNN.tar with 9-digit keys (shard*10^4 + index), sizes.json.
+    `special` replaces the sample of a key (corrupt, too small, ...). Returns all keys."""
+    import webdataset as wds
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    sizes, keys = {}, []
+    sizes_path = out / "sizes.json"
+    if sizes_path.is_file():
+        sizes = json.loads(sizes_path.read_text())
+    for shard, n in enumerate(shard_sizes, start=first_shard):
+        name = f"{shard:05d}.tar"
+        with wds.TarWriter(str(out / name)) as sink:
+            for i in range(n):
+                key = f"{shard * 10_000 + i:09d}"
+                sample = (special or {}).get(key) or photo_sample(key, rng)
+                sink.write({"__key__": key, **{k: v for k, v in sample.items() if k != "__key__"}})
+                keys.append(key)
+        sizes[name] = n
+    if sizes_json:
+        sizes_path.write_text(json.dumps(sizes))
+    return keys
+
+
 def make_tiny_model(out_dir: Path) -> Path:
     if not (out_dir / "model_index.json").is_file():
         subprocess.run([sys.executable, "-m", "sd_ds.init", "--output_dir", str(out_dir), "--preset", "tiny",

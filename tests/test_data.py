@@ -8,7 +8,6 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from PIL import Image
 
 from sd_ds.config import DataConfig
 from sd_ds.data import ImageTransform, build_train_loader, raise_if_raw_parts
+from tests.helpers import encode_image, photo_sample, photos, write_photo_shards
 
 RES = 32  # training resolution in these tests; images are 36..80 px photo crops
 
@@ -28,61 +28,6 @@ def tokenizer():
     from sd_ds.models import CLIP_TOKENIZER_DIR
 
     return CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR)
-
-
-_PHOTOS: list[Image.Image] = []
-
-
-def photos() -> list[Image.Image]:
-    if not _PHOTOS:
-        from skimage import data as skdata
-
-        for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry"):
-            _PHOTOS.append(Image.fromarray(getattr(skdata, name)()[..., :3]))
-    return _PHOTOS
-
-
-def encode(img: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buf.getvalue()
-
-
-def photo_sample(key: str, rng: random.Random, *, size: Optional[tuple[int, int]] = None) -> dict:
-    photo = rng.choice(photos())
-    w, h = size or (rng.randint(36, 80), rng.randint(36, 80))
-    side = int(min(photo.size) * rng.uniform(0.5, 1.0))
-    x, y = rng.randint(0, photo.width - side), rng.randint(0, photo.height - side)
-    img = photo.crop((x, y, x + side, y + side)).resize((w, h), Image.Resampling.LANCZOS)
-    fmt, ext = rng.choice([("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp")])
-    return {"__key__": key, ext: encode(img, fmt), "txt": f"a photo number {key}",
-            "json": json.dumps({"key": key, "width": w, "height": h})}
-
-
-def write_shards(out: Path, shard_sizes: list[int], *, first_shard: int = 0, seed: int = 0,
-                 sizes_json: bool = True, special: Optional[dict[str, dict]] = None) -> list[str]:
-    """Converter layout: OUT/NNNNN.tar with 9-digit keys (shard*10^4 + index), sizes.json. `special` replaces
-    the sample of a key (corrupt, too small, ...). Returns all keys."""
-    import webdataset as wds
-
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    sizes, keys = {}, []
-    sizes_path = out / "sizes.json"
-    if sizes_path.is_file():
-        sizes = json.loads(sizes_path.read_text())
-    for shard, n in enumerate(shard_sizes, start=first_shard):
-        name = f"{shard:05d}.tar"
-        with wds.TarWriter(str(out / name)) as sink:
-            for i in range(n):
-                key = f"{shard * 10_000 + i:09d}"
-                sample = (special or {}).get(key) or photo_sample(key, rng)
-                sink.write({"__key__": key, **{k: v for k, v in sample.items() if k != "__key__"}})
-                keys.append(key)
-        sizes[name] = n
-    if sizes_json:
-        sizes_path.write_text(json.dumps(sizes))
-    return keys
 
 
 def loader(shards, tokenizer, *, micro_batch_size: int = 4, seed: int = 7, rank: int = 0, world_size: int = 1,
@@ -116,7 +61,7 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
 # --- batches and transforms --------------------------------------------------------------------------
 
 def test_batch_layout_range_and_tokens(tmp_path, tokenizer):
-    write_shards(tmp_path, [10, 10])
+    write_photo_shards(tmp_path, [10, 10])
     batch = take(loader([tmp_path], tokenizer, caption_dropout_prob=0.0), 1)[0]
     px = batch["pixel_values"]
     assert px.shape == (4, 3, RES, RES) and px.dtype == torch.float32
@@ -135,7 +80,7 @@ def test_batch_layout_range_and_tokens(tmp_path, tokenizer):
 
 
 def test_caption_dropout_rate(tmp_path, tokenizer):
-    write_shards(tmp_path, [40, 40])
+    write_photo_shards(tmp_path, [40, 40])
     batches = take(loader([tmp_path], tokenizer, caption_dropout_prob=0.3, micro_batch_size=8), 10)
     dropped = sum(c == "" for b in batches for c in b["captions"])
     assert 12 <= dropped <= 36  # 80 draws at p=0.3: mean 24, sd 4.1
@@ -174,7 +119,7 @@ def images_by_key(shard_dir: Path) -> dict[str, Image.Image]:
 
 
 def test_center_crop_matches_plain_resize_then_crop_and_is_deterministic(tmp_path, tokenizer):
-    write_shards(tmp_path, [8, 8])
+    write_photo_shards(tmp_path, [8, 8])
     originals = images_by_key(tmp_path)
     a = take(loader([tmp_path], tokenizer, center_crop=True, random_flip=False, seed=1), 4)
     b = take(loader([tmp_path], tokenizer, center_crop=True, random_flip=False, seed=2), 4)
@@ -190,7 +135,7 @@ def test_center_crop_matches_plain_resize_then_crop_and_is_deterministic(tmp_pat
 
 
 def test_random_crop_and_flip_are_crops_of_the_resized_image(tmp_path, tokenizer):
-    write_shards(tmp_path, [8, 8])
+    write_photo_shards(tmp_path, [8, 8])
     originals = images_by_key(tmp_path)
     batches = take(loader([tmp_path], tokenizer, random_flip=True), 4)
     offsets, flips = set(), set()
@@ -209,7 +154,7 @@ def test_random_crop_and_flip_are_crops_of_the_resized_image(tmp_path, tokenizer
 def test_small_images_are_upscaled_unless_min_size_skips_them(tmp_path, tokenizer):
     rng = random.Random(3)
     small = {f"{i:09d}": photo_sample(f"{i:09d}", rng, size=(60, 24)) for i in (1, 4, 7, 9)}
-    keys = write_shards(tmp_path, [12], special=small)
+    keys = write_photo_shards(tmp_path, [12], special=small)
     originals = images_by_key(tmp_path)
 
     # Default, as the seed's transform: the shorter side is upscaled to int(R / 0.9), nothing is skipped.
@@ -230,14 +175,14 @@ def test_small_images_are_upscaled_unless_min_size_skips_them(tmp_path, tokenize
 
 def test_corrupt_samples_are_skipped_counted_and_warned_about_sparingly(tmp_path, tokenizer, caplog):
     rng = random.Random(4)
-    jpeg = encode(photos()[1].resize((64, 48)), "JPEG")
+    jpeg = encode_image(photos()[1].resize((64, 48)), "JPEG")
     special = {}
     for i in range(0, 28, 2):  # 14 undecodable: random bytes or a truncated image
         blob = bytes(rng.getrandbits(8) for _ in range(300)) if i % 4 else jpeg[: len(jpeg) // 2]
         special[f"{i:09d}"] = {"jpg": blob, "txt": "broken"}
     special.update({f"{i:09d}": {"txt": "no image", "json": "{}"} for i in (29, 31)})
-    special.update({f"{i:09d}": {"png": encode(photos()[0].resize((50, 50)), "PNG")} for i in (33, 35)})
-    keys = write_shards(tmp_path, [40 + 6], special=special)  # 18 bad, 28 good; the last sample is good
+    special.update({f"{i:09d}": {"png": encode_image(photos()[0].resize((50, 50)), "PNG")} for i in (33, 35)})
+    keys = write_photo_shards(tmp_path, [40 + 6], special=special)  # 18 bad, 28 good; the last sample is good
     caplog.set_level(logging.WARNING, logger="sd_ds.data")
     data = loader([tmp_path], tokenizer, shuffle_buffer=1, samples_per_epoch=28)
     seen = {k for b in take(data, 7) for k in b["keys"]}
@@ -250,7 +195,7 @@ def test_corrupt_samples_are_skipped_counted_and_warned_about_sparingly(tmp_path
 
 
 def test_truncated_shard_warns_and_continues(tmp_path, tokenizer):
-    keys = write_shards(tmp_path, [10, 10])
+    keys = write_photo_shards(tmp_path, [10, 10])
     shard = tmp_path / "00001.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     data = loader([tmp_path], tokenizer, samples_per_epoch=12)
@@ -261,7 +206,7 @@ def test_truncated_shard_warns_and_continues(tmp_path, tokenizer):
 
 def test_unusable_data_is_an_error_not_a_hang(tmp_path, tokenizer):
     rng = random.Random(5)
-    write_shards(tmp_path / "small", [4, 4], special={f"{s * 10_000 + i:09d}": photo_sample("s", rng, size=(20, 20))
+    write_photo_shards(tmp_path / "small", [4, 4], special={f"{s * 10_000 + i:09d}": photo_sample("s", rng, size=(20, 20))
                                                       for s in range(2) for i in range(4)})
     with pytest.raises(RuntimeError, match="in a row were unusable"):
         take(loader([tmp_path / "small"], tokenizer, min_size=RES), 1)
@@ -277,7 +222,7 @@ def test_unusable_data_is_an_error_not_a_hang(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("bad", ["zero_bytes", "not_a_tar"])
 def test_unreadable_shard_without_sizes_json_is_named_skipped_and_counted(tmp_path, tokenizer, caplog, bad):
-    keys = write_shards(tmp_path, [6, 6, 6], sizes_json=False)
+    keys = write_photo_shards(tmp_path, [6, 6, 6], sizes_json=False)
     broken = tmp_path / "00001.tar"
     broken.write_bytes(b"" if bad == "zero_bytes" else b"this is not a tar file" * 50)
     with caplog.at_level(logging.WARNING, logger="sd_ds.data"):
@@ -312,7 +257,7 @@ def bad_samples(rng: random.Random, shard_sizes: list[int]) -> dict[str, dict]:
 
 
 def test_same_seed_same_batches_other_seed_other_batches(tmp_path, tokenizer):
-    write_shards(tmp_path, [12, 12, 12])
+    write_photo_shards(tmp_path, [12, 12, 12])
     a = take(loader([tmp_path], tokenizer, seed=5), 4)
     assert_same_batches(a, take(loader([tmp_path], tokenizer, seed=5), 4))
     assert [b["keys"] for b in a] != [b["keys"] for b in take(loader([tmp_path], tokenizer, seed=6), 4)]
@@ -321,7 +266,7 @@ def test_same_seed_same_batches_other_seed_other_batches(tmp_path, tokenizer):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_is_exact_across_an_epoch_boundary(tmp_path, tokenizer, num_workers):
     sizes = [13, 11, 12, 12]
-    write_shards(tmp_path, sizes, special=bad_samples(random.Random(1), sizes))
+    write_photo_shards(tmp_path, sizes, special=bad_samples(random.Random(1), sizes))
     kw = dict(dataloader_num_workers=num_workers, caption_dropout_prob=0.3, min_size=RES)  # skips the small ones
     reference_run = loader([tmp_path], tokenizer, **kw)
     assert reference_run.batches_per_epoch == 12  # 48 samples / 4 (rounded down to whole batches per worker)
@@ -341,8 +286,8 @@ def test_resume_is_exact_across_an_epoch_boundary(tmp_path, tokenizer, num_worke
 
 
 def test_resume_is_exact_with_mixed_sources(tmp_path, tokenizer):
-    write_shards(tmp_path / "a", [10, 10])
-    write_shards(tmp_path / "b", [6, 6], first_shard=2, seed=1)
+    write_photo_shards(tmp_path / "a", [10, 10])
+    write_photo_shards(tmp_path / "b", [6, 6], first_shard=2, seed=1)
     shards = [tmp_path / "a", f"{tmp_path / 'b'}::3"]
     everything = take(loader(shards, tokenizer), 12)
     assert 0.3 < source_fraction(everything, 2) < 0.95  # both sources present (weights 1:3)
@@ -354,7 +299,7 @@ def test_resume_is_exact_with_mixed_sources(tmp_path, tokenizer):
 
 
 def test_resume_at_an_epoch_boundary_and_resume_of_a_resume(tmp_path, tokenizer):
-    write_shards(tmp_path, [12, 12])
+    write_photo_shards(tmp_path, [12, 12])
     everything = take(loader([tmp_path], tokenizer), 14)
     first = loader([tmp_path], tokenizer)
     take(first, 6)  # exactly one epoch
@@ -368,7 +313,7 @@ def test_resume_at_an_epoch_boundary_and_resume_of_a_resume(tmp_path, tokenizer)
 
 
 def test_resume_skips_raw_samples_without_decoding_them(tmp_path, tokenizer, monkeypatch):
-    write_shards(tmp_path, [24, 24])
+    write_photo_shards(tmp_path, [24, 24])
     first = loader([tmp_path], tokenizer)
     everything = take(first, 10)
     before = loader([tmp_path], tokenizer)
@@ -383,7 +328,7 @@ def test_resume_skips_raw_samples_without_decoding_them(tmp_path, tokenizer, mon
 
 
 def test_different_world_size_restarts_the_epoch_with_a_warning(tmp_path, tokenizer, caplog):
-    write_shards(tmp_path, [8, 8, 8, 8])
+    write_photo_shards(tmp_path, [8, 8, 8, 8])
     one_rank = loader([tmp_path], tokenizer)
     take(one_rank, 3)
     state = one_rank.state_dict()
@@ -398,7 +343,7 @@ def test_different_world_size_restarts_the_epoch_with_a_warning(tmp_path, tokeni
 # --- ranks, workers, shard counts --------------------------------------------------------------------
 
 def test_ranks_read_disjoint_shards_and_an_epoch_reads_every_sample_once(tmp_path, tokenizer):
-    keys = write_shards(tmp_path, [8] * 8)
+    keys = write_photo_shards(tmp_path, [8] * 8)
     per_rank = []
     for rank in (0, 1):
         data = loader([tmp_path], tokenizer, rank=rank, world_size=2, dataloader_num_workers=2, shuffle_buffer=100)
@@ -410,7 +355,7 @@ def test_ranks_read_disjoint_shards_and_an_epoch_reads_every_sample_once(tmp_pat
 
 
 def test_uneven_shards_give_every_rank_the_same_batch_count(tmp_path, tokenizer):
-    write_shards(tmp_path, [3, 20, 5, 12])  # rank 1 gets far fewer samples than rank 0 in some epochs
+    write_photo_shards(tmp_path, [3, 20, 5, 12])  # rank 1 gets far fewer samples than rank 0 in some epochs
     counts = []
     for rank in (0, 1):
         data = loader([tmp_path], tokenizer, rank=rank, world_size=2)
@@ -426,7 +371,7 @@ def test_uneven_shards_give_every_rank_the_same_batch_count(tmp_path, tokenizer)
 
 
 def test_too_few_shards_is_a_clear_error_at_start(tmp_path, tokenizer):
-    write_shards(tmp_path, [8, 8, 8])
+    write_photo_shards(tmp_path, [8, 8, 8])
     with pytest.raises(ValueError, match=r"3 shard\(s\) for 2 rank\(s\) x 2 data worker\(s\) = 4 readers") as e:
         loader([tmp_path], tokenizer, world_size=2, dataloader_num_workers=2)
     for hint in ("more, smaller shards", "fewer workers", "resample_shards=True"):
@@ -434,7 +379,7 @@ def test_too_few_shards_is_a_clear_error_at_start(tmp_path, tokenizer):
 
 
 def test_resampled_shards_allow_fewer_shards_than_readers(tmp_path, tokenizer):
-    keys = write_shards(tmp_path, [10, 10])
+    keys = write_photo_shards(tmp_path, [10, 10])
     data = loader([tmp_path], tokenizer, world_size=2, rank=1, dataloader_num_workers=2, resample_shards=True)
     assert data.batches_per_epoch == 2  # 20 samples / (2 ranks x 2 workers x 4) = 1 batch per worker
     batches = take(data, 5)
@@ -458,8 +403,8 @@ def source_fraction(batches: list[dict], first_shard: int) -> float:
 
 
 def test_mixture_weights_from_sources_json(tmp_path, tokenizer):
-    write_shards(tmp_path, [50, 50])
-    write_shards(tmp_path, [50, 50], first_shard=2, seed=1)
+    write_photo_shards(tmp_path, [50, 50])
+    write_photo_shards(tmp_path, [50, 50], first_shard=2, seed=1)
     (tmp_path / "sources.json").write_text(json.dumps({"sources": [
         {"name": "big", "weight": 0.9, "shards": ["00000.tar", "00001.tar"], "samples": 100},
         {"name": "rare", "weight": 0.1, "shards": ["00002.tar", "00003.tar"], "samples": 100}]}))
@@ -468,15 +413,15 @@ def test_mixture_weights_from_sources_json(tmp_path, tokenizer):
 
 
 def test_mixture_weights_from_url_suffix(tmp_path, tokenizer):
-    write_shards(tmp_path / "a", [50, 50])
-    write_shards(tmp_path / "b", [50, 50], first_shard=2, seed=1)
+    write_photo_shards(tmp_path / "a", [50, 50])
+    write_photo_shards(tmp_path / "b", [50, 50], first_shard=2, seed=1)
     batches = take(loader([f"{tmp_path / 'a'}/{{00000..00001}}.tar::0.1", f"{tmp_path / 'b'}::0.9"], tokenizer,
                           micro_batch_size=10, random_flip=False, caption_dropout_prob=0.1, seed=0), 20)
     assert 0.83 <= source_fraction(batches, 2) <= 0.96
 
 
 def test_batches_per_epoch_from_sizes_json_from_counting_or_given(tmp_path, tokenizer):
-    write_shards(tmp_path, [12, 12, 12, 12])
+    write_photo_shards(tmp_path, [12, 12, 12, 12])
     assert loader([tmp_path], tokenizer, dataloader_num_workers=2).batches_per_epoch == 12
     (tmp_path / "sizes.json").write_text(json.dumps({f"{i:05d}.tar": 100 for i in range(4)}))
     assert loader([tmp_path], tokenizer, dataloader_num_workers=2).batches_per_epoch == 100  # read, not counted
@@ -487,7 +432,7 @@ def test_batches_per_epoch_from_sizes_json_from_counting_or_given(tmp_path, toke
 
 
 def test_missing_shards_are_an_error(tmp_path, tokenizer):
-    write_shards(tmp_path, [4, 4])
+    write_photo_shards(tmp_path, [4, 4])
     with pytest.raises(FileNotFoundError, match="missing"):
         loader([f"{tmp_path}/{{00000..00003}}.tar"], tokenizer)
 
@@ -506,5 +451,5 @@ def test_raw_parts_file_list_names_the_converter(tmp_path):
     assert "--train_shards SHARDS" in message
     assert message.index("--output_dir SHARDS") < message.index("--train_shards SHARDS")
 
-    write_shards(tmp_path / "shards", [2])
+    write_photo_shards(tmp_path / "shards", [2])
     assert raise_if_raw_parts(str(tmp_path / "shards")) is None  # shards, not raw parts

@@ -1,0 +1,520 @@
+"""Encode image shards once with the frozen VAE: latent shards that the trainer reads instead of images.
+
+    python -m sd_ds.encode_latents --train_shards SRC... --output_dir DST --pretrained_model_name_or_path M \\
+        [--vae_name_or_path V] --resolution 256 [--flip_variants] [--batch_size 32] [--dtype fp16|bf16]
+    torchrun --nproc_per_node 8 -m sd_ds.encode_latents ...              # every local GPU
+    deepspeed --hostfile HOSTFILE --module sd_ds.encode_latents ...       # several nodes, as training
+
+Then train with ``--train_shards DST``. Why: the VAE encoder costs about half of a UNet training step's FLOPs
+per image, and the JPEG pipeline about 150 images/s per CPU core; the cache pays both once.
+
+Work split: every source shard (in ``--train_shards`` order) goes to rank ``index % WORLD_SIZE`` (RANK and
+WORLD_SIZE from torchrun / the deepspeed launcher; one process alone is rank 0 of 1). A rank reads its shards
+with its data-loader workers through the trainer's own ``ImageTransform`` (centre crop, no flip, the same skips),
+encodes them on its device (``cuda:LOCAL_RANK``, else the CPU) and writes one output shard per source shard.
+
+DST after a finished run:
+
+    NNNNN.tar      per source shard of the same name (none when no sample of it could be encoded), its samples
+                   with the same keys: .txt and .json as in the source, .moments = the VAE posterior's mean then
+                   log-variance channels [2C, R/f, R/f] as raw little-endian fp16 (or bf16) bytes — the
+                   distribution, not a sample, so training still draws a fresh latent each step as the online path
+                   does; with --flip_variants also .moments_flip, the horizontally flipped image's
+    sizes.json     samples per output shard
+    latents.json   the manifest: what a trainer checks (resolution, crop, dtype, shape, the VAE's config, weight
+                   fingerprint and scaling_factor) and what was done (sources with their mixture weights and sample
+                   counts, skips by reason, per shard)
+    .encode/       the plan (the settings a rerun must match) and one record per finished shard
+
+Resumable per shard: a shard is written under a temporary name and renamed into place, then recorded; a rerun
+skips recorded shards and redoes the rest. Batches never span two shards and each shard's batches are the same
+whatever the rank count, so the output bytes depend neither on the ranks nor on interruptions (same hardware
+and software). Whichever rank records the last shard writes the manifest; no process group is needed.
+
+The module also holds the VAE side of latent training that the trainer shares: ``encode_moments`` (the one
+pixels → moments path), ``sample_latents`` (moments → scaled latents, as diffusers samples them),
+``vae_fingerprint`` and ``check_latent_manifest``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import torch
+
+from sd_ds.data import (LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MOMENTS, MOMENTS_FLIPPED, ImageTransform,
+                        ShardSource, SkipLog, SkipSample, parse_sources, read_latent_manifest,
+                        sizes_json_count)
+from sd_ds.fileio import temporary_path, write_json_atomic
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+logger = logging.getLogger("sd_ds.encode_latents")
+
+FORMAT = "sd-ds latent shards"
+VERSION = 1
+KILL_AT_ENV = "SD_DS_ENCODE_KILL_AT"
+"""Test hook, ``point:n``: SIGKILL this process at the n-th ``batch`` (a batch written into a shard's temporary
+file) or ``shard`` (a shard renamed into place, not yet recorded)."""
+# log-variance range DiagonalGaussianDistribution clamps to: stored clamped, so fp16 cannot overflow on it.
+LOGVAR_RANGE = (-30.0, 20.0)
+VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --- the VAE side, shared with the trainer -----------------------------------------------------------
+
+@torch.no_grad()
+def encode_moments(vae: "AutoencoderKL", pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [B,3,R,R] (on the VAE's device) → the posterior's moments [B, 2C, R/f, R/f] in the VAE's
+    dtype: mean channels, then log-variance channels (DiagonalGaussianDistribution's ``parameters``)."""
+    x = pixels.to(vae.dtype).div_(127.5).sub_(1.0)  # [-1, 1], as the trainer normalises
+    return vae.encode(x).latent_dist.parameters
+
+
+def sample_latents(moments: torch.Tensor, generator: Optional[torch.Generator],
+                   scaling_factor: float) -> torch.Tensor:
+    """A latent drawn from stored (or freshly encoded) moments, scaled as diffusers' training scripts do:
+    ``DiagonalGaussianDistribution(moments).sample(generator) * scaling_factor``, in float32 so that the noise
+    drawn does not depend on the dtype the moments travel in. [B, C, R/f, R/f]"""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    return DiagonalGaussianDistribution(moments.float()).sample(generator) * scaling_factor
+
+
+def vae_fingerprint(vae: "AutoencoderKL") -> str:
+    """sha256 over the VAE's state dict (names, shapes, float32 values) as loaded: call it before casting."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            raise ValueError(f"vae_fingerprint: {name} is {tensor.dtype}; fingerprint the VAE as loaded (float32), "
+                             f"before it is cast to the training dtype")
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(data.shape)}:{data.dtype};".encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def _vae_config(vae: "AutoencoderKL") -> dict:
+    """The config that shapes the latents: diffusers' bookkeeping (``_...``) and scaling_factor left out."""
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_") and k != "scaling_factor"}
+    return json.loads(json.dumps(config, default=str))  # tuples → lists, as read back from JSON
+
+
+def vae_record(vae: "AutoencoderKL") -> dict:
+    return {"config": _vae_config(vae), "weights_sha256": vae_fingerprint(vae),
+            "scaling_factor": float(vae.config.scaling_factor)}
+
+
+def latent_shape(vae: "AutoencoderKL", resolution: int) -> list[int]:
+    """[2C, R/f, R/f]: f = 2 per down block after the first (8 for SD's VAE, 4 for the tiny preset's)."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return [2 * vae.config.latent_channels, resolution // factor, resolution // factor]
+
+
+def check_latent_manifest(manifest: dict, vae: "AutoencoderKL", resolution: int) -> None:
+    """A clear error when latent shards were made otherwise than this run would make its latents: another
+    resolution, VAE config, VAE weights or scaling_factor. Call with the VAE as loaded (float32, before casting)."""
+    where = f"latent shards ({manifest.get('output_dir', 'the --train_shards directory')})"
+    fix = ("encode the image shards again with this run's VAE and --resolution (python -m sd_ds.encode_latents), "
+           "or train with the VAE and resolution the shards were made with")
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise ValueError(f"{where}: format {manifest.get('format')!r} version {manifest.get('version')!r}, this "
+                         f"trainer reads {FORMAT!r} version {VERSION}; encode them again")
+    if manifest["resolution"] != resolution:
+        raise ValueError(f"{where} were encoded at --resolution {manifest['resolution']}, this run trains at "
+                         f"{resolution}: {fix}")
+    saved, now = manifest["vae"], vae_record(vae)
+    if saved["scaling_factor"] != now["scaling_factor"]:
+        raise ValueError(f"{where} were encoded for a VAE with scaling_factor {saved['scaling_factor']}, this run's "
+                         f"VAE has {now['scaling_factor']}: {fix}")
+    if saved["config"] != now["config"]:
+        differ = sorted(k for k in set(saved["config"]) | set(now["config"])
+                        if saved["config"].get(k) != now["config"].get(k))
+        raise ValueError(f"{where} were encoded with another VAE config (differs in {', '.join(differ)}): {fix}")
+    if saved["weights_sha256"] != now["weights_sha256"]:
+        raise ValueError(f"{where} were encoded with other VAE weights (sha256 {saved['weights_sha256'][:12]}..., "
+                         f"this run's VAE {now['weights_sha256'][:12]}...): {fix}")
+
+
+# --- plan: what a run encodes, and what a rerun must match --------------------------------------------
+
+class EncodeError(RuntimeError):
+    """A problem with the arguments or the output directory; the CLI exits 2 with the message."""
+
+
+def _output_name(url: str) -> str:
+    return os.path.basename(url.split("?", 1)[0]) or url
+
+
+def build_plan(sources: list[ShardSource], vae: "AutoencoderKL", *, resolution: int, min_size: Optional[int],
+               dtype: str, flip_variants: bool, vae_dtype: str, batch_size: int) -> dict:
+    """Everything that decides the output bytes; a rerun into the same directory must have the same plan."""
+    names: dict[str, str] = {}
+    for source in sources:
+        for url in source.shards:
+            name = _output_name(url)
+            if name in names:
+                raise EncodeError(f"two source shards would write the same output shard {name!r} ({names[name]} and "
+                                  f"{url}): encode each source into its own --output_dir and train with both "
+                                  f"(--train_shards DST1::w1 DST2::w2)")
+            names[name] = url
+    return {
+        "format": FORMAT, "version": VERSION, "resolution": resolution, "crop": "center", "min_size": min_size,
+        "dtype": dtype, "shape": latent_shape(vae, resolution), "byte_order": "little",
+        "flip_variants": flip_variants, "vae": vae_record(vae), "vae_dtype": vae_dtype, "batch_size": batch_size,
+        "sources": [{"name": s.name, "weight": s.weight, "source_samples": s.samples,
+                     "shards": [[url, _output_name(url)] for url in s.shards]} for s in sources],
+    }
+
+
+def _first_difference(a: Any, b: Any, where: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{where}.{k}" if where else k)
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(x, y, f"{where}[{i}]")
+    return f"{where}: {json.dumps(a)[:100]} (now {json.dumps(b)[:100]})"
+
+
+def open_output(out: Path, plan: dict) -> None:
+    """Create DST with its plan, or check that an existing one was started with the same plan."""
+    try:
+        (out / LATENT_WORK_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EncodeError(f"--output_dir {out}: cannot create it ({e})") from None
+    plan_path = out / LATENT_WORK_DIR / "plan.json"
+    if plan_path.is_file():
+        saved = json.loads(plan_path.read_text())
+        if saved != plan:
+            raise EncodeError(f"--output_dir {out} holds an encoding made with other settings ("
+                              f"{_first_difference(saved, plan)}); rerun with the same settings to finish it, or "
+                              f"use a new --output_dir")
+        return
+    if any(out.glob("*.tar")):
+        raise EncodeError(f"--output_dir {out} already holds .tar files but no encoding plan: use an empty directory")
+    write_json_atomic(plan_path, plan)  # every rank writes the same bytes; the rename is atomic
+
+
+def _record_path(out: Path, name: str) -> Path:
+    return out / LATENT_WORK_DIR / f"{name}.json"
+
+
+def _done(out: Path, name: str) -> Optional[dict]:
+    """The shard's record if it is finished (its tar in place when it has samples), else None."""
+    path = _record_path(out, name)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record["samples"] == 0 or (out / name).is_file() else None
+
+
+def finalize(out: Path, plan: dict) -> Optional[dict]:
+    """Write sizes.json and the manifest when every shard is recorded (any rank may; all write the same
+    bytes). Returns the manifest, or None while shards are missing."""
+    records, skipped = {}, collections.Counter()
+    for source in plan["sources"]:
+        for url, name in source["shards"]:
+            record = _done(out, name)
+            if record is None:
+                return None
+            records[name] = record
+            skipped.update(record["skipped"])
+    sources = []
+    for source in plan["sources"]:
+        names = [name for _, name in source["shards"] if records[name]["samples"] > 0]
+        sources.append({"name": source["name"], "weight": source["weight"], "shards": names,
+                        "samples": sum(records[n]["samples"] for n in names),
+                        "source_samples": source["source_samples"]})
+    manifest = {k: v for k, v in plan.items() if k != "sources"}
+    manifest.update({
+        "members": {MOMENTS: "mean then log-variance channels of the VAE posterior, raw bytes, shape and dtype "
+                             "above",
+                    MOMENTS_FLIPPED: "the same for the horizontally flipped image" if plan["flip_variants"] else None,
+                    "txt": "caption, as in the source", "json": "metadata, as in the source (when it had one)"},
+        "sources": sources, "samples": sum(s["samples"] for s in sources), "skipped": dict(sorted(skipped.items())),
+        "shards": records,
+    })
+    write_json_atomic(out / "sizes.json", {n: r["samples"] for n, r in records.items() if r["samples"] > 0})
+    write_json_atomic(out / LATENT_MANIFEST, manifest)
+    return manifest
+
+
+# --- reading and writing shards ----------------------------------------------------------------------
+
+class ShardImages(torch.utils.data.IterableDataset):
+    """A rank's shards, each data-loader worker taking every num_workers-th: per shard, batches of centre-cropped
+    uint8 images in the shard's order, the last one flagged with the shard's skip counts."""
+
+    def __init__(self, shards: list[tuple[str, str]], transform: ImageTransform, batch_size: int) -> None:
+        self.shards, self.transform, self.batch_size = shards, transform, batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        import webdataset as wds
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        log = SkipLog(f"encode worker {worker}")  # warns about the first few of each reason, counts all
+        unused_rng = random.Random(0)  # a centre crop without flip draws nothing
+        for url, name in self.shards[worker::workers]:
+            skipped: collections.Counter[str] = collections.Counter()
+
+            def tar_error(exn: Exception) -> bool:
+                skipped["tar_errors"] += 1
+                return log.tar_error(exn)
+
+            batch: list[tuple[str, torch.Tensor, bytes, Optional[bytes]]] = []
+            for sample in wds.tarfile_samples([{"url": url}], handler=tar_error):
+                try:
+                    img, _ = self.transform.decode(sample)
+                except SkipSample as skip:
+                    skipped[skip.reason] += 1
+                    log.skip(skip.reason, f"{url}:{sample['__key__']}: {skip}")
+                    continue
+                batch.append((sample["__key__"], self.transform(img, unused_rng), sample["txt"], sample.get("json")))
+                if len(batch) == self.batch_size:
+                    yield self._pack(name, batch, None)
+                    batch = []
+            yield self._pack(name, batch, dict(skipped))
+
+    def _pack(self, name: str, batch: list, skipped: Optional[dict]) -> dict:
+        r = self.transform.resolution
+        return {"name": name, "keys": [b[0] for b in batch], "txt": [b[2] for b in batch],
+                "json": [b[3] for b in batch], "last": skipped is not None, "skipped": skipped or {},
+                "pixels": torch.stack([b[1] for b in batch]) if batch else torch.empty(0, 3, r, r, dtype=torch.uint8)}
+
+
+class LatentShardWriter:
+    """One output shard, streamed into a temporary file and renamed into place when complete. Tar headers carry
+    no time, owner or mode from the machine, so the bytes depend only on the members."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.tmp = path, temporary_path(path)
+        self.file = open(self.tmp, "wb")
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.GNU_FORMAT)
+        self.samples = 0
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        for ext, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                len(data), 0, 0o444, 0, 0, "", "")
+            self.tar.addfile(info, io.BytesIO(data))
+        self.samples += 1
+
+    def commit(self) -> None:
+        self.tar.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.tar.close()
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _kill_hook() -> Any:
+    point, _, count = os.environ.get(KILL_AT_ENV, "").partition(":")
+    seen: collections.Counter[str] = collections.Counter()
+
+    def hook(at: str) -> None:
+        if at == point:
+            seen[at] += 1
+            if seen[at] == int(count or 1):
+                os.kill(os.getpid(), signal.SIGKILL)
+    return hook
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.int16).numpy().tobytes()  # 2-byte dtypes; little-endian on every CPU we run
+
+
+# --- the run -----------------------------------------------------------------------------------------
+
+def load_vae(pretrained_model_name_or_path: Optional[str], vae_name_or_path: Optional[str]) -> "AutoencoderKL":
+    from diffusers import AutoencoderKL
+
+    from sd_ds.models import from_pretrained
+
+    if vae_name_or_path:
+        return from_pretrained(AutoencoderKL, "VAE", vae_name_or_path)
+    if pretrained_model_name_or_path:
+        return from_pretrained(AutoencoderKL, "VAE", pretrained_model_name_or_path, "vae")
+    raise EncodeError("no VAE given: pass --pretrained_model_name_or_path (a model directory with vae/) or "
+                      "--vae_name_or_path")
+
+
+def encode(args: argparse.Namespace) -> int:
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # The same algorithms for the same batch on every run: the bytes must not depend on which rank encodes.
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    out = Path(args.output_dir)
+    if read_latent_manifest(list(args.train_shards)) is not None:
+        raise EncodeError("--train_shards names latent shards: the encoder reads image shards")
+    sources = parse_sources(list(args.train_shards))
+    vae = load_vae(args.pretrained_model_name_or_path, args.vae_name_or_path)
+    vae.requires_grad_(False).eval()
+    plan = build_plan(sources, vae, resolution=args.resolution, min_size=args.min_size, dtype=args.dtype,
+                      flip_variants=args.flip_variants, vae_dtype=args.vae_dtype, batch_size=args.batch_size)
+    open_output(out, plan)
+    vae.to(device)
+    if args.vae_dtype != "fp32":
+        vae.to(VAE_DTYPES[args.vae_dtype])
+
+    every = [(url, name) for s in plan["sources"] for url, name in s["shards"]]
+    mine = [shard for i, shard in enumerate(every) if i % world_size == rank]
+    todo = [(url, name) for url, name in mine if _done(out, name) is None]
+    for _, name in todo:  # half-written shards of an interrupted run of this rank's share
+        for stale in out.glob(f".{name}.tmp.*"):
+            stale.unlink(missing_ok=True)
+    logger.info("rank %d of %d: %d of %d shard(s) to encode (%d already done) on %s", rank, world_size, len(todo),
+                len(mine), len(mine) - len(todo), device)
+
+    transform = ImageTransform(args.resolution, center_crop=True, random_flip=False, min_size=args.min_size)
+    workers = args.dataloader_num_workers
+    loader = torch.utils.data.DataLoader(
+        ShardImages(todo, transform, args.batch_size), batch_size=None, num_workers=min(workers, len(todo)),
+        pin_memory=device.type == "cuda", prefetch_factor=4 if min(workers, len(todo)) > 0 else None)
+    store_dtype = LATENT_DTYPES[args.dtype]
+    hook = _kill_hook()
+    total = _known_samples(todo)
+    progress = _progress(total, disable=args.disable_tqdm or rank != 0)
+    writers: dict[str, LatentShardWriter] = {}
+    urls = {name: url for url, name in todo}
+    nonfinite: collections.Counter[str] = collections.Counter()  # per shard
+    encoded, skipped, started = 0, collections.Counter(), time.perf_counter()
+    try:
+        for item in loader:
+            name = item["name"]
+            writer = writers.get(name) or writers.setdefault(name, LatentShardWriter(out / name))
+            if item["keys"]:
+                pixels = item["pixels"].to(device, non_blocking=True)
+                variants = {MOMENTS: _to_store(encode_moments(vae, pixels), store_dtype)}
+                if args.flip_variants:
+                    variants[MOMENTS_FLIPPED] = _to_store(encode_moments(vae, pixels.flip(-1)), store_dtype)
+                finite = torch.stack([torch.isfinite(m).flatten(1).all(1) for m in variants.values()]).all(0)
+                for i, key in enumerate(item["keys"]):
+                    if not finite[i]:  # a VAE in fp16 can overflow; training must not see it
+                        nonfinite[name] += 1
+                        continue
+                    members = {"txt": item["txt"][i]}
+                    if item["json"][i] is not None:
+                        members["json"] = item["json"][i]
+                    members.update({ext: _raw(m[i]) for ext, m in variants.items()})
+                    writer.add(key, members)
+                encoded += int(finite.sum())
+                progress.update(len(item["keys"]))
+                hook("batch")
+            if item["last"]:
+                shard_skipped = collections.Counter(item["skipped"])
+                shard_skipped["nonfinite_moments"] += nonfinite.pop(name, 0)
+                shard_skipped = +shard_skipped  # drops zero counts
+                skipped.update(shard_skipped)
+                writer = writers.pop(name)
+                if writer.samples:
+                    writer.commit()
+                    hook("shard")
+                else:
+                    writer.abort()  # nothing to train on: no file; the record says 0 samples
+                write_json_atomic(_record_path(out, name), {"source": urls[name], "samples": writer.samples,
+                                                            "skipped": dict(sorted(shard_skipped.items()))})
+                progress.set_postfix(skipped=sum(skipped.values()), refresh=False)
+    finally:
+        for writer in writers.values():
+            writer.abort()
+        progress.close()
+    elapsed = time.perf_counter() - started
+    manifest = finalize(out, plan)
+    logger.info("rank %d: encoded %d images from %d shard(s) in %.1f s (%.1f images/s), skipped %s; %s", rank,
+                encoded, len(todo), elapsed, encoded / max(elapsed, 1e-9), dict(skipped) or "none",
+                f"{out / LATENT_MANIFEST} written: {manifest['samples']} samples" if manifest else
+                "other ranks are still encoding (the last one to finish writes the manifest)")
+    return 0
+
+
+def _to_store(moments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mean, logvar = moments.float().chunk(2, dim=1)
+    return torch.cat([mean, logvar.clamp(*LOGVAR_RANGE)], dim=1).to(dtype).cpu()  # [B, 2C, R/f, R/f]
+
+
+def _known_samples(shards: list[tuple[str, str]]) -> Optional[int]:
+    return sizes_json_count(url for url, _ in shards)
+
+
+def _progress(total: Optional[int], disable: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="encoding", disable=disable, dynamic_ncols=True, smoothing=0.1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sd_ds.encode_latents", description=__doc__.split("\n\n")[0],
+        epilog="Several ranks: launch with torchrun or the deepspeed launcher (RANK/WORLD_SIZE/LOCAL_RANK); "
+               "each takes every WORLD_SIZE-th shard. Rerun the same command to resume.")
+    p.add_argument("--train_shards", nargs="+", required=True,
+                   help="image shards as the trainer takes them: directories (a converter output's sources.json "
+                        "weights are kept), brace URLs, globs, URL::weight")
+    p.add_argument("--output_dir", required=True, help="where the latent shards and latents.json go")
+    p.add_argument("--pretrained_model_name_or_path", help="model directory or hub id with a vae/ subfolder")
+    p.add_argument("--vae_name_or_path", help="VAE override (path or hub id), as the trainer's flag")
+    p.add_argument("--resolution", type=int, default=256, help="training resolution (centre crops) (default: 256)")
+    p.add_argument("--min_size", type=int, default=None,
+                   help="skip (and count) images whose shorter side is smaller; default: none, smaller images are "
+                        "upscaled as in training")
+    p.add_argument("--flip_variants", action="store_true",
+                   help="also store the horizontally flipped image's moments, so that --random_flip works")
+    p.add_argument("--batch_size", type=int, default=32, help="images per VAE forward on each device (default: 32)")
+    p.add_argument("--dtype", choices=sorted(LATENT_DTYPES), default="fp16",
+                   help="how the moments are stored (default: fp16)")
+    p.add_argument("--vae_dtype", choices=sorted(VAE_DTYPES), default="fp32",
+                   help="precision the VAE encoder runs in (default: fp32)")
+    p.add_argument("--dataloader_num_workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 1)),
+                   help="image-decoding worker processes per rank (default: cores - 1, at most 8)")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    p.add_argument("--disable_tqdm", action="store_true", help="no progress bar")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resolution <= 0 or args.resolution % 8 or args.batch_size < 1 or args.dataloader_num_workers < 0:
+        parser.error("--resolution must be a positive multiple of 8, --batch_size >= 1, --dataloader_num_workers >= 0")
+    if args.min_size is not None and args.min_size < 1:
+        parser.error("--min_size must be >= 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return encode(args)
+    except (EncodeError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
