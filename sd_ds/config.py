@@ -113,6 +113,11 @@ class OptimConfig:
     lr_scheduler_type: str = _f("constant", "Learning-rate schedule (diffusers.optimization.get_scheduler).", choices=LR_SCHEDULES)
     warmup_steps: int = _f(0, "Linear warm-up steps.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm; -1 (or 0) turns clipping off.")
+    max_consecutive_skipped_steps: int = _f(
+        100, "Stop with an error (the newest checkpoint keeps the last good weights) after this many optimizer "
+        "steps in a row were skipped for non-finite gradients; 0 = never stop. 100 is well above the streak "
+        "fp16's dynamic loss scale may skip while it settles (one halving per skip, from 2^16 down: at most "
+        "~16-32), and a handful of bad batches; a real divergence skips every step from then on.")
     bf16: Optional[bool] = _f(None, "bfloat16 mixed precision (the default unless --fp16).")
     fp16: bool = _f(False, "float16 mixed precision with dynamic loss scaling (ds_configs/zero2_fp16.json).")
     fp16_opt_level: str = _f(
@@ -183,6 +188,7 @@ class TrainConfig:
             raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
         if self.max_steps < 1:
             raise ValueError("--max_steps must be >= 1")
+        self._check_ranges()
         lg = self.logging
         if lg.logging_steps < 1:
             raise ValueError("--logging_steps must be >= 1")
@@ -193,6 +199,44 @@ class TrainConfig:
             raise ValueError("--save_total_limit must be >= 1")
         if not 0.0 <= self.data.caption_dropout_prob <= 1.0:
             raise ValueError("--caption_dropout_prob must be in [0, 1]")
+
+    def _check_ranges(self) -> None:
+        """Reject values that would fail later (a ZeroDivisionError after the first step, a traceback deep in
+        the data pipeline) or train something else than asked, with the rule; the parser exits 2."""
+        d, o, e, lg, c = self.data, self.optim, self.ema, self.logging, self.checkpoint
+        rules = [
+            (c.save_steps >= 1, f"--save_steps must be >= 1 (got {c.save_steps})"),
+            (d.resolution > 0 and d.resolution % 8 == 0,
+             f"--resolution must be a positive multiple of 8, the VAE's downsampling factor (got {d.resolution})"),
+            (d.min_size is None or d.min_size >= 1, f"--min_size must be >= 1 (got {d.min_size})"),
+            (d.dataloader_num_workers >= 0, f"--dataloader_num_workers must be >= 0 (got {d.dataloader_num_workers})"),
+            (d.samples_per_epoch is None or d.samples_per_epoch >= 1,
+             f"--samples_per_epoch must be >= 1 (got {d.samples_per_epoch})"),
+            (self.model.model_max_length >= 1, f"--model_max_length must be >= 1 (got {self.model.model_max_length})"),
+            (lg.image_logging_steps >= 0, f"--image_logging_steps must be >= 0; 0 = off (got {lg.image_logging_steps})"),
+            (lg.num_inference_steps >= 1, f"--num_inference_steps must be >= 1 (got {lg.num_inference_steps})"),
+            (o.learning_rate > 0, f"--learning_rate must be > 0 (got {o.learning_rate})"),
+            (o.unet_learning_rate is None or o.unet_learning_rate > 0,
+             f"--unet_learning_rate must be > 0 (got {o.unet_learning_rate})"),
+            (o.text_encoder_learning_rate is None or o.text_encoder_learning_rate > 0,
+             f"--text_encoder_learning_rate must be > 0 (got {o.text_encoder_learning_rate})"),
+            (o.warmup_steps >= 0, f"--warmup_steps must be >= 0 (got {o.warmup_steps})"),
+            (o.weight_decay >= 0, f"--weight_decay must be >= 0 (got {o.weight_decay})"),
+            (0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1,
+             f"--adam_beta1 and --adam_beta2 must be in [0, 1) (got {o.adam_beta1}, {o.adam_beta2})"),
+            (o.adam_epsilon > 0, f"--adam_epsilon must be > 0 (got {o.adam_epsilon})"),
+            (o.max_consecutive_skipped_steps >= 0,
+             f"--max_consecutive_skipped_steps must be >= 0; 0 = off (got {o.max_consecutive_skipped_steps})"),
+            (0.0 <= e.ema_decay <= 1.0, f"--ema_decay must be in [0, 1] (got {e.ema_decay})"),
+            (e.ema_start_step >= 0, f"--ema_start_step must be >= 0 (got {e.ema_start_step})"),
+            (self.diffusion.noise_offset >= 0 and self.diffusion.input_perturbation >= 0,
+             "--noise_offset and --input_perturbation must be >= 0"),
+            (self.diffusion.snr_gamma is None or self.diffusion.snr_gamma > 0,
+             f"--snr_gamma must be > 0 (got {self.diffusion.snr_gamma}); leave it unset to turn it off"),
+        ]
+        for ok, rule in rules:
+            if not ok:
+                raise ValueError(rule)
 
     # Derived quantities: stated once, computed here.
     @property
