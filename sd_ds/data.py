@@ -11,7 +11,7 @@ each rank, per epoch:
         stored moments, flipped or not) ─ caption dropout ─ batch + tokenise
     ─ with_epoch(batches per worker)
 
-Image shards give ``pixel_values`` [B,3,R,R]; latent shards (``python -m sd_ds.encode_latents``, recognised
+Image shards give uint8 ``pixel_values`` [B,3,R,R]; latent shards (``python -m sd_ds.encode_latents``, recognised
 by the ``latents.json`` manifest in their directory) give ``latent_moments`` [B,2C,R/f,R/f] as stored (mean, then
 log-variance channels), from which the trainer draws a fresh latent each step.
 
@@ -399,7 +399,9 @@ class ImageSamples:
         return self.transform(img, rng), caption
 
     def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(items).float().div_(127.5).sub_(1.0)  # [B,3,R,R] in [-1, 1]
+        # uint8 [B,3,R,R]: a quarter of fp32's bytes through the worker queue and host→device copy; the trainer
+        # normalises on the device (x / 127.5 - 1, sd_ds.encode_latents.encode_moments).
+        return torch.stack(items)
 
 
 class LatentSamples:

@@ -64,8 +64,9 @@ def test_batch_layout_range_and_tokens(tmp_path, tokenizer):
     write_photo_shards(tmp_path, [10, 10])
     batch = take(loader([tmp_path], tokenizer, caption_dropout_prob=0.0), 1)[0]
     px = batch["pixel_values"]
-    assert px.shape == (4, 3, RES, RES) and px.dtype == torch.float32
-    assert -1.0 <= px.min() < -0.5 and 0.5 < px.max() <= 1.0  # real photos span most of [-1, 1]
+    # uint8 to the device (4x fewer bytes than fp32); the trainer normalises there as x / 127.5 - 1.
+    assert px.shape == (4, 3, RES, RES) and px.dtype == torch.uint8
+    assert px.min() < 64 and px.max() > 192  # real photos span most of [0, 255]
     assert batch["input_ids"].shape == (4, 77) and batch["input_ids"].dtype == torch.long
     assert batch["captions"] == [f"a photo number {k}" for k in batch["keys"]]
     expected = tokenizer(batch["captions"], padding="max_length", max_length=77, truncation=True,
@@ -87,7 +88,7 @@ def test_caption_dropout_rate(tmp_path, tokenizer):
 
 
 def resized(img: Image.Image) -> list[np.ndarray]:
-    """The seed's resize done the plain way (whole image, shorter side to int(R/0.9), LANCZOS), in [-1, 1].
+    """The seed's resize done the plain way (whole image, shorter side to int(R/0.9), LANCZOS), as floats 0..255.
     Pillow resizes in two 1-D passes and may order them either way for a crop window, which changes the
     8-bit rounding between the passes: both orders are returned, the pipeline must match one of them."""
     target = int(RES / 0.9)
@@ -97,14 +98,14 @@ def resized(img: Image.Image) -> list[np.ndarray]:
     horizontal_first = img.resize((size[0], h), Image.Resampling.LANCZOS).resize(size, Image.Resampling.LANCZOS)
     vertical_first = img.resize((w, size[1]), Image.Resampling.LANCZOS).resize(size, Image.Resampling.LANCZOS)
     assert np.array_equal(np.asarray(horizontal_first), np.asarray(img.resize(size, Image.Resampling.LANCZOS)))
-    return [np.asarray(x, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1 for x in (horizontal_first, vertical_first)]
+    return [np.asarray(x, dtype=np.float32).transpose(2, 0, 1) for x in (horizontal_first, vertical_first)]
 
 
-ONE_STEP = 1 / 127.5 + 1e-6  # within one 8-bit step (float rounding of the crop window's coordinates)
+ONE_STEP = 1.0  # within one 8-bit step (float rounding of the crop window's coordinates)
 
 
 def crop_matches(px: np.ndarray, full: list[np.ndarray], top: int, left: int) -> bool:
-    return any(np.abs(px - f[:, top:top + RES, left:left + RES]).max() <= ONE_STEP for f in full)
+    return any(np.abs(px.astype(np.float32) - f[:, top:top + RES, left:left + RES]).max() <= ONE_STEP for f in full)
 
 
 def images_by_key(shard_dir: Path) -> dict[str, Image.Image]:
