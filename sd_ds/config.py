@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,11 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {value!r}")
 
 
+def xformers_installed() -> bool:
+    # Checked at parse time, without importing it (an import initialises CUDA), so a run stops before any model loads.
+    return importlib.util.find_spec("xformers") is not None
+
+
 def _env_flag(name: str) -> bool:
     return str2bool(os.environ.get(name, "0") or "0")
 
@@ -57,8 +63,17 @@ class ModelConfig:
     train_text_encoder: bool = _f(False, "Also train the text encoder (second parameter group).")
     recompute: bool = _f(False, "Activation checkpointing in the UNet (env FLAG_RECOMPUTE=1 also turns it on).")
     enable_xformers_memory_efficient_attention: bool = _f(
-        False, "Use xformers attention (env FLAG_XFORMERS=1 too); stops with a message when xformers is missing. "
-        "Default: PyTorch SDPA.")
+        False, "Use xformers attention (env FLAG_XFORMERS=1 too). Without xformers installed the trainer stops at "
+        "argument parsing (exit 2), before loading any model, naming the install command. Default: PyTorch SDPA.")
+    torch_compile: bool = _f(
+        False, "torch.compile the UNet's forward (in place: parameter names, checkpoints and EMA are unchanged). "
+        "The first steps compile for minutes; off until a GPU benchmark shows the gain (BENCHMARKS.md section 5).")
+    channels_last: bool = _f(
+        False, "Feed the UNet channels-last (NHWC) activations, cuDNN's preferred layout on tensor-core GPUs (the "
+        "weights stay in ZeRO's flat NCHW buffers); off until a GPU benchmark shows the gain.")
+    cudnn_benchmark: bool = _f(
+        False, "torch.backends.cudnn.benchmark on CUDA: with fixed training shapes cuDNN picks the fastest "
+        "convolution algorithms once; off until a GPU benchmark shows the gain.")
 
     def __post_init__(self) -> None:
         # The seed reads these switches from the environment as well; either source turns them on.
@@ -85,7 +100,10 @@ class DataConfig:
     min_size: Optional[int] = _f(
         None, "Skip (and count) images whose shorter side is below this many pixels. Default: no minimum; smaller "
         "images are upscaled to --resolution as the seed's transform does.")
-    caption_dropout_prob: float = _f(0.1, "Probability a caption is replaced by \"\" (for classifier-free guidance).")
+    caption_dropout_prob: float = _f(
+        0.1, "Probability a caption is replaced by \"\" (for classifier-free guidance). 0.1 is the seed's rate: "
+        "ppdiffusers' examples/text_to_image_laion400m text_image_pair_dataset.py parse_line empties the caption "
+        "when random.random() < 0.1.")
     shuffle_buffer: int = _f(1000, "Samples in each worker's shuffle buffer.")
     resample_shards: bool = _f(False, "Sample shards with replacement (allows fewer shards than ranks x workers).")
     samples_per_epoch: Optional[int] = _f(None, "Samples per epoch over all ranks (default: all samples in the shards).")
@@ -132,7 +150,11 @@ class OptimConfig:
 class EMAConfig:
     use_ema: bool = _f(False, "Keep an EMA of the weights, sharded over ranks (env FLAG_USE_EMA=1 too).")
     ema_decay: float = _f(0.9999, "EMA decay.")
-    ema_warmup: bool = _f(False, "Warm the decay up as min(decay, (1+n)/(10+n)) over the first EMA updates.")
+    ema_warmup: bool = _f(
+        True, "Warm the decay up, as the seed's EMA (LDM's LitEma) does: the n-th averaging update (n = 0, 1, ...) "
+        "uses min(--ema_decay, (1+n)/(10+n)), i.e. 0.1 at the first update, 0.9 after 80, 0.99 after 890, 0.999 "
+        "after ~9,000 and 0.9999 after ~90,000. Without it a from-scratch EMA at 0.9999 keeps mostly the random "
+        "init for tens of thousands of steps (0.9999^20000 = 0.14 of it is still there).")
     ema_start_step: int = _f(0, "Optimizer step at which EMA averaging starts (before it the EMA copies the weights).")
 
     def __post_init__(self) -> None:
@@ -155,7 +177,10 @@ class CheckpointConfig:
     resume_from_checkpoint: str = _f(
         "latest", "latest (newest complete checkpoint in --output_dir, if any), none, or a checkpoint path.")
     only_save_updated_model: bool = _f(
-        False, "Also write the trained UNet (and text encoder) in diffusers format inside each checkpoint.")
+        True, "Also write the trained models in diffusers format inside each checkpoint, as the seed does: "
+        "checkpoint-N/unet/ (UNet2DConditionModel.from_pretrained loads it), unet_ema/ with --use_ema, and "
+        "text_encoder/ with --train_text_encoder. Costs one fp32 UNet of disk per checkpoint (two with EMA); False keeps only "
+        "the DeepSpeed state (python -m sd_ds.export makes a full pipeline from either).")
 
 
 @dataclass
@@ -199,6 +224,16 @@ class TrainConfig:
             raise ValueError("--save_total_limit must be >= 1")
         if not 0.0 <= self.data.caption_dropout_prob <= 1.0:
             raise ValueError("--caption_dropout_prob must be in [0, 1]")
+        if self.data.file_list and self.data.train_shards:
+            raise ValueError(
+                "--file_list and --train_shards were both given: the trainer reads only --train_shards. --file_list "
+                "(the seed's raw parts) is for the converter: tools/convert_laion_to_wds.py --file_list LIST "
+                "--output_dir SHARDS, then --train_shards SHARDS alone")
+        if self.model.enable_xformers_memory_efficient_attention and not xformers_installed():
+            raise ValueError(
+                "--enable_xformers_memory_efficient_attention (or FLAG_XFORMERS=1) needs xformers, which is not "
+                "installed: `pip install xformers` (a build matching your torch and CUDA), or drop the flag and "
+                "FLAG_XFORMERS to use PyTorch SDPA attention")
 
     def _check_ranges(self) -> None:
         """Reject values that would fail later (a ZeroDivisionError after the first step, a traceback deep in
@@ -278,6 +313,12 @@ def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any) 
     group.add_argument(f"--{f.name}", help=f"{help_text} (default: {default})", **kw)
 
 
+def _section_description(cls: type) -> Optional[str]:
+    # A dataclass without a docstring gets its signature as __doc__: that is no description for --help.
+    doc = (cls.__doc__ or "").strip()
+    return None if not doc or doc.startswith(cls.__name__ + "(") else doc
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sd_ds.train",
@@ -292,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         _add_field(top, f, hints[f.name])
     for name, cls in _section_classes().items():
-        group = parser.add_argument_group(name, (cls.__doc__ or "").strip() or None)
+        group = parser.add_argument_group(name, _section_description(cls))
         sub_hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             _add_field(group, f, sub_hints[f.name])

@@ -233,15 +233,17 @@ def build_components(model_cfg: "ModelConfig", *, seed: int) -> Components:
         tokenizer_name=model_cfg.tokenizer_name, prediction_type=model_cfg.prediction_type,
         model_max_length=model_cfg.model_max_length, seed=seed)
     configure_unet(components.unet, recompute=model_cfg.recompute,
-                   xformers=model_cfg.enable_xformers_memory_efficient_attention)
+                   xformers=model_cfg.enable_xformers_memory_efficient_attention, compile=model_cfg.torch_compile)
+    if model_cfg.cudnn_benchmark and torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
     freeze(components.vae)
     if not model_cfg.train_text_encoder:
         freeze(components.text_encoder)
     return components
 
 
-def configure_unet(unet: UNet2DConditionModel, *, recompute: bool, xformers: bool) -> None:
-    """Attention backend (PyTorch SDPA, or xformers on request) and activation checkpointing."""
+def configure_unet(unet: UNet2DConditionModel, *, recompute: bool, xformers: bool, compile: bool = False) -> None:
+    """Attention backend (PyTorch SDPA, or xformers on request), activation checkpointing and torch.compile."""
     if xformers:
         try:
             import xformers  # noqa: F401
@@ -256,6 +258,10 @@ def configure_unet(unet: UNet2DConditionModel, *, recompute: bool, xformers: boo
         unet.set_attn_processor(AttnProcessor2_0())  # PyTorch scaled_dot_product_attention (flash/mem-efficient)
     if recompute:
         unet.enable_gradient_checkpointing()
+    if compile:
+        # nn.Module.compile compiles forward in place: unlike torch.compile(unet) it adds no "_orig_mod." to the
+        # parameter names, so ZeRO partitions, the EMA layout, checkpoints and export see the same module.
+        unet.compile()
 
 
 def freeze(module: torch.nn.Module) -> None:

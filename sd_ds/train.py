@@ -16,11 +16,13 @@ import torch
 
 from sd_ds.checkpoint import Checkpointer, TrainState, plan_resume
 from sd_ds.config import TrainConfig, parse_config
-from sd_ds.data import build_train_loader, raise_if_raw_parts
+from sd_ds.data import build_train_loader, raise_if_raw_parts, read_latent_manifest
+from sd_ds.encode_latents import check_latent_manifest
 from sd_ds.distributed import DistInfo, close_distributed, init_distributed, rank_seed, seed_everything
 from sd_ds.engine import build_ema, build_engine, encode_batch, grad_norm, group_lrs, weight_dtype
 from sd_ds.export import save_base_components, save_trained_models
 from sd_ds.image_logging import log_training_images
+from sd_ds.lifecycle import SkipGuard, fault_point, hold_output_dir, start_parent_watchdog
 from sd_ds.logging import StepMetrics, setup_console_logging
 from sd_ds.models import build_components
 
@@ -42,15 +44,17 @@ class StopSignal:
     def agreed(self) -> bool:
         # All ranks must stop at the same step, or the checkpoint's collectives would hang. A CPU scalar on the
         # gloo control group: no device sync.
-        return bool(self.dist.all_reduce(torch.tensor([int(self.requested)]), op="max")[0])
+        return bool(self.dist.all_reduce(torch.tensor([int(self.requested)]), op="max").tolist()[0])
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     cfg = parse_config(argv)
+    start_parent_watchdog()  # a rank whose launcher died must not train on as an orphan
     dist_info = init_distributed()
     setup_console_logging(dist_info.is_main_process)
     try:
-        train(cfg, dist_info)
+        with hold_output_dir(cfg.output_dir, dist_info):  # one run per output_dir
+            train(cfg, dist_info)
     finally:
         close_distributed()
     return 0
@@ -67,27 +71,27 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     components = build_components(cfg.model, seed=cfg.seed)
     if dist_info.is_main_process:
         save_base_components(components, cfg.output_dir)  # so export never depends on the original model path
+    latent_manifest = read_latent_manifest(cfg.data.train_shards)
+    if latent_manifest is not None:
+        check_latent_manifest(latent_manifest, components.vae, cfg.data.resolution)  # before the VAE is cast
+        components.vae.encoder = None  # latent shards: only the decoder runs (image logging)
     resume = plan_resume(cfg, dist_info)
     engine = build_engine(cfg, components, dist_info, load_universal=resume is not None and resume.universal_dir is not None)
     components.vae.to(device, dtype=dtype)
     if not cfg.model.train_text_encoder:
         components.text_encoder.to(device, dtype=dtype)
     ema = build_ema(cfg, engine)
-    d = cfg.data  # TEMPORARY until data.build_train_loader takes the DataConfig section
-    loader = build_train_loader(
-        d.train_shards, tokenizer=components.tokenizer, micro_batch_size=cfg.micro_batch_size,
-        resolution=d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
-        min_size=d.min_size, caption_dropout_prob=d.caption_dropout_prob,
-        model_max_length=cfg.model.model_max_length, num_workers=d.dataloader_num_workers,
-        shuffle_buffer=d.shuffle_buffer, seed=cfg.seed, rank=dist_info.rank, world_size=dist_info.world_size,
-        resample_shards=d.resample_shards, samples_per_epoch=d.samples_per_epoch, pin_memory=device.type == "cuda")
+    loader = build_train_loader(cfg.data, tokenizer=components.tokenizer, model_max_length=cfg.model.model_max_length,
+                                micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, rank=dist_info.rank,
+                                world_size=dist_info.world_size, pin_memory=device.type == "cuda")
     # The generator behind every random draw of the objective (VAE sample, noise, timesteps); per rank.
     generator = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed, dist_info.rank))
     export = (partial(save_trained_models, engine, components, ema, is_main_process=dist_info.is_main_process)
               if cfg.checkpoint.only_save_updated_model else None)
     checkpointer = Checkpointer(cfg, dist_info, engine=engine, loader=loader, generator=generator, ema=ema,
-                                export_models=export)
+                                export_models=export, fault_point=fault_point)
     state = checkpointer.load(resume)
+    skip_guard = SkipGuard(cfg.optim.max_consecutive_skipped_steps, skipped_total_at_start=engine.skipped_steps)
 
     metrics = StepMetrics(cfg.output_dir, dist_info, max_steps=cfg.max_steps, initial_step=state.step,
                           disable_tqdm=cfg.logging.disable_tqdm)
@@ -113,6 +117,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
             state.step += 1
             state.samples_seen += global_batch_size
             state.skipped_steps = engine.skipped_steps
+            skip_guard.update(state.skipped_steps)  # raises after too many non-finite steps in a row
             if ema is not None and engine.was_step_applied():
                 ema.update(state.step)
             metrics.step_done()

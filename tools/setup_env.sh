@@ -21,6 +21,8 @@ fi
 req=requirements.txt
 [ "${1:-}" = "--dev" ] && req=requirements-dev.txt
 pip_install -r "$req"
+# sd_ds itself, editable: `import sd_ds` works from any directory (bench scripts, tools) with no sys.path edits.
+pip_install --no-deps -e .
 if [ "${1:-}" = "--dev" ]; then
   # open_clip is needed only for its tokenizer module and BPE file; --no-deps keeps torchvision out.
   pip_install --no-deps "open-clip-torch==3.3.0"
