@@ -743,17 +743,9 @@ class TrainLoader:
 
 
 def build_train_loader(data: "DataConfig", *, tokenizer: Any, model_max_length: int, micro_batch_size: int,
-                       seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
-                       **unpacked: Any) -> TrainLoader:
+                       seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> TrainLoader:
     """This rank's loader for the ``--train_shards`` in ``data``: image shards, or latent shards when their
     directory holds an encoder manifest (``read_latent_manifest``)."""
-    if unpacked or not hasattr(data, "train_shards"):
-        # TRANSITION: the trainer's call before it passed its DataConfig (train_shards list + 10 unpacked
-        # values); removed once sd_ds/train.py calls the form above.
-        from sd_ds.config import DataConfig
-
-        renamed = {"num_workers": "dataloader_num_workers"}
-        data = DataConfig(train_shards=list(data), **{renamed.get(k, k): v for k, v in unpacked.items()})
     manifest = read_latent_manifest(list(data.train_shards))
     sources = parse_sources(list(data.train_shards))
     shard_stats: dict[str, int] = {}

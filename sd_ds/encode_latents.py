@@ -394,74 +394,93 @@ def encode(args: argparse.Namespace) -> int:
                 len(mine), len(mine) - len(todo), device)
 
     transform = ImageTransform(args.resolution, center_crop=True, random_flip=False, min_size=args.min_size)
-    workers = args.dataloader_num_workers
+    workers = min(args.dataloader_num_workers, len(todo))
     loader = torch.utils.data.DataLoader(
-        ShardImages(todo, transform, args.batch_size), batch_size=None, num_workers=min(workers, len(todo)),
-        pin_memory=device.type == "cuda", prefetch_factor=4 if min(workers, len(todo)) > 0 else None)
-    store_dtype = LATENT_DTYPES[args.dtype]
-    hook = _kill_hook()
-    total = _known_samples(todo)
-    progress = _progress(total, disable=args.disable_tqdm or rank != 0)
-    writers: dict[str, LatentShardWriter] = {}
-    urls = {name: url for url, name in todo}
-    nonfinite: collections.Counter[str] = collections.Counter()  # per shard
-    encoded, skipped, started = 0, collections.Counter(), time.perf_counter()
+        ShardImages(todo, transform, args.batch_size), batch_size=None, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None)
+    progress = _progress(sizes_json_count(url for url, _ in todo), disable=args.disable_tqdm or rank != 0)
+    encoder = ShardEncoder(vae, out, dict((name, url) for url, name in todo), store_dtype=LATENT_DTYPES[args.dtype],
+                           flip_variants=args.flip_variants, progress=progress)
+    started = time.perf_counter()
     try:
         for item in loader:
-            name = item["name"]
-            writer = writers.get(name) or writers.setdefault(name, LatentShardWriter(out / name))
-            if item["keys"]:
-                pixels = item["pixels"].to(device, non_blocking=True)
-                variants = {MOMENTS: _to_store(encode_moments(vae, pixels), store_dtype)}
-                if args.flip_variants:
-                    variants[MOMENTS_FLIPPED] = _to_store(encode_moments(vae, pixels.flip(-1)), store_dtype)
-                finite = torch.stack([torch.isfinite(m).flatten(1).all(1) for m in variants.values()]).all(0)
-                for i, key in enumerate(item["keys"]):
-                    if not finite[i]:  # a VAE in fp16 can overflow; training must not see it
-                        nonfinite[name] += 1
-                        continue
-                    members = {"txt": item["txt"][i]}
-                    if item["json"][i] is not None:
-                        members["json"] = item["json"][i]
-                    members.update({ext: _raw(m[i]) for ext, m in variants.items()})
-                    writer.add(key, members)
-                encoded += int(finite.sum())
-                progress.update(len(item["keys"]))
-                hook("batch")
-            if item["last"]:
-                shard_skipped = collections.Counter(item["skipped"])
-                shard_skipped["nonfinite_moments"] += nonfinite.pop(name, 0)
-                shard_skipped = +shard_skipped  # drops zero counts
-                skipped.update(shard_skipped)
-                writer = writers.pop(name)
-                if writer.samples:
-                    writer.commit()
-                    hook("shard")
-                else:
-                    writer.abort()  # nothing to train on: no file; the record says 0 samples
-                write_json_atomic(_record_path(out, name), {"source": urls[name], "samples": writer.samples,
-                                                            "skipped": dict(sorted(shard_skipped.items()))})
-                progress.set_postfix(skipped=sum(skipped.values()), refresh=False)
+            encoder.add(item)
     finally:
-        for writer in writers.values():
-            writer.abort()
+        encoder.close()
         progress.close()
     elapsed = time.perf_counter() - started
     manifest = finalize(out, plan)
     logger.info("rank %d: encoded %d images from %d shard(s) in %.1f s (%.1f images/s), skipped %s; %s", rank,
-                encoded, len(todo), elapsed, encoded / max(elapsed, 1e-9), dict(skipped) or "none",
-                f"{out / LATENT_MANIFEST} written: {manifest['samples']} samples" if manifest else
-                "other ranks are still encoding (the last one to finish writes the manifest)")
+                encoder.encoded, len(todo), elapsed, encoder.encoded / max(elapsed, 1e-9),
+                dict(encoder.skipped) or "none", f"{out / LATENT_MANIFEST} written: {manifest['samples']} samples"
+                if manifest else "other ranks are still encoding (the last one to finish writes the manifest)")
     return 0
+
+
+class ShardEncoder:
+    """The main process's side: encodes each batch from the loader on the VAE's device, streams it into its
+    shard's temporary file, and renames and records a shard when its last batch has come."""
+
+    def __init__(self, vae: "AutoencoderKL", out: Path, urls: dict[str, str], *, store_dtype: torch.dtype,
+                 flip_variants: bool, progress: Any) -> None:
+        self.vae, self.out, self.urls = vae, out, urls
+        self.store_dtype, self.flip_variants, self.progress = store_dtype, flip_variants, progress
+        self.writers: dict[str, LatentShardWriter] = {}  # one per worker's shard in progress
+        self.nonfinite: collections.Counter[str] = collections.Counter()  # per shard
+        self.skipped: collections.Counter[str] = collections.Counter()  # this run's, by reason
+        self.encoded = 0
+        self.hook = _kill_hook()
+
+    def add(self, item: dict) -> None:
+        name = item["name"]
+        writer = self.writers.get(name) or self.writers.setdefault(name, LatentShardWriter(self.out / name))
+        if item["keys"]:
+            pixels = item["pixels"].to(next(self.vae.parameters()).device, non_blocking=True)
+            variants = {MOMENTS: _to_store(encode_moments(self.vae, pixels), self.store_dtype)}
+            if self.flip_variants:
+                variants[MOMENTS_FLIPPED] = _to_store(encode_moments(self.vae, pixels.flip(-1)), self.store_dtype)
+            finite = torch.stack([torch.isfinite(m).flatten(1).all(1) for m in variants.values()]).all(0)
+            for i, key in enumerate(item["keys"]):
+                if not finite[i]:  # a VAE in fp16 can overflow; training must never see it
+                    self.nonfinite[name] += 1
+                    continue
+                members = {"txt": item["txt"][i]}
+                if item["json"][i] is not None:
+                    members["json"] = item["json"][i]
+                members.update({ext: _raw(m[i]) for ext, m in variants.items()})
+                writer.add(key, members)
+            self.encoded += int(finite.sum())
+            self.progress.update(len(item["keys"]))
+            self.hook("batch")
+        if item["last"]:
+            self._finish(name, item["skipped"])
+
+    def _finish(self, name: str, skipped: dict[str, int]) -> None:
+        shard_skipped = collections.Counter(skipped)
+        shard_skipped["nonfinite_moments"] += self.nonfinite.pop(name, 0)
+        shard_skipped = +shard_skipped  # without zero counts
+        self.skipped.update(shard_skipped)
+        writer = self.writers.pop(name)
+        if writer.samples:
+            writer.commit()
+            self.hook("shard")
+        else:
+            writer.abort()  # nothing to train on: no file; the record says 0 samples
+        write_json_atomic(_record_path(self.out, name), {"source": self.urls[name], "samples": writer.samples,
+                                                         "skipped": dict(sorted(shard_skipped.items()))})
+        self.progress.update(sum(skipped.values()) - skipped.get("tar_errors", 0))  # read, but not encoded
+        self.progress.set_postfix(skipped=sum(self.skipped.values()), refresh=False)
+
+    def close(self) -> None:
+        """Drop the temporary files of unfinished shards (a rerun redoes them)."""
+        for writer in self.writers.values():
+            writer.abort()
+        self.writers.clear()
 
 
 def _to_store(moments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     mean, logvar = moments.float().chunk(2, dim=1)
     return torch.cat([mean, logvar.clamp(*LOGVAR_RANGE)], dim=1).to(dtype).cpu()  # [B, 2C, R/f, R/f]
-
-
-def _known_samples(shards: list[tuple[str, str]]) -> Optional[int]:
-    return sizes_json_count(url for url, _ in shards)
 
 
 def _progress(total: Optional[int], disable: bool) -> Any:
