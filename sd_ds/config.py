@@ -107,7 +107,10 @@ class DataConfig:
     shuffle_buffer: int = _f(1000, "Samples in each worker's shuffle buffer.")
     resample_shards: bool = _f(False, "Sample shards with replacement (allows fewer shards than ranks x workers).")
     samples_per_epoch: Optional[int] = _f(None, "Samples per epoch over all ranks (default: all samples in the shards).")
-    dataloader_num_workers: int = _f(2, "Data loader worker processes per rank.")
+    dataloader_num_workers: Optional[int] = _f(
+        None, "Data loader worker processes per rank. Default: on GPUs min(8, CPU cores per rank - 1): a worker "
+        "decodes and crops ~150 256-px JPEGs/s, an H100 trains ~400-700 images/s at 256 px (latent shards need "
+        "far fewer); on CPU ranks 2. A warning says when the model waited for data more than 10%% of the time.")
 
 
 @dataclass
@@ -244,7 +247,8 @@ class TrainConfig:
             (d.resolution > 0 and d.resolution % 8 == 0,
              f"--resolution must be a positive multiple of 8, the VAE's downsampling factor (got {d.resolution})"),
             (d.min_size is None or d.min_size >= 1, f"--min_size must be >= 1 (got {d.min_size})"),
-            (d.dataloader_num_workers >= 0, f"--dataloader_num_workers must be >= 0 (got {d.dataloader_num_workers})"),
+            (d.dataloader_num_workers is None or d.dataloader_num_workers >= 0,
+             f"--dataloader_num_workers must be >= 0 (got {d.dataloader_num_workers})"),
             (d.samples_per_epoch is None or d.samples_per_epoch >= 1,
              f"--samples_per_epoch must be >= 1 (got {d.samples_per_epoch})"),
             (self.model.model_max_length >= 1, f"--model_max_length must be >= 1 (got {self.model.model_max_length})"),

@@ -148,8 +148,11 @@ class StepMetrics:
         """Writes output_dir/time_breakdown.json (main process; appended to on resume, one line per run)."""
         if self.is_main_process and self.totals["steps"]:
             t = self.time_breakdown()
-            with open(self.output_dir / "time_breakdown.json", "a") as f:
-                f.write(json.dumps(t) + "\n")
+            try:
+                with open(self.output_dir / "time_breakdown.json", "a") as f:
+                    f.write(json.dumps(t) + "\n")
+            except OSError as e:  # e.g. the full disk that stopped the run: must not bury the run's own error
+                logger.warning("could not append to %s: %s", self.output_dir / "time_breakdown.json", e)
             logger.info("time over %d steps: %.1f s; data wait %.1f%%, compute %.1f%%, other (EMA, logging, "
                         "checkpoints) %.1f%%", t["steps"], t["wall_s"], 100 * t["data_wait_s"] / t["wall_s"],
                         100 * t["compute_s"] / t["wall_s"], 100 * t["other_s"] / t["wall_s"])

@@ -14,15 +14,16 @@ from typing import Any, Optional
 
 import torch
 
-from sd_ds.checkpoint import Checkpointer, TrainState, plan_resume
+from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, TrainState, plan_resume
 from sd_ds.config import TrainConfig, parse_config
 from sd_ds.data import build_train_loader, raise_if_raw_parts, read_latent_manifest
 from sd_ds.encode_latents import check_latent_manifest
-from sd_ds.distributed import DistInfo, close_distributed, init_distributed, rank_seed, seed_everything
+from sd_ds.distributed import (DistInfo, close_distributed, default_loader_workers, init_distributed, rank_seed,
+                               seed_everything)
 from sd_ds.engine import build_ema, build_engine, encode_batch, grad_norm, group_lrs, weight_dtype
 from sd_ds.export import save_base_components, save_trained_models
 from sd_ds.image_logging import log_training_images
-from sd_ds.lifecycle import SkipGuard, fault_point, hold_output_dir, start_parent_watchdog
+from sd_ds.lifecycle import SkipGuard, TrainingDiverged, fault_point, hold_output_dir, start_parent_watchdog
 from sd_ds.logging import StepMetrics, setup_console_logging
 from sd_ds.models import build_components
 
@@ -55,6 +56,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         with hold_output_dir(cfg.output_dir, dist_info):  # one run per output_dir
             train(cfg, dist_info)
+    except (CheckpointWriteError, TrainingDiverged) as e:
+        # An expected failure with its own message: that message, not a chained C++ stream error, is what the
+        # user reads first (exit status 1).
+        logger.error("%s", e)
+        raise SystemExit(f"sd_ds.train: {e}") from None
     finally:
         close_distributed()
     return 0
@@ -81,6 +87,8 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     if not cfg.model.train_text_encoder:
         components.text_encoder.to(device, dtype=dtype)
     ema = build_ema(cfg, engine)
+    if cfg.data.dataloader_num_workers is None:
+        cfg.data.dataloader_num_workers = default_loader_workers(device)
     loader = build_train_loader(cfg.data, tokenizer=components.tokenizer, model_max_length=cfg.model.model_max_length,
                                 micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, rank=dist_info.rank,
                                 world_size=dist_info.world_size, pin_memory=device.type == "cuda")

@@ -1,0 +1,42 @@
+"""GPU checks (marked `gpu`, skipped without CUDA): what CPU ranks can only check by proxy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO_ROOT, free_port, make_tiny_model, subprocess_env
+from tests.test_engine import run_worker
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+
+def cuda_env(**extra: str) -> dict:
+    env = subprocess_env({"MASTER_PORT": str(free_port()), **extra})
+    env.pop("DS_ACCELERATOR", None)  # DeepSpeed detects CUDA
+    return env
+
+
+def test_cuda_engine_uses_torch_fused_adamw_and_the_streamlined_step(tmp_path, monkeypatch):
+    model = make_tiny_model(tmp_path / "model")
+    monkeypatch.setattr("tests.test_engine.subprocess_env", lambda extra: cuda_env(**extra))
+    result = run_worker("streamlined", model, tmp_path)
+    assert result["device"].startswith("cuda")
+    # torch's fused AdamW: no DeepSpeed FusedAdam op JIT-built with nvcc at start-up.
+    assert result["optimizer"] == "torch.optim.adamw.AdamW" and result["fused"]
+    assert result["skipped"] == [0, 0, 0, 1, 1] and result["finite"]
+
+
+def test_control_group_carries_cpu_tensors_while_the_default_group_is_nccl():
+    code = (
+        "import torch, torch.distributed as dist\n"
+        "from sd_ds.distributed import init_distributed\n"
+        "info = init_distributed()\n"
+        "assert dist.get_backend() == 'nccl', dist.get_backend()\n"
+        "assert info.all_reduce(torch.tensor([1.0]))[0] == 1.0\n"
+        "info.barrier(); print('OK', info.broadcast_object({'a': 1}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                          env=cuda_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1"))
+    assert proc.returncode == 0 and "OK {'a': 1}" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
