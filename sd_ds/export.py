@@ -137,7 +137,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sd_ds.export",
         description="Write a complete diffusers folder (model_index.json, unet, vae, text_encoder, tokenizer, "
-        "scheduler; safetensors) from an sd-ds checkpoint. StableDiffusionPipeline.from_pretrained loads it.")
+        "scheduler; safetensors) from an sd-ds checkpoint. StableDiffusionPipeline.from_pretrained loads it. "
+        "DeepSpeed's pickled checkpoint files are read with weights-only unpickling: a tampered checkpoint fails to "
+        "load instead of running code.")
     parser.add_argument("checkpoint", help="output_dir/checkpoint-STEP (or output_dir: its newest checkpoint)")
     parser.add_argument("output_dir", help="where the diffusers folder is written")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights (runs trained with --use_ema)")
