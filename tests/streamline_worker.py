@@ -24,7 +24,8 @@ def main() -> None:
         engine_lib.streamline_zero_optimizer = lambda optimizer: False
     cfg = parse_config(["--pretrained_model_name_or_path", model_dir, "--per_device_train_batch_size", "2",
                         "--model_max_length", "16", "--output_dir", out_dir, "--train_shards", "unused",
-                        "--max_grad_norm", "0.05", "--learning_rate", "1e-3"])
+                        "--max_grad_norm", "0.05", "--learning_rate", "1e-3",
+                        *os.environ.get("SD_DS_WORKER_FLAGS", "").split()])
     dist_info = init_distributed()
     components = build_components(cfg.model, seed=0)
     engine = engine_lib.build_engine(cfg, components, dist_info)

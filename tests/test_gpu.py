@@ -40,3 +40,12 @@ def test_control_group_carries_cpu_tensors_while_the_default_group_is_nccl():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                           env=cuda_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1"))
     assert proc.returncode == 0 and "OK {'a': 1}" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_a_training_step_with_xformers_attention(tmp_path, monkeypatch):
+    pytest.importorskip("xformers")
+    model = make_tiny_model(tmp_path / "model")
+    flags = "--enable_xformers_memory_efficient_attention True"
+    monkeypatch.setattr("tests.test_engine.subprocess_env", lambda extra: cuda_env(SD_DS_WORKER_FLAGS=flags, **extra))
+    result = run_worker("streamlined", model, tmp_path)
+    assert result["device"].startswith("cuda") and result["finite"] and result["skipped"] == [0, 0, 0, 1, 1]
