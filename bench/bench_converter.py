@@ -32,10 +32,8 @@ from benchmarks_md import publish
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from sd_ds.convert.parts import write_part  # noqa: E402
+from sd_ds.convert.parts import write_part
+from sd_ds.testing import REPO_ROOT as REPO
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 

@@ -19,7 +19,6 @@ import datetime as dt
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,8 @@ from pathlib import Path
 
 from benchmarks_md import publish
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from sd_ds.testing import REPO_ROOT, free_port
+
 SECTION = "## 4. ZeRO-2 memory"
 
 SMALL_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
@@ -81,14 +81,8 @@ def worker(out: Path) -> None:
     dist.barrier()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, out: Path) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={free_port()}",
            str(Path(__file__).resolve()), "--worker", "--out", str(out)]
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
@@ -161,7 +155,6 @@ def main() -> None:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    sys.path.insert(0, str(REPO_ROOT))
     if a.worker:
         worker(Path(a.out))
         return

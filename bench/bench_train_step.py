@@ -22,16 +22,13 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks_md import publish
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from tests.helpers import make_tiny_model, run_sh, train_flags, write_tiny_shards  # noqa: E402
+from sd_ds.testing import make_tiny_model, run_sh, train_flags, write_tiny_shards
 
 SECTION = "## 3. Training step: time outside compute"
 SETTINGS = {
