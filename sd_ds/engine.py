@@ -216,6 +216,10 @@ def build_engine(cfg: TrainConfig, components: "Components", dist_info: "DistInf
     """deepspeed.initialize on the trained module, with our param groups, LR schedule and derived config."""
     import deepspeed
 
+    # The noise schedule on the device once: sd_ds.diffusion indexes it by the timesteps' device, which would
+    # otherwise copy it host→device several times a step.
+    scheduler = components.noise_scheduler
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(dist_info.device)
     trained_text_encoder = components.text_encoder if cfg.model.train_text_encoder else None
     module = DiffusionModule(components.unet, trained_text_encoder, components.noise_scheduler, cfg)
     ds_config = build_deepspeed_config(cfg, dist_info.world_size, load_universal=load_universal,
