@@ -3,10 +3,15 @@
 
     python bench/bench_data.py                      # 320 JPEGs, workers 0/1/2, stage breakdown, draft check
     python bench/bench_data.py --workers 0 4 8 --images 2000 --shard_dir /tmp/bench_shards
+    python bench/bench_data.py --latents            # latent vs JPEG shards → BENCHMARKS.md section 7
 
 Writes converter-layout shards (photo crops from scikit-image, shorter side 512, JPEG q90) unless they exist,
 then times ``build_train_loader`` as the trainer uses it (random crop + flip, caption dropout, CLIP
 tokenisation) after a warm-up, and times each stage on one core. Prints a Markdown report for BENCHMARKS.md.
+
+``--latents`` compares, at 256 and 512 px, the loader on JPEG shards with the loader on the latent shards
+``python -m sd_ds.encode_latents`` makes from them (samples per CPU-second of one worker, bytes per sample),
+and times the SD v1 VAE encoder (random weights, SD v1's config: the same FLOPs) on this machine's CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+from benchmarks_md import publish  # noqa: E402
 from PIL import Image, features  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina", "hubble_deep_field")
@@ -80,15 +86,18 @@ def cpu_seconds(pid: int) -> float:
 
 
 def loader_throughput(shard_dir: Path, tokenizer, *, num_workers: int, batches: int, micro_batch_size: int,
-                      resolution: int) -> tuple[float, float, float]:
+                      resolution: int, random_flip: bool = True, center_crop: bool = False) -> tuple[float, float, float]:
     """(images/s taken by a consumer that does nothing else, images per CPU-second of the process(es) that
     make the batches, main-process CPU ms per image), after each worker made its first batches. CPU time is
     what other jobs on a shared machine do not inflate much; wall-clock rates are what the trainer sees."""
+    from sd_ds.config import DataConfig
     from sd_ds.data import build_train_loader
 
-    data = build_train_loader([str(shard_dir)], tokenizer=tokenizer, micro_batch_size=micro_batch_size,
-                              resolution=resolution, random_flip=True, num_workers=num_workers,
-                              shuffle_buffer=200, samples_per_epoch=10**7)  # no epoch end (worker restart) inside
+    data_cfg = DataConfig(train_shards=[str(shard_dir)], resolution=resolution, random_flip=random_flip,
+                          center_crop=center_crop, dataloader_num_workers=num_workers, shuffle_buffer=200,
+                          samples_per_epoch=10**7)  # no epoch end (worker restart) inside
+    data = build_train_loader(data_cfg, tokenizer=tokenizer, model_max_length=77, micro_batch_size=micro_batch_size,
+                              seed=0)
     it = iter(data)
     for _ in range(2 * max(1, num_workers)):  # fork, fill the shuffle buffer
         next(it)
@@ -99,7 +108,7 @@ def loader_throughput(shard_dir: Path, tokenizer, *, num_workers: int, batches: 
         batch = next(it)
     elapsed = time.perf_counter() - t0
     main_cpu, workers_cpu = time.process_time() - main_cpu0, sum(map(cpu_seconds, pids)) - workers_cpu0
-    assert batch["pixel_values"].shape == (micro_batch_size, 3, resolution, resolution)
+    assert len(batch["keys"]) == micro_batch_size and ("pixel_values" in batch or "latent_moments" in batch)
     it.close()
     images = batches * micro_batch_size
     return images / elapsed, images / (workers_cpu if num_workers else main_cpu), main_cpu / images * 1000
@@ -164,6 +173,132 @@ def draft_check(resolution: int, shorter: int) -> tuple[float, float]:
     return result[0], result[1]
 
 
+# --- latent shards vs JPEG shards (--latents) --------------------------------------------------------
+
+SECTION = "## 7. Latent shards vs JPEG shards"
+# SD v1's VAE (CompVis/stable-diffusion-v1-4 vae/config.json): the encode rate is measured on it.
+SD_V1_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
+                 down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                 layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+# SD's latent geometry (8x downsampling, 4 latent channels: the same bytes per sample) for about 1/1000 of the
+# FLOPs, to make the latent shards the loader reads; the loader's speed does not depend on the weights.
+SD_GEOMETRY_VAE = dict(SD_V1_VAE, block_out_channels=[8, 8, 8, 8], layers_per_block=1, norm_num_groups=8)
+
+
+def save_vae(config: dict, out: Path) -> Path:
+    import torch
+    from diffusers import AutoencoderKL
+
+    if not (out / "config.json").is_file():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            AutoencoderKL(**config).save_pretrained(out)
+    return out
+
+
+def encode_shards(jpeg_dir: Path, out: Path, vae_dir: Path, resolution: int, flip: bool) -> Path:
+    """Latent shards made by the real CLI (in this process), unless they exist."""
+    from sd_ds.encode_latents import main as encode_main
+
+    if not (out / "latents.json").is_file():
+        assert encode_main(["--train_shards", str(jpeg_dir), "--output_dir", str(out), "--vae_name_or_path",
+                            str(vae_dir), "--resolution", str(resolution), "--batch_size", "16",
+                            "--dataloader_num_workers", "1", "--disable_tqdm"] + (["--flip_variants"] if flip else [])) == 0
+    return out
+
+
+def bytes_per_sample(shard_dir: Path) -> float:
+    """Shard bytes (tar headers, captions and metadata included) per sample."""
+    sizes = json.loads((shard_dir / "sizes.json").read_text())
+    return sum((shard_dir / name).stat().st_size for name in sizes) / sum(sizes.values())
+
+
+def vae_encode_rate(resolution: int, batch_size: int, batches: int) -> float:
+    """images/s of sd_ds.encode_latents.encode_moments with the SD v1 VAE (fp32, random weights) on the CPU."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from sd_ds.encode_latents import encode_moments
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKL(**SD_V1_VAE).eval()
+    pixels = torch.randint(0, 256, (batch_size, 3, resolution, resolution), dtype=torch.uint8)
+    encode_moments(vae, pixels[:1])  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        encode_moments(vae, pixels)
+    return batch_size * batches / (time.perf_counter() - t0)
+
+
+def latents_vs_jpeg(args: argparse.Namespace, tokenizer, root: Path) -> str:
+    vae_dir = save_vae(SD_GEOMETRY_VAE, root / "sd_geometry_vae")
+    load_before = os.getloadavg()[0]
+    rows = []
+    for resolution in (256, 512):
+        jpeg = root / f"jpeg_{resolution}"
+        write_shards(jpeg, args.images, 2 * resolution)
+        plain = encode_shards(jpeg, root / f"latents_{resolution}", vae_dir, resolution, flip=False)
+        flipped = encode_shards(jpeg, root / f"latents_flip_{resolution}", vae_dir, resolution, flip=True)
+        settings = [("JPEG, random crop + flip", jpeg, dict(random_flip=True), args.batches),
+                    ("latents", plain, dict(random_flip=False, center_crop=True), args.latent_batches),
+                    ("latents with --flip_variants, --random_flip", flipped, dict(random_flip=True, center_crop=True),
+                     args.latent_batches)]
+        runs: dict[str, list] = {name: [] for name, *_ in settings}
+        for _ in range(args.repeats):  # interleaved, so that a busy moment of the machine hits every setting
+            for name, shard_dir, kw, batches in settings:
+                runs[name].append(loader_throughput(shard_dir, tokenizer, num_workers=1, batches=batches,
+                                                    micro_batch_size=args.micro_batch_size, resolution=resolution,
+                                                    **kw))
+        for name, shard_dir, *_ in settings:
+            wall, per_cpu, main_ms = (statistics.median(r[i] for r in runs[name]) for i in range(3))
+            rows.append((resolution, name, per_cpu, wall, main_ms, bytes_per_sample(shard_dir),
+                         [r[1] for r in runs[name]]))
+            print(f"{resolution} px {name}: {per_cpu:.0f} per CPU-s, {wall:.0f}/s wall", file=sys.stderr)
+    encode_rates = [(r, b, n, vae_encode_rate(r, b, n)) for r, b, n in ((256, 4, 2), (512, 2, 1))]
+    load_after = os.getloadavg()[0]
+
+    lines = [SECTION, "",
+             f"{datetime.date.today().isoformat()} · {machine()} · load average {load_before:.1f} at the start, "
+             f"{load_after:.1f} at the end · `python bench/bench_data.py {' '.join(sys.argv[1:])}`", "",
+             f"What is measured: `build_train_loader` as the trainer calls it, one loader worker, micro batch "
+             f"{args.micro_batch_size}, CLIP tokens and caption dropout included, on {args.images} photo crops "
+             f"(JPEG q90, shorter side 2x the resolution) in shards of 40, and on the latent shards "
+             f"`python -m sd_ds.encode_latents` made from them (fp16 moments, centre crops). 'Samples per "
+             f"CPU-second' is samples divided by the worker process's CPU time (from /proc): what one dedicated "
+             f"core delivers, which the other jobs on this shared machine inflate much less than wall-clock rates. "
+             f"Median of {args.repeats} interleaved runs of {args.batches} (JPEG) / {args.latent_batches} (latent) "
+             f"batches after a warm-up. The latent shards were written with a VAE of SD v1's latent geometry (8x "
+             f"downsampling, 4 channels, so SD v1's bytes per sample) but few channels: the loader only reads "
+             f"bytes, and encoding them with SD v1's VAE on these 2 CPU cores would take hours.", "",
+             "| resolution | shards | samples per CPU-second of the worker | samples/s (wall clock) | main process "
+             "CPU ms per sample | bytes per sample | per-CPU-second runs |", "|---:|---|---:|---:|---:|---:|---|"]
+    for resolution, name, per_cpu, wall, main_ms, nbytes, per_cpu_runs in rows:
+        lines.append(f"| {resolution} | {name} | {per_cpu:.0f} | {wall:.0f} | {main_ms:.2f} | "
+                     f"{nbytes / 1024:.1f} KiB | {', '.join(f'{r:.0f}' for r in per_cpu_runs)} |")
+    latent_rates = {(res, name): per_cpu for res, name, per_cpu, *_ in rows}
+    speedups = ", ".join(f"{res} px {latent_rates[(res, 'latents')] / latent_rates[(res, 'JPEG, random crop + flip')]:.1f}x"
+                         for res in (256, 512))
+    jpeg_256, latent_256 = latent_rates[(256, "JPEG, random crop + flip")], latent_rates[(256, "latents")]
+    lines += ["", f"Latent vs JPEG samples per CPU-second: {speedups} (goal: >= 500 latent samples/s per core: "
+              f"{'met' if min(latent_rates[(r, 'latents')] for r in (256, 512)) >= 500 else 'not met'}). "
+              f"Reading: a 256 px sample costs a loader worker {1000 / jpeg_256:.2f} ms of CPU from a JPEG and "
+              f"{1000 / latent_256:.2f} ms from latent shards (tar read, tokenising and batching are what is left). "
+              f"Feeding one H100 at 700 images/s (issue 9's upper figure at 256 px) takes "
+              f"{700 / jpeg_256:.1f} dedicated cores from JPEGs and {700 / latent_256:.2f} from latents; at 512 px the "
+              f"JPEG path is slower still (larger decodes and resizes) while a latent sample only grows by its "
+              f"bytes. The price is disk: a latent sample is fp16 moments (mean + log-variance) plus ~3 KiB of tar "
+              f"headers, caption and metadata, twice the moments with --flip_variants. Rows from one run only "
+              f"compare with each other: the machine and its load differ between sections.", "",
+              "SD v1 VAE encoder (`encode_moments`, fp32, random weights with SD v1's config: the same FLOPs) on "
+              "this machine's CPU (torch's default threads, shared cores):", "",
+              "| resolution | batch | images/s |", "|---:|---:|---:|"]
+    lines += [f"| {r} | {b} | {rate:.2f} |" for r, b, n, rate in encode_rates]
+    lines += ["", "No GPU was lent to this task: the encoder's GPU rate (one image is 273 GFLOP at 256 px, 1117 at "
+              "512 px) is not measured here."]
+    return "\n".join(lines) + "\n"
+
+
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
@@ -185,6 +320,10 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=40, help="timed batches per setting")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--repeats", type=int, default=3, help="runs per setting; the median is reported")
+    p.add_argument("--latents", action="store_true",
+                   help=f"latent vs JPEG shards at 256 and 512 px, and the VAE encode rate: {SECTION!r}")
+    p.add_argument("--latent_batches", type=int, default=400, help="timed batches per latent setting")
+    p.add_argument("--no_write", action="store_true", help="--latents: print the section, leave BENCHMARKS.md")
     args = p.parse_args()
 
     from transformers import CLIPTokenizer
@@ -192,6 +331,11 @@ def main() -> None:
     from sd_ds.models import CLIP_TOKENIZER_DIR
 
     tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR)
+    if args.latents:
+        with tempfile.TemporaryDirectory() as tmp:
+            section = latents_vs_jpeg(args, tokenizer, args.shard_dir or Path(tmp))
+        publish(section, write=not args.no_write)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         shard_dir = args.shard_dir or Path(tmp) / "shards"
         write_shards(shard_dir, args.images, args.shorter_side)
