@@ -369,7 +369,8 @@ def losses(out: Path) -> list[float]:
 @pytest.mark.slow
 def test_training_on_latents_matches_images_and_resumes_exactly_after_sigterm(tmp_path):
     """fp32, centre crop, no flip: the first steps' losses on latent shards are the image run's (the same
-    samples in the same order, the same generator draws); a SIGTERM'd latent run resumes to the same weights."""
+    samples in the same order, the same generator draws); a SIGTERM'd latent run resumes to the same weights;
+    a run whose VAE differs from the cache's stops before training."""
     from tests.helpers import fp32_weights, make_tiny_model, train_flags
 
     STEPS = 8
@@ -387,8 +388,14 @@ def test_training_on_latents_matches_images_and_resumes_exactly_after_sigterm(tm
     # checkpoint. That process is frozen the moment the checkpoint is complete, so the signal lands in step 3
     # or 4 (of 8) whatever the machine's speed, and the run checkpoints that step and exits 0.
     out = tmp_path / "interrupted"
+    other_vae = load_vae(model / "vae")
+    with torch.no_grad():
+        other_vae.encoder.conv_in.bias += 0.01
+    other_vae.save_pretrained(tmp_path / "other_vae")
     runs = [train(flags(tmp_path / "img", images, max_steps=3)), train(flags(tmp_path / "lat", latents)),
-            train(flags(out, latents))]
+            train(flags(out, latents)),
+            # A cache from another VAE: refused before training starts.
+            train(flags(tmp_path / "mismatch", latents, vae_name_or_path=tmp_path / "other_vae"))]
     try:
         deadline = time.time() + 600
         while not (out / "checkpoint-2" / "trainer_state.json").exists():
@@ -403,6 +410,9 @@ def test_training_on_latents_matches_images_and_resumes_exactly_after_sigterm(tm
                 proc.kill()
     for code, log in results[:2]:
         assert code == 0, log[-4000:]
+    code, log = results[3]
+    assert code != 0 and "were encoded with other VAE weights" in log, log[-4000:]
+    assert not list((tmp_path / "mismatch").glob("checkpoint-*"))
     image_losses, latent_losses = losses(tmp_path / "img"), losses(tmp_path / "lat")
     assert len(image_losses) == 3 and len(latent_losses) == STEPS
     assert latent_losses[:3] == pytest.approx(image_losses, rel=5e-3)
