@@ -175,7 +175,7 @@ def draft_check(resolution: int, shorter: int) -> tuple[float, float]:
 
 # --- latent shards vs JPEG shards (--latents) --------------------------------------------------------
 
-SECTION = "## 7. Latent shards vs JPEG shards"
+SECTION = "## 8. Latent shards vs JPEG shards"
 # SD v1's VAE (CompVis/stable-diffusion-v1-4 vae/config.json): the encode rate is measured on it.
 SD_V1_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
                  down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
