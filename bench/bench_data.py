@@ -3,7 +3,7 @@
 
     python bench/bench_data.py                      # 320 JPEGs, workers 0/1/2, stage breakdown, draft check
     python bench/bench_data.py --workers 0 4 8 --images 2000 --shard_dir /tmp/bench_shards
-    python bench/bench_data.py --latents            # latent vs JPEG shards → BENCHMARKS.md section 7
+    python bench/bench_data.py --latents            # latent vs JPEG shards → BENCHMARKS.md section 8
 
 Writes converter-layout shards (photo crops from scikit-image, shorter side 512, JPEG q90) unless they exist,
 then times ``build_train_loader`` as the trainer uses it (random crop + flip, caption dropout, CLIP

@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
+from sd_ds.convert.planning import first_difference
 from sd_ds.data import (LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MOMENTS, MOMENTS_FLIPPED, ImageTransform,
                         ShardSource, SkipLog, SkipSample, parse_sources, read_latent_manifest,
                         sizes_json_count)
@@ -181,18 +182,6 @@ def build_plan(sources: list[ShardSource], vae: "AutoencoderKL", *, resolution: 
     }
 
 
-def _first_difference(a: Any, b: Any, where: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{where}.{k}" if where else k)
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
-            if x != y:
-                return _first_difference(x, y, f"{where}[{i}]")
-    return f"{where}: {json.dumps(a)[:100]} (now {json.dumps(b)[:100]})"
-
-
 def open_output(out: Path, plan: dict) -> None:
     """Create DST with its plan, or check that an existing one was started with the same plan."""
     try:
@@ -204,7 +193,7 @@ def open_output(out: Path, plan: dict) -> None:
         saved = json.loads(plan_path.read_text())
         if saved != plan:
             raise EncodeError(f"--output_dir {out} holds an encoding made with other settings ("
-                              f"{_first_difference(saved, plan)}); rerun with the same settings to finish it, or "
+                              f"{first_difference(plan, saved)}); rerun with the same settings to finish it, or "
                               f"use a new --output_dir")
         return
     if any(out.glob("*.tar")):

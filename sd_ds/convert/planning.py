@@ -166,15 +166,16 @@ def plan_record(sources: list[PartSource], options: ConvertOptions) -> dict:
                         for source in sources]}
 
 
-def _first_difference(now: Any, before: Any, where: str = "") -> str:
+def first_difference(now: Any, before: Any, where: str = "") -> str:
+    """Where two JSON-like records (a saved plan and this run's) first differ, as one short line."""
     if isinstance(now, dict) and isinstance(before, dict):
         for key in sorted(set(now) | set(before)):
             if now.get(key) != before.get(key):
-                return _first_difference(now.get(key), before.get(key), f"{where}.{key}" if where else key)
+                return first_difference(now.get(key), before.get(key), f"{where}.{key}" if where else key)
     if isinstance(now, list) and isinstance(before, list) and len(now) == len(before):
         for index, (item_now, item_before) in enumerate(zip(now, before)):
             if item_now != item_before:
-                return _first_difference(item_now, item_before, f"{where}[{index}]")
+                return first_difference(item_now, item_before, f"{where}[{index}]")
     return f"{where}: {_short(now)} now, {_short(before)} before"
 
 
@@ -213,7 +214,7 @@ def _lock_and_record(out: Path, plan: dict) -> IO[str]:
             before = json.loads(options_path.read_text(encoding="utf-8"))
             if before != plan:
                 raise OutputDirError(
-                    f"{out} holds a conversion with other inputs or options ({_first_difference(plan, before)}). "
+                    f"{out} holds a conversion with other inputs or options ({first_difference(plan, before)}). "
                     f"Resume with the same arguments, or choose another --output_dir.")
         else:
             write_json_atomic(options_path, plan)
