@@ -28,9 +28,10 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -68,20 +69,39 @@ def caption_of(color: str, shape: str, background: str) -> str:
 
 
 def draw_shape(color: str, shape: str, background: str, rng: random.Random, size: int = 40) -> Image.Image:
-    img = Image.new("RGB", (size, size), COLORS[background])
+    return draw_rgb_shape(COLORS[color], shape, COLORS[background], rng, size)
+
+
+def draw_rgb_shape(fill: tuple[int, int, int], shape: str, background: tuple[int, int, int], rng: random.Random,
+                   size: int = 40) -> Image.Image:
+    img = Image.new("RGB", (size, size), background)
     d = ImageDraw.Draw(img)
     r = rng.uniform(0.22, 0.32) * size
     # Keep the shape inside the centre crop the trainer takes (shorter side → res/0.9, then crop res).
     cx = size / 2 + rng.uniform(-0.1, 0.1) * size
     cy = size / 2 + rng.uniform(-0.1, 0.1) * size
-    fill = COLORS[color]
     if shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "square":
         d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
+        # Centred on its centroid (not on its bounding box): the image centre is then inside every drawn
+        # triangle, which the prompt-following score relies on (it reads the shape's colour there).
+        cy -= 0.27 * r
         d.polygon([(cx, cy - r), (cx - r * 1.1, cy + r * 0.9), (cx + r * 1.1, cy + r * 0.9)], fill=fill)
     return img
+
+
+def random_color_shapes(n: int, seed: int = 0) -> list[Image.Image]:
+    """Shapes in uniformly random RGB colours on random RGB backgrounds, without captions: extra images for the
+    VAE only, so that it reproduces any colour pair rather than only the pairs of the training captions (the
+    held-out pairs included, without their captions ever being seen)."""
+    rng = random.Random(seed)
+
+    def rgb() -> tuple[int, int, int]:
+        return rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255)
+
+    return [draw_rgb_shape(rgb(), rng.choice(SHAPES), rgb(), rng) for _ in range(n)]
 
 
 def training_combinations() -> list[tuple[str, str, str]]:
@@ -137,60 +157,239 @@ def write_demo_parts(data_dir: Path, *, per_combination: int, photo_crops: int, 
 # --- the tiny VAE ------------------------------------------------------------------------------
 
 def train_vae(model_dir: Path, images: list[Image.Image], *, steps: int, resolution: int, batch_size: int = 32,
-              lr: float = 2e-3, seed: int = 0) -> float:
-    """Train the tiny VAE (reconstruction + small KL), then set scaling_factor = 1/std(latents)."""
+              lr: float = 2e-3, warmup_steps: int = 50, seed: int = 0) -> float:
+    """Train the tiny VAE as a near-deterministic autoencoder, then set scaling_factor = 1/std(latents).
+
+    The posterior's log-variance is pinned at -10 (std e^-5 ≈ 0.007, about 1/150 of the latents' spread) and
+    only the mean is trained, on reconstruction alone. Sampling a freshly initialised posterior (std 1) and
+    leaving a tiny KL term to shrink it, as before, kept the colour in the latents noisy for the whole of 500
+    steps: decoded yellow came back orange, orange red, white yellow (BENCHMARKS.md, demo prompt following).
+    A pretrained SD VAE has a small posterior std for the same reason. The learning rate warms up linearly
+    over ``warmup_steps``, then follows a cosine: without the warm-up, some seeds end with a colour cast
+    (yellow decoded orange), most often on colour pairs the training images do not have.
+    """
     import torch
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(model_dir / "vae")
+    channels = vae.config.latent_channels
+    with torch.no_grad():  # quant_conv: [mean; logvar]; the logvar half gets no gradient below, so it stays
+        vae.quant_conv.weight[channels:].zero_()
+        vae.quant_conv.bias[channels:].fill_(-10.0)
     x_all = torch.stack([
-        torch.from_numpy(np.asarray(im.convert("RGB").resize((resolution, resolution), Image.LANCZOS))).permute(2, 0, 1)
+        torch.from_numpy(np.array(im.convert("RGB").resize((resolution, resolution), Image.LANCZOS))).permute(2, 0, 1)
         for im in images]).float() / 127.5 - 1
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     vae.train()
     bar = tqdm(range(steps), desc="demo: train tiny VAE", unit="step", dynamic_ncols=True)
     for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup_steps)) * 0.5 * (1 + np.cos(np.pi * step / steps))
         idx = torch.randint(0, len(x_all), (batch_size,), generator=g)
         x = x_all[idx]
         if step % 2:
             x = x.flip(-1)
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=g)).sample
-        loss = torch.nn.functional.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        loss = torch.nn.functional.mse_loss(recon, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / steps))
         bar.set_postfix(mse=f"{loss.item():.4f}", refresh=False)
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(x_all[i:i + 64]).latent_dist.mode() for i in range(0, len(x_all), 64)])
         mse = torch.nn.functional.mse_loss(
-            torch.cat([vae.decode(vae.encode(x_all[i:i + 64]).latent_dist.mode()).sample
-                       for i in range(0, len(x_all), 64)]), x_all).item()
+            torch.cat([vae.decode(latents[i:i + 64]).sample for i in range(0, len(x_all), 64)]), x_all).item()
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     vae.save_pretrained(model_dir / "vae", safe_serialization=True)
     return mse
 
 
+def vae_training_images() -> list[Image.Image]:
+    """The tiny VAE's images: a few of each trained combination and photo crops (a different draw from the
+    UNet's data), and random-colour shapes."""
+    return [Image.open(io.BytesIO(b)) for _, b in demo_samples(2, 8, seed=7)] + random_color_shapes(300, seed=11)
+
+
+def vae_color_fidelity(vae_dir: Path, per_combination: int = 16, resolution: int = 32) -> dict:
+    """The prompt-following score of decode(encode(x)) for fresh drawings x of the scored combinations, as the
+    trainer crops them: what the VAE alone loses, an upper bound for the whole model."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from sd_ds.data import ImageTransform
+
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    transform, rng = ImageTransform(resolution, center_crop=True), random.Random(123)
+    result = {}
+    for name, combos in (("held_out", list(HELD_OUT)), ("trained", trained_combinations_scored())):
+        combos = [c for c in combos for _ in range(per_combination)]
+        x = torch.stack([transform(draw_shape(*c, rng=rng), rng) for c in combos]).float() / 127.5 - 1
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        pixels = ((recon.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        result[name] = score_images([Image.fromarray(a) for a in pixels], combos)
+    return result
+
+
+# --- prompt following: are the prompt's colours in the image? ------------------------------------
+
+Combination = tuple[str, str, str]  # (shape colour, shape, background colour)
+
+# Seeds the grid never uses (it uses 0 .. prompts x images - 1): the score is not measured on what is shown.
+SCORE_SEED_BASE = 1000
+
+
+def trained_combinations_scored(n: int = 12) -> list[Combination]:
+    """A fixed set of combinations seen in training: every colour as a shape colour, every shape, and the
+    backgrounds in turn."""
+    trained = set(training_combinations())
+    colors, out = list(COLORS), []
+    for i in range(n):
+        color, shape = colors[i % len(colors)], SHAPES[i % len(SHAPES)]
+        # The first background (in turn from i) that makes a trained combination.
+        for k in range(len(BACKGROUNDS)):
+            combo = (color, shape, BACKGROUNDS[(i + k) % len(BACKGROUNDS)])
+            if combo in trained and combo not in out:
+                out.append(combo)
+                break
+    return out
+
+
+def nearest_color(rgb: np.ndarray) -> str:
+    """The demo palette's colour nearest to an RGB triple (Euclidean in RGB)."""
+    names = list(COLORS)
+    palette = np.array([COLORS[n] for n in names], dtype=np.float64)
+    return names[int(((palette - np.asarray(rgb, dtype=np.float64)) ** 2).sum(axis=1).argmin())]
+
+
+def read_image(img: Image.Image) -> tuple[str, str, str]:
+    """(shape colour, shape, background colour) of a picture, as the scorer reads it.
+
+    Colours: the per-channel median of the centre patch (side 1/8 of the image; every drawn shape covers it)
+    and of the border ring (1/16 of the side wide; the shape covers little of it), each snapped to the nearest
+    palette colour. Shape: the connected region around the centre whose pixels are nearer the centre's colour
+    than the ring's, by how much of its bounding box it fills (drawn at 32 px: squares 0.9-1.0, circles
+    0.72-0.81, triangles 0.49-0.58), or "none" when the centre pixel is not in that region.
+    """
+    from scipy import ndimage
+
+    arr = np.asarray(img.convert("RGB"), dtype=np.float64)
+    h, w = arr.shape[:2]
+    ph, pw = max(1, h // 16), max(1, w // 16)  # half the patch side; also the ring's width
+    centre = np.median(arr[h // 2 - ph:h // 2 + ph, w // 2 - pw:w // 2 + pw].reshape(-1, 3), axis=0)
+    ring_mask = np.ones((h, w), dtype=bool)
+    ring_mask[ph:h - ph, pw:w - pw] = False
+    ring = np.median(arr[ring_mask], axis=0)
+    near_centre = ((arr - centre) ** 2).sum(-1) < ((arr - ring) ** 2).sum(-1)
+    regions, _ = ndimage.label(near_centre)
+    shape = "none"
+    if near_centre[h // 2, w // 2]:
+        region = regions == regions[h // 2, w // 2]
+        # The bounding box spans the rows and columns with at least 2 of the region's pixels: a lone pixel of
+        # resampling ringing at a corner must not stretch it.
+        rows, cols = np.nonzero(region.sum(axis=1) >= 2)[0], np.nonzero(region.sum(axis=0) >= 2)[0]
+        if len(rows) and len(cols):
+            box = region[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+            fill = box.sum() / box.size
+            shape = "square" if fill >= 0.85 else "circle" if fill >= 0.65 else "triangle"
+    return nearest_color(centre), shape, nearest_color(ring)
+
+
+def score_images(images: list[Image.Image], combos: list[Combination]) -> dict:
+    """Fractions (in %) of images whose shape colour, background colour, both colours, shape are the prompt's."""
+    right = {"shape_color": 0, "background_color": 0, "both_colors": 0, "shape": 0}
+    for img, (color, shape, background) in zip(images, combos, strict=True):
+        got_color, got_shape, got_background = read_image(img)
+        right["shape_color"] += got_color == color
+        right["background_color"] += got_background == background
+        right["both_colors"] += got_color == color and got_background == background
+        right["shape"] += got_shape == shape
+    return {**{f"{k}_pct": 100.0 * v / len(images) for k, v in right.items()}, "images": len(images)}
+
+
+def generate_for_scoring(pipe: Any, combos: list[Combination], seeds: int, *, steps: int, guidance_scale: float,
+                         batch_size: int = 64) -> list[Image.Image]:
+    """``seeds`` images per combination, seed SCORE_SEED_BASE + k for the k-th image of a combination, in
+    batches (one generator per image, so an image does not depend on its batch)."""
+    import torch
+
+    jobs = [(caption_of(*c), SCORE_SEED_BASE + k) for c in combos for k in range(seeds)]
+    images: list[Image.Image] = []
+    for i in range(0, len(jobs), batch_size):
+        chunk = jobs[i:i + batch_size]
+        generators = [torch.Generator(device=pipe.unet.device).manual_seed(seed) for _, seed in chunk]
+        with torch.no_grad():
+            out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
+                       generator=generators)
+        images.extend(out.images)
+    return images
+
+
+def score_model(model: Any, *, seeds: int = 8, steps: int = 20, guidance_scale: float = 7.5,
+                trained_seeds: Optional[int] = None) -> dict:
+    """Prompt-following score of an exported model (a diffusers folder, or a loaded pipeline): the held-out
+    combinations x ``seeds`` and trained_combinations_scored() x ``trained_seeds`` (default seeds / 2)."""
+    pipe = model
+    if isinstance(model, (str, Path)):
+        from sd_ds.sample import load_pipeline
+
+        pipe = load_pipeline(model, device="cpu", dtype=None)
+    trained_seeds = trained_seeds if trained_seeds is not None else max(1, seeds // 2)
+    result: dict = {"steps": steps, "guidance_scale": guidance_scale, "seed_base": SCORE_SEED_BASE}
+    for name, combos, n in (("held_out", list(HELD_OUT), seeds),
+                            ("trained", trained_combinations_scored(), trained_seeds)):
+        images = generate_for_scoring(pipe, combos, n, steps=steps, guidance_scale=guidance_scale)
+        result[name] = {**score_images(images, [c for c in combos for _ in range(n)]),
+                        "combinations": [caption_of(*c) for c in combos], "seeds_per_combination": n}
+    return result
+
+
+def format_score(score: dict) -> str:
+    return "\n".join(f"  {name.replace('_', '-') + ' combinations:':24s} shape colour right in "
+                     f"{score[name]['shape_color_pct']:3.0f} %, background colour in "
+                     f"{score[name]['background_color_pct']:3.0f} %, both in {score[name]['both_colors_pct']:3.0f} %, "
+                     f"shape in {score[name]['shape_pct']:3.0f} % of {score[name]['images']} images"
+                     for name in ("held_out", "trained"))
+
+
+def write_score(model_dir: Path, path: Path, *, seeds: int, steps: int, guidance_scale: float) -> Path:
+    """Score the exported model, write the JSON, print the figures."""
+    from sd_ds.fileio import write_json_atomic
+
+    score = score_model(model_dir, seeds=seeds, steps=steps, guidance_scale=guidance_scale)
+    write_json_atomic(path, {"model": str(model_dir), **score})
+    print(f"prompt following ({steps} DDIM steps, guidance {guidance_scale:g}; chance: 1/8 shape colour, "
+          f"1/6 background, 1/3 shape):\n{format_score(score)}", flush=True)
+    return path
+
+
 # --- orchestration -------------------------------------------------------------------------------
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
 
 @dataclass
 class DemoSettings:
-    output: Path
-    per_combination: int = 12
-    photo_crops: int = 12
-    vae_steps: int = 500
-    train_steps: int = 1100
-    micro_batch_size: int = 32
-    image_logging_steps: int = 400
-    sample_steps: int = 20
-    nproc: Optional[int] = None
+    """The demo's knobs (each is a --flag of ``python -m sd_ds.demo``); the defaults fit 10 minutes on 2 cores."""
+
+    output: Path = _f(Path(os.environ.get("SD_DS_DEMO_DIR", str(REPO / "demo_output"))),
+                      "where everything is written (env SD_DS_DEMO_DIR)")
+    per_combination: int = _f(12, "drawn images per (colour, shape, background) combination")
+    photo_crops: int = _f(12, "random crops per scikit-image photo")
+    vae_steps: int = _f(500, "tiny-VAE training steps")
+    train_steps: int = _f(1100, "UNet optimizer steps")
+    micro_batch_size: int = _f(32, "per rank")
+    image_logging_steps: int = _f(400, "sample grids in TensorBoard every N steps")
+    sample_steps: int = _f(20, "DDIM steps for the grid and the score")
+    guidance_scale: float = _f(3.0, "classifier-free guidance for the grid and the score")
+    score_seeds: int = _f(8, "images per held-out combination in the score (half as many per trained one)")
+    nproc: Optional[int] = _f(None, "ranks (default: run.sh's NPROC_PER_NODE default)")
 
 
 def status(msg: str) -> None:
@@ -204,38 +403,44 @@ def run(cmd: list[str], **kw) -> None:
 
 def run_demo(s: DemoSettings) -> Path:
     t_start = time.time()
+
+    def stage(msg: str) -> None:
+        status(f"{msg}  [{time.time() - t_start:.0f} s]")
+
     out = s.output.resolve()
     data_dir, shards, model_dir, train_dir, export_dir = (out / n for n in ("data", "shards", "model", "train", "export"))
 
     list_path = data_dir / "train.filelist.list"
     if list_path.is_file():
-        status(f"1/6 demo parts: reusing {data_dir}")
+        stage(f"1/6 demo parts: reusing {data_dir}")
     else:
-        status("1/6 building demo LAION parts (drawn shapes + scikit-image photos)")
+        stage("1/6 building demo LAION parts (drawn shapes + scikit-image photos)")
         write_demo_parts(data_dir, per_combination=s.per_combination, photo_crops=s.photo_crops)
 
     if (shards / "stats.json").is_file():
-        status(f"2/6 shards: reusing {shards}")
+        stage(f"2/6 shards: reusing {shards}")
     else:
-        status("2/6 converting parts to webdataset shards")
+        stage("2/6 converting parts to webdataset shards")
         run([sys.executable, "tools/convert_laion_to_wds.py", "--file_list", list_path, "--output_dir", shards,
              "--samples_per_shard", "64"])  # enough shards for every rank x worker
 
     if (model_dir / "vae" / ".demo_trained").is_file():
-        status(f"3/6 tiny model: reusing {model_dir}")
+        stage(f"3/6 tiny model: reusing {model_dir}")
     else:
-        status("3/6 creating the tiny model, then training its VAE on the demo images")
+        stage("3/6 creating the tiny model, then training its VAE on the demo images")
         run([sys.executable, "-m", "sd_ds.init", "--output_dir", model_dir, "--preset", "tiny", "--seed", "0"])
-        images = [Image.open(io.BytesIO(b)) for _, b in demo_samples(2, 8, seed=7)]
-        mse = train_vae(model_dir, images, steps=s.vae_steps, resolution=32, batch_size=16, lr=1.5e-3)
-        (model_dir / "vae" / ".demo_trained").write_text(json.dumps({"reconstruction_mse": mse}))
-        status(f"   VAE reconstruction MSE {mse:.4f} (images in [-1, 1])")
+        mse = train_vae(model_dir, vae_training_images(), steps=s.vae_steps, resolution=32, batch_size=16, lr=1.5e-3)
+        fidelity = vae_color_fidelity(model_dir / "vae")
+        (model_dir / "vae" / ".demo_trained").write_text(json.dumps({"reconstruction_mse": mse, **fidelity}))
+        status(f"   VAE reconstruction MSE {mse:.4f} (images in [-1, 1]); colours kept by decode(encode(x)): "
+               f"held-out combinations {fidelity['held_out']['both_colors_pct']:.0f} %, "
+               f"trained {fidelity['trained']['both_colors_pct']:.0f} %")
 
     final = train_dir / f"checkpoint-{s.train_steps}"
     if (final / "trainer_state.json").is_file():
-        status(f"4/6 training: reusing {final}")
+        stage(f"4/6 training: reusing {final}")
     else:
-        status(f"4/6 training the UNet with DeepSpeed ZeRO-2 ({s.train_steps} steps, EMA, image logging)")
+        stage(f"4/6 training the UNet with DeepSpeed ZeRO-2 ({s.train_steps} steps, EMA, image logging)")
         env = dict(os.environ)
         if s.nproc:
             env["NPROC_PER_NODE"] = str(s.nproc)
@@ -245,6 +450,10 @@ def run_demo(s: DemoSettings) -> Path:
              "--min_size", "32", "--per_device_train_batch_size", s.micro_batch_size, "--learning_rate", "1e-3",
              # Demo captions are at most 14 tokens: a 16-token context halves the tiny UNet's cross-attention cost.
              "--model_max_length", "16",
+             # v-prediction: at the noisiest steps, where the colours are decided, epsilon-prediction's image
+             # estimate amplifies the UNet's error ~14x; with it the background colour followed the prompt in
+             # 31 % of trained-combination images, with v-prediction in 92 % (BENCHMARKS.md).
+             "--prediction_type", "v_prediction",
              "--lr_scheduler_type", "cosine", "--warmup_steps", str(min(100, s.train_steps // 10)),
              "--max_steps", s.train_steps, "--logging_steps", math.gcd(25, s.image_logging_steps), "--image_logging_steps", s.image_logging_steps,
              "--num_inference_steps", s.sample_steps, "--save_steps", s.train_steps, "--save_total_limit", "2",
@@ -253,20 +462,25 @@ def run_demo(s: DemoSettings) -> Path:
              "--validation_prompts", *[caption_of(*c) for c in HELD_OUT[:4]]], env=env)
 
     if (export_dir / "model_index.json").is_file():
-        status(f"5/6 export: reusing {export_dir}")
+        stage(f"5/6 export: reusing {export_dir}")
     else:
-        status("5/6 exporting the EMA weights to a diffusers folder")
+        stage("5/6 exporting the EMA weights to a diffusers folder")
         run([sys.executable, "-m", "sd_ds.export", final, export_dir, "--ema"])
     grid = out / "heldout_prompts.png"
     prompts = [caption_of(*c) for c in HELD_OUT]
     run([sys.executable, "-m", "sd_ds.sample", "--model", export_dir, *sum([["--prompt", p] for p in prompts], []),
-         "--num_images", "4", "--steps", str(s.sample_steps), "--guidance_scale", "7.5", "--seed", "0",
+         "--num_images", "4", "--steps", str(s.sample_steps), "--guidance_scale", str(s.guidance_scale), "--seed", "0",
          "--output", grid])
 
-    status(f"6/6 done in {time.time() - t_start:.0f} s")
+    stage(f"6/6 scoring prompt following: {len(HELD_OUT)} held-out and {len(trained_combinations_scored())} trained "
+           f"combinations, seeds from {SCORE_SEED_BASE} (the grid's are 0-{4 * len(HELD_OUT) - 1})")
+    score_path = write_score(export_dir, out / "prompt_following.json", seeds=s.score_seeds, steps=s.sample_steps,
+                             guidance_scale=s.guidance_scale)
+    status(f"done in {time.time() - t_start:.0f} s")
     print(f"""
   model (diffusers):   {export_dir}
   held-out prompts:    {grid}   (rows: {'; '.join(prompts)})
+  prompt following:    {score_path}
   training samples:    {train_dir / 'samples'}
   TensorBoard logs:    {train_dir / 'runs'}
   open TensorBoard:    .venv/bin/tensorboard --logdir {train_dir / 'runs'}
@@ -277,23 +491,24 @@ def run_demo(s: DemoSettings) -> Path:
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m sd_ds.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--output", default=os.environ.get("SD_DS_DEMO_DIR", str(REPO / "demo_output")),
-                   help="where everything is written (env SD_DS_DEMO_DIR)")
-    p.add_argument("--train_steps", type=int, default=DemoSettings.train_steps)
-    p.add_argument("--vae_steps", type=int, default=DemoSettings.vae_steps)
-    p.add_argument("--per_combination", type=int, default=DemoSettings.per_combination,
-                   help="drawn images per (colour, shape, background) combination")
-    p.add_argument("--photo_crops", type=int, default=DemoSettings.photo_crops,
-                   help="random crops per scikit-image photo")
-    p.add_argument("--micro_batch_size", type=int, default=DemoSettings.micro_batch_size)
-    p.add_argument("--image_logging_steps", type=int, default=DemoSettings.image_logging_steps)
-    p.add_argument("--sample_steps", type=int, default=DemoSettings.sample_steps)
-    p.add_argument("--nproc", type=int, default=None, help="ranks (default: run.sh's NPROC_PER_NODE default)")
-    a = p.parse_args(argv)
-    run_demo(DemoSettings(output=Path(a.output), per_combination=a.per_combination, photo_crops=a.photo_crops,
-                          vae_steps=a.vae_steps,
-                          train_steps=a.train_steps, micro_batch_size=a.micro_batch_size,
-                          image_logging_steps=a.image_logging_steps, sample_steps=a.sample_steps, nproc=a.nproc))
+    hints = typing.get_type_hints(DemoSettings)
+    for f in fields(DemoSettings):
+        kind = hints[f.name]
+        kind = int if kind == Optional[int] else kind
+        p.add_argument(f"--{f.name}", type=kind, default=f.default, help=f"{f.metadata['help']} (default: %(default)s)")
+    p.add_argument("--score", action="store_true",
+                   help="only score the model already exported under --output (prompt_following.json), then exit")
+    a = vars(p.parse_args(argv))
+    score_only = a.pop("score")
+    s = DemoSettings(**a)
+    if score_only:
+        out = s.output.resolve()
+        if not (out / "export" / "model_index.json").is_file():
+            p.error(f"no exported model in {out / 'export'}: run the demo first")
+        write_score(out / "export", out / "prompt_following.json", seeds=s.score_seeds, steps=s.sample_steps,
+                    guidance_scale=s.guidance_scale)
+        return 0
+    run_demo(s)
     return 0
 
 
