@@ -8,11 +8,14 @@ few minutes and leaves a model whose samples follow their prompts:
    seed's data;
 2. ``tools/convert_laion_to_wds.py`` turns them into webdataset shards;
 3. ``python -m sd_ds.init --preset tiny`` makes the model; since no pretrained VAE can be downloaded, the tiny
-   VAE is trained briefly on the demo images, and its ``scaling_factor`` set so the latents have unit
-   variance (what SD's 0.18215 does for its VAE; left at 0.18215 the tiny UNet barely learns from text);
-4. ``./run.sh`` trains the UNet with DeepSpeed ZeRO-2 on every local device, with EMA and image logging;
+   VAE is trained briefly (as a near-deterministic autoencoder, on the demo images and random-colour shapes),
+   and its ``scaling_factor`` set so the latents have unit variance (what SD's 0.18215 does for its VAE; left
+   at 0.18215 the tiny UNet barely learns from text);
+4. ``./run.sh`` trains the UNet (v-prediction) with DeepSpeed ZeRO-2 on every local device, with EMA and
+   image logging;
 5. ``python -m sd_ds.export`` and a sample grid for prompt combinations held out of training;
-6. where everything is.
+6. the prompt-following score (``python -m sd_ds.demo --score`` alone): are the prompt's shape colour,
+   background colour and shape in the images, for held-out and trained combinations; then where everything is.
 
 Every stage is skipped when its output already exists, so a re-run reuses what is built.
 """
@@ -236,7 +239,7 @@ def vae_color_fidelity(vae_dir: Path, per_combination: int = 16, resolution: int
     return result
 
 
-# --- prompt following: are the prompt's colours in the image? ------------------------------------
+# --- prompt following: are the prompt's colours and shape in the image? ---------------------------
 
 Combination = tuple[str, str, str]  # (shape colour, shape, background colour)
 
@@ -330,7 +333,7 @@ def generate_for_scoring(pipe: Any, combos: list[Combination], seeds: int, *, st
     return images
 
 
-def score_model(model: Any, *, seeds: int = 8, steps: int = 20, guidance_scale: float = 7.5,
+def score_model(model: Any, *, seeds: int, steps: int, guidance_scale: float,
                 trained_seeds: Optional[int] = None) -> dict:
     """Prompt-following score of an exported model (a diffusers folder, or a loaded pipeline): the held-out
     combinations x ``seeds`` and trained_combinations_scored() x ``trained_seeds`` (default seeds / 2)."""
@@ -383,11 +386,12 @@ class DemoSettings:
     per_combination: int = _f(12, "drawn images per (colour, shape, background) combination")
     photo_crops: int = _f(12, "random crops per scikit-image photo")
     vae_steps: int = _f(500, "tiny-VAE training steps")
-    train_steps: int = _f(1100, "UNet optimizer steps")
+    train_steps: int = _f(1600, "UNet optimizer steps")
+    learning_rate: float = _f(2e-3, "UNet peak learning rate (cosine schedule, 100 warm-up steps)")
     micro_batch_size: int = _f(32, "per rank")
-    image_logging_steps: int = _f(400, "sample grids in TensorBoard every N steps")
+    image_logging_steps: int = _f(800, "sample grids in TensorBoard every N steps")
     sample_steps: int = _f(20, "DDIM steps for the grid and the score")
-    guidance_scale: float = _f(3.0, "classifier-free guidance for the grid and the score")
+    guidance_scale: float = _f(5.0, "classifier-free guidance for the grid and the score")
     score_seeds: int = _f(8, "images per held-out combination in the score (half as many per trained one)")
     nproc: Optional[int] = _f(None, "ranks (default: run.sh's NPROC_PER_NODE default)")
 
@@ -447,7 +451,7 @@ def run_demo(s: DemoSettings) -> Path:
         env.setdefault("MASTER_PORT", str(29500 + os.getpid() % 500))
         run(["./run.sh", "--output_dir", train_dir, "--train_shards", shards,
              "--pretrained_model_name_or_path", model_dir, "--resolution", "32", "--center_crop", "True",
-             "--min_size", "32", "--per_device_train_batch_size", s.micro_batch_size, "--learning_rate", "1e-3",
+             "--min_size", "32", "--per_device_train_batch_size", s.micro_batch_size, "--learning_rate", s.learning_rate,
              # Demo captions are at most 14 tokens: a 16-token context halves the tiny UNet's cross-attention cost.
              "--model_max_length", "16",
              # v-prediction: at the noisiest steps, where the colours are decided, epsilon-prediction's image
