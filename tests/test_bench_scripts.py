@@ -43,3 +43,21 @@ def test_step_ops_bench_counts_the_engines_phases(tmp_path):
     plain_kernels, sd_ds_kernels = float(optimizer[0]), float(optimizer[1])
     # The streamlined ZeRO step: within 10x the plain fused-AdamW loop's kernel ops (DeepSpeed's own loops: ~1000x).
     assert sd_ds_kernels <= 10 * plain_kernels, rows["optimizer step"]
+
+
+def test_demo_quality_bench_probes_the_text_path(tmp_path):
+    """The cheapest part of the demo-quality benchmark, for real: linear probes on the frozen tiny CLIP's hidden
+    states read a caption's colours only from the colour's own token on (never from BOS)."""
+    env = subprocess_env({"DS_ACCELERATOR": "cpu"})
+    env.pop("PYTHONPATH", None)
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_demo_quality.py"), "--parts", "text",
+                           "--results", str(results)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    probe = json.loads((results / "text.json").read_text())
+    tokens = [t.replace("</w>", "") for t in probe["tokens"]]
+    shape_color_at, background_at = tokens.index("green"), tokens.index("yellow")  # "a green circle on a yellow ..."
+    assert probe["shape_color"][str(shape_color_at)] == 100.0 and probe["shape_color"]["0"] < 50
+    assert probe["background_color"][str(background_at)] == 100.0 and probe["background_color"][str(shape_color_at)] < 50
+    assert "**The text path**" in proc.stdout and "**The whole model**" not in proc.stdout
