@@ -33,3 +33,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict:
+    """Tiny webdataset shards and a tiny model directory, built once per test module that trains."""
+    from tests.helpers import make_tiny_model, write_tiny_shards
+
+    root = tmp_path_factory.mktemp("assets")
+    return {"shards": write_tiny_shards(root / "shards", num_shards=4, samples_per_shard=16),
+            "model": make_tiny_model(root / "model")}

@@ -38,7 +38,7 @@ import psutil
 import pytest
 
 from sd_ds.lifecycle import Fault, OutputDirLock, OutputDirLocked, SkipGuard, TrainingDiverged, parse_faults
-from tests.helpers import REPO_ROOT, free_port, make_tiny_model, subprocess_env, train_flags, write_tiny_shards
+from tests.helpers import REPO_ROOT, free_port, subprocess_env, train_flags, write_tiny_shards
 
 CHILD = Path(__file__).with_name("fault_child.py")
 HOST = socket.gethostname()
@@ -241,13 +241,6 @@ def test_fault_pause_holds_the_process_until_go(tmp_path):
 
 
 # --- end to end: the trainer under faults ------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fault_assets")
-    return {"shards": write_tiny_shards(root / "shards", num_shards=4, samples_per_shard=16),
-            "model": make_tiny_model(root / "model")}
-
 
 def _digests(ckpt: Path) -> dict[str, str]:
     return {str(p.relative_to(ckpt)): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from sd_ds.ema import shard_path
-from tests.helpers import REPO_ROOT, free_port, make_tiny_model, subprocess_env, train_flags, write_tiny_shards
+from tests.helpers import REPO_ROOT, free_port, subprocess_env, train_flags
 
 
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.access("/usr/sbin/sshd", os.X_OK) else None)
@@ -212,13 +212,6 @@ def ssh_nodes(tmp_path_factory):
             sshd.kill()
             sshd.wait(timeout=10)
         log.close()
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ssh_assets")
-    return {"shards": write_tiny_shards(root / "shards", num_shards=4, samples_per_shard=16),
-            "model": make_tiny_model(root / "model")}
 
 
 def _launched_by(launcher_pid: int) -> list[int]:

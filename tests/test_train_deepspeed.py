@@ -15,19 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import (REPO_ROOT, fp32_weights, free_port, make_tiny_model, run_sh, scalars, subprocess_env,
-                           train_flags, write_tiny_shards)
+from tests.helpers import REPO_ROOT, fp32_weights, free_port, run_sh, scalars, subprocess_env, train_flags
 
 pytestmark = pytest.mark.slow
 
 STEPS = 24
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_assets")
-    return {"shards": write_tiny_shards(root / "shards", num_shards=4, samples_per_shard=16),
-            "model": make_tiny_model(root / "model")}
 
 
 @pytest.fixture(scope="module")
