@@ -44,6 +44,7 @@ from PIL import Image
 from sd_ds import demo
 from sd_ds.data import ImageTransform
 from sd_ds.diffusion import training_loss
+from sd_ds.ema import ema_decay as warmed_up_decay
 
 SECTION = "## 9. Demo: prompt following (colours)"
 GUIDANCE_SCALES = (3.0, 5.0, 7.5)
@@ -77,8 +78,7 @@ def train_vae_before(model_dir: Path, images: list[Image.Image], *, steps: int, 
 
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_pretrained(model_dir / "vae")
-    x_all = torch.stack([torch.from_numpy(np.array(im.convert("RGB").resize((resolution, resolution), Image.LANCZOS)))
-                         .permute(2, 0, 1) for im in images]).float() / 127.5 - 1
+    x_all = demo.vae_pixels(images, resolution)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     vae.train()
@@ -94,14 +94,7 @@ def train_vae_before(model_dir: Path, images: list[Image.Image], *, steps: int, 
         opt.step()
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / steps))
-    vae.eval()
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(x_all[i:i + 64]).latent_dist.mode() for i in range(0, len(x_all), 64)])
-        mse = torch.nn.functional.mse_loss(
-            torch.cat([vae.decode(latents[i:i + 64]).sample for i in range(0, len(x_all), 64)]), x_all).item()
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    vae.save_pretrained(model_dir / "vae", safe_serialization=True)
-    return mse
+    return demo.save_trained_vae(vae, x_all, model_dir / "vae")
 
 
 def build_model(model_dir: Path, recipe: str, seed: int) -> dict:
@@ -203,7 +196,7 @@ def train_unet(comp: Any, x: torch.Tensor, captions: list[str], *, prediction_ty
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         schedule.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))  # --ema_warmup
+        decay = warmed_up_decay(step, step - 1, decay=ema_decay, warmup=True, start_step=0)  # the trainer's
         with torch.no_grad():
             for e, p in zip(ema.parameters(), unet.parameters()):
                 e.mul_(decay).add_(p, alpha=1 - decay)
@@ -211,9 +204,8 @@ def train_unet(comp: Any, x: torch.Tensor, captions: list[str], *, prediction_ty
 
 
 def run_unet_config(name: str, work: Path, data: tuple[torch.Tensor, list[str]]) -> dict:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     from sd_ds.models import load_components
+    from sd_ds.sample import pipeline_from_components
 
     recipe, prediction_type, steps, lr = UNET_CONFIGS[name]
     model_dir = work / f"model_{recipe}"
@@ -222,10 +214,7 @@ def run_unet_config(name: str, work: Path, data: tuple[torch.Tensor, list[str]])
         (model_dir / ".vae_done").write_text("")
     comp = load_components(str(model_dir), model_max_length=16, seed=0, prediction_type=prediction_type)
     ema, cpu_s = train_unet(comp, *data, prediction_type=prediction_type, steps=steps, lr=lr)
-    pipe = StableDiffusionPipeline(vae=comp.vae, text_encoder=comp.text_encoder, tokenizer=comp.tokenizer, unet=ema,
-                                   scheduler=DDIMScheduler.from_config(comp.noise_scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipeline_from_components(comp.vae, comp.text_encoder, comp.tokenizer, ema, comp.noise_scheduler)
     scores = {str(gs): demo.score_model(pipe, seeds=8, steps=20, guidance_scale=gs) for gs in GUIDANCE_SCALES}
     return {"config": name, "vae": recipe, "prediction_type": prediction_type, "steps": steps, "lr": lr,
             "train_cpu_s": cpu_s, "scores": scores}

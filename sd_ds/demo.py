@@ -181,9 +181,7 @@ def train_vae(model_dir: Path, images: list[Image.Image], *, steps: int, resolut
     with torch.no_grad():  # quant_conv: [mean; logvar]; the logvar half gets no gradient below, so it stays
         vae.quant_conv.weight[channels:].zero_()
         vae.quant_conv.bias[channels:].fill_(-10.0)
-    x_all = torch.stack([
-        torch.from_numpy(np.array(im.convert("RGB").resize((resolution, resolution), Image.LANCZOS))).permute(2, 0, 1)
-        for im in images]).float() / 127.5 - 1
+    x_all = vae_pixels(images, resolution)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     vae.train()
@@ -201,14 +199,30 @@ def train_vae(model_dir: Path, images: list[Image.Image], *, steps: int, resolut
         loss.backward()
         opt.step()
         bar.set_postfix(mse=f"{loss.item():.4f}", refresh=False)
+    return save_trained_vae(vae, x_all, model_dir / "vae")
+
+
+def vae_pixels(images: list[Image.Image], resolution: int) -> "torch.Tensor":
+    """Images resized to ``resolution`` as a float [N, 3, H, W] batch in [-1, 1]."""
+    import torch
+
+    return torch.stack([
+        torch.from_numpy(np.array(im.convert("RGB").resize((resolution, resolution), Image.LANCZOS))).permute(2, 0, 1)
+        for im in images]).float() / 127.5 - 1
+
+
+def save_trained_vae(vae: Any, x_all: "torch.Tensor", vae_dir: Path) -> float:
+    """Set scaling_factor = 1/std of the latents of ``x_all`` (posterior modes), save the VAE, and return the
+    reconstruction MSE of ``x_all``."""
+    import torch
+
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(x_all[i:i + 64]).latent_dist.mode() for i in range(0, len(x_all), 64)])
         mse = torch.nn.functional.mse_loss(
             torch.cat([vae.decode(latents[i:i + 64]).sample for i in range(0, len(x_all), 64)]), x_all).item()
-    scaling = float(1.0 / latents.std())
-    vae.register_to_config(scaling_factor=scaling)
-    vae.save_pretrained(model_dir / "vae", safe_serialization=True)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae.save_pretrained(vae_dir, safe_serialization=True)
     return mse
 
 

@@ -84,15 +84,10 @@ def _log_on_main(cfg: "TrainConfig", device: torch.device, module: torch.nn.Modu
 @torch.no_grad()
 def sample_grids(cfg: "TrainConfig", components: "Components", unet: Any, text_encoder: Any, batch: dict, step: int,
                  device: torch.device) -> tuple[dict[str, Image.Image], list[str]]:
-    from diffusers import StableDiffusionPipeline
-
-    from sd_ds.sample import generate, make_scheduler
+    from sd_ds.sample import generate, pipeline_from_components
 
     vae = components.vae
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=components.tokenizer, unet=unet,
-                                   scheduler=make_scheduler("ddim", components.noise_scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipeline_from_components(vae, text_encoder, components.tokenizer, unet, components.noise_scheduler)
     n = min(MAX_IMAGES, len(batch["captions"]))
     captions = list(batch["captions"][:n])
     # The training resolution, not the UNet config's sample_size (512 px for SD v1 even when training at 256).

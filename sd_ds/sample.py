@@ -36,6 +36,18 @@ def make_scheduler(name: str, config: Any) -> Any:
 
 
 @torch.no_grad()
+def pipeline_from_components(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, noise_scheduler: Any) -> Any:
+    """A StableDiffusionPipeline on in-memory modules (no safety checker), sampling with DDIM from the training
+    scheduler's config, progress bar off: what image logging and benchmarks draw with."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=make_scheduler("ddim", noise_scheduler.config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def generate(pipe: Any, prompts: Sequence[str], *, steps: int, guidance_scale: float, seed: int,
              width: Optional[int] = None, height: Optional[int] = None, eta: float = 0.0) -> list[Image.Image]:
     """One image per prompt; prompt i uses the generator seeded with seed + i, so a prompt's image does not
