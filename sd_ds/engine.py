@@ -205,6 +205,10 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, *, load_universal:
     zero_out.setdefault("allgather_bucket_size", BUCKET_ELEMENTS)
     ds.setdefault("steps_per_print", 10**9)  # the trainer logs for itself
     ds.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer is on by default and brackets every step with accelerator.synchronize() (in
+    # forward and in step): two host stalls per step on CUDA that only feed its own steps_per_print log line,
+    # which the trainer does not use (it times steps itself from host clocks over logging windows).
+    ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     del device_type  # the same optimizer on every device now; kept for callers that pass it

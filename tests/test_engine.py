@@ -15,9 +15,9 @@ from tests.helpers import REPO_ROOT, free_port, make_tiny_model, subprocess_env
 pytestmark = pytest.mark.slow
 
 
-def run_worker(mode: str, model, tmp_path) -> dict:
+def run_worker(mode: str, model, tmp_path, flags: str = "") -> dict:
     env = subprocess_env({"MASTER_PORT": str(free_port()), "MASTER_ADDR": "127.0.0.1", "RANK": "0",
-                          "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+                          "WORLD_SIZE": "1", "LOCAL_RANK": "0", **({"SD_DS_WORKER_FLAGS": flags} if flags else {})})
     proc = subprocess.run([sys.executable, "-m", "tests.streamline_worker", mode, str(model), str(tmp_path / mode)],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -42,3 +42,19 @@ def test_streamlined_zero_step_matches_deepspeeds(tmp_path):
     assert lean["finite"] and reference["finite"]
     assert lean["sum"] == pytest.approx(reference["sum"], rel=1e-4, abs=1e-4)
     assert lean["abs_sum"] == pytest.approx(reference["abs_sum"], rel=1e-5)
+
+
+def test_a_step_syncs_the_device_at_most_twice(tmp_path):
+    """Device syncs per step as a CUDA rank issues them (accelerator.synchronize, counted on CPU) plus host reads
+    of device values (.item(), bool(t)): DeepSpeed's throughput timer adds two syncs a step unless turned off."""
+    model = make_tiny_model(tmp_path / "model")
+    result = run_worker("streamlined", model, tmp_path)
+    # ZeRO's step reads two values on the host (the overflow decision, the norm's validity); nothing else does.
+    assert result["device_syncs_per_step"] == 0, result
+    assert result["host_reads_per_step"] <= 2, result["host_reads"]
+    # The counter sees the timer's syncs when a user's JSON turns it back on.
+    config = json.loads((REPO_ROOT / "ds_configs" / "zero2_bf16.json").read_text())
+    config["timers"] = {"throughput": {"enabled": True}}
+    (tmp_path / "timer.json").write_text(json.dumps(config))
+    timed = run_worker("streamlined", model, tmp_path, flags=f"--deepspeed {tmp_path / 'timer.json'}")
+    assert timed["device_syncs_per_step"] == 2, timed
