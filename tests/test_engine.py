@@ -58,3 +58,35 @@ def test_a_step_syncs_the_device_at_most_twice(tmp_path):
     (tmp_path / "timer.json").write_text(json.dumps(config))
     timed = run_worker("streamlined", model, tmp_path, flags=f"--deepspeed {tmp_path / 'timer.json'}")
     assert timed["device_syncs_per_step"] == 2, timed
+
+
+def test_compiled_unet_makes_gradients_ready_block_by_block():
+    """--torch_compile compiles each UNet block: the backward is a chain of compiled nodes, each owning its block's
+    parameters, so ZeRO's gradient hooks (fired as each parameter's gradient is accumulated) start reducing the
+    last blocks while the first blocks' backward still runs. Compiled whole, one node would own them all."""
+    from diffusers import UNet2DConditionModel
+
+    from sd_ds.init import TINY_UNET
+    from sd_ds.models import compile_blocks
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    compile_blocks(unet, backend="aot_eager")  # the same autograd structure as inductor's, without codegen
+    out = unet(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.randn(2, 16, 64)).sample
+    owners: dict[int, set] = {}
+    seen, stack = set(), [out.sum().grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None and type(child).__name__ == "AccumulateGrad" and "Compiled" in type(node).__name__:
+                owners.setdefault(id(node), set()).add(id(child.variable))
+            stack.append(child)
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    assert len(owners) == len(blocks), len(owners)
+    for block in blocks:
+        ids = {id(p) for p in block.parameters()}
+        assert any(ids == owned for owned in owners.values()), type(block).__name__
