@@ -234,6 +234,13 @@ def build_engine(cfg: TrainConfig, components: "Components", dist_info: "DistInf
     return engine
 
 
+# What streamline_zero_optimizer replaces or reads on DeepSpeed's ZeRO-1/2 optimizer (requirements.txt pins it).
+TESTED_DEEPSPEED = "0.19.8"
+STREAMLINED_METHODS = ("has_overflow_partitioned_grads_serial", "get_grad_norm_direct", "unscale_and_clip_grads",
+                       "_update_model_bit16_weights", "step")
+STREAMLINED_ATTRIBUTES = ("averaged_gradients", "dp_process_group", "clip_grad", "loss_scale", "device")
+
+
 def streamline_zero_optimizer(optimizer: Any) -> bool:
     """Replace three per-tensor loops of DeepSpeed's ZeRO-1/2 optimizer with multi-tensor (foreach) ops.
 
@@ -244,12 +251,25 @@ def streamline_zero_optimizer(optimizer: Any) -> bool:
     an inf or nan, so the same norms answer both questions. Behaviour is unchanged: a step with non-finite
     gradients is still detected, skipped and counted, clipping uses the same global L2 norm (per-tensor norms
     in fp32 instead of fp64, summed in fp64), and the clip factor is computed on the device without a host read.
-    Returns False (and changes nothing) for an optimizer this does not recognise, e.g. with CPU offload."""
+    Returns False (and changes nothing) for an optimizer this does not recognise, e.g. with CPU offload; raises
+    when DeepSpeed's ZeRO optimizer lacks a method or attribute this relies on (another DeepSpeed version)."""
     from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload or optimizer.has_moe_layers:
         return False
+    # Each replacement relies on DeepSpeed's step() calling these by name with these meanings (checked against
+    # 0.19.8, the pinned version). A DeepSpeed that renamed one would silently keep its slow path (or skip the
+    # replaced clipping): refuse to train instead.
+    missing = [name for name in STREAMLINED_METHODS if not callable(getattr(type(optimizer), name, None))]
+    missing += [name for name in STREAMLINED_ATTRIBUTES if not hasattr(optimizer, name)]
+    if missing:
+        import deepspeed
+
+        raise RuntimeError(
+            f"sd_ds.engine.streamline_zero_optimizer: DeepSpeedZeroOptimizer has no {missing} in deepspeed "
+            f"{deepspeed.__version__}; sd-ds's ZeRO step is written against deepspeed=={TESTED_DEEPSPEED} "
+            f"(`pip install deepspeed=={TESTED_DEEPSPEED}`, as requirements.txt pins)")
 
     def grad_norms(gradients: list[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
         present = [g for g in gradients if g is not None]

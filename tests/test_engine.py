@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -90,3 +91,21 @@ def test_compiled_unet_makes_gradients_ready_block_by_block():
     for block in blocks:
         ids = {id(p) for p in block.parameters()}
         assert any(ids == owned for owned in owners.values()), type(block).__name__
+
+
+def test_streamlining_refuses_a_deepspeed_without_a_replaced_method(monkeypatch):
+    """A DeepSpeed whose ZeRO optimizer renamed a method the streamlined step replaces must stop the run, not
+    train on silently with half the replacements (here: 0.19.8's class with get_grad_norm_direct removed)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from sd_ds.engine import streamline_zero_optimizer
+
+    optimizer = object.__new__(DeepSpeedZeroOptimizer)  # no engine needed: the check runs before any patching
+    optimizer.cpu_offload, optimizer.has_moe_layers = False, False
+    for name in ("averaged_gradients", "dp_process_group", "clip_grad", "device"):
+        setattr(optimizer, name, None)
+    optimizer.loss_scaler = types.SimpleNamespace(cur_scale=1.0)  # what the loss_scale property reads
+    monkeypatch.delattr(DeepSpeedZeroOptimizer, "get_grad_norm_direct")
+    with pytest.raises(RuntimeError, match=r"get_grad_norm_direct.*deepspeed==0\.19\.8"):
+        streamline_zero_optimizer(optimizer)
+    assert "get_grad_norm_direct" not in vars(optimizer)  # nothing was replaced
