@@ -19,8 +19,8 @@ from bench_step_ops import OpCounter  # noqa: E402
 
 class SyncCounter:
     """Counts ``accelerator.synchronize()`` calls (DeepSpeed's throughput timer, ZeRO's bucket syncs) as a CUDA
-    rank makes them: on CPU they are no-ops and ``resolves_data_dependency()`` skips some, so both are wrapped
-    to behave as CUDA's accelerator would decide, while the call itself stays a no-op."""
+    rank makes them. On CPU they are no-ops and ``resolves_data_dependency()`` answers True, which skips some of
+    them, so there it answers CUDA's False (streams need explicit waits) while the call stays a no-op."""
 
     def __init__(self) -> None:
         from deepspeed.accelerator import get_accelerator
@@ -35,7 +35,8 @@ class SyncCounter:
             return original(*args, **kwargs)
 
         accelerator.synchronize = synchronize
-        accelerator.resolves_data_dependency = lambda: False  # CUDA's answer: streams need explicit waits
+        if accelerator.device_name() == "cpu":
+            accelerator.resolves_data_dependency = lambda: False
 
 
 def main() -> None:
@@ -52,7 +53,7 @@ def main() -> None:
                         "--max_grad_norm", "0.05", "--learning_rate", "1e-3",
                         *os.environ.get("SD_DS_WORKER_FLAGS", "").split()])
     dist_info = init_distributed()
-    device_syncs = SyncCounter() if dist_info.device.type == "cpu" else None
+    device_syncs = SyncCounter()
     host_reads = OpCounter()
     components = build_components(cfg.model, seed=0)
     engine = engine_lib.build_engine(cfg, components, dist_info)
@@ -65,16 +66,14 @@ def main() -> None:
     norms, skipped = [], []
     for step in range(5):
         counted = step in (2, 4)  # DeepSpeed's throughput timer starts timing at its step 2; 3 is the NaN step
-        if device_syncs is not None:
-            device_syncs.counting = counted
+        device_syncs.counting = counted
         with host_reads if counted else contextlib.nullcontext():
             loss = engine(latents, hidden, ids, generator)
             if step == 3:
                 loss = loss * float("nan")  # non-finite gradients everywhere: the step must be skipped
             engine.backward(loss)
             engine.step()
-        if device_syncs is not None:
-            device_syncs.counting = False
+        device_syncs.counting = False
         norm = engine.get_global_grad_norm()
         norms.append(None if norm is None else float(norm))
         skipped.append(int(engine.skipped_steps))
@@ -84,7 +83,7 @@ def main() -> None:
                                   "fused": bool(base.defaults.get("fused")), "device": str(device), "norms": norms, "skipped": skipped, "sum": masters.double().sum().item(),
                                   "abs_sum": masters.double().abs().sum().item(),
                                   "finite": bool(torch.isfinite(masters).all()),
-                                  "device_syncs_per_step": None if device_syncs is None else device_syncs.calls / 2,
+                                  "device_syncs_per_step": device_syncs.calls / 2,
                                   "host_reads_per_step": sum(host_reads.syncs.values()) / 2,
                                   "host_reads": dict(host_reads.sync_names)}))
 
