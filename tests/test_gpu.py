@@ -40,10 +40,14 @@ def test_control_group_carries_cpu_tensors_while_the_default_group_is_nccl():
         "info = init_distributed()\n"
         "assert dist.get_backend() == 'nccl', dist.get_backend()\n"
         "assert info.all_reduce(torch.tensor([1.0]))[0] == 1.0\n"
-        "info.barrier(); print('OK', info.broadcast_object({'a': 1}))\n")
+        "info.barrier(); print('OK', info.broadcast_object({'a': 1}))\n"
+        "nccl = dist.distributed_c10d._get_default_group()._get_backend(torch.device('cuda'))\n"
+        "print('NCCL_TIMEOUT_S', nccl.options._timeout.total_seconds())\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                           env=cuda_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1"))
     assert proc.returncode == 0 and "OK {'a': 1}" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # The data plane fails in minutes on a wedged rank (the gloo control group keeps its long timeout).
+    assert "NCCL_TIMEOUT_S 1800.0" in proc.stdout, proc.stdout[-2000:]
 
 
 def test_a_training_step_with_xformers_attention(tmp_path, monkeypatch):
