@@ -185,7 +185,6 @@ def test_checkpoints_with_enums_pickled_by_name_resume_and_export(run, tmp_path)
     by_name += [out / "checkpoint-6" / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
     for path in by_name:
         assert GETATTR in pickled_globals(path), path
-    assert GETATTR not in pickled_globals(out / "checkpoint-4" / "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt")
 
     copy = tmp_path / "checkpoint-6"
     shutil.copytree(out / "checkpoint-6", copy)
