@@ -45,6 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sd_ds.convert.engines import ENGINES, EngineSettings, EngineUnavailable, check_installed  # noqa: E402
 from sd_ds.convert.hooks import FaultInjection  # noqa: E402
 from sd_ds.convert.image_header import PIL_MAX_IMAGE_PIXELS  # noqa: E402
 from sd_ds.convert.planning import ConvertOptions, OutputDirError, collect_sources  # noqa: E402
@@ -91,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true",
                         help="refuse (exit 2) when a part listed in a filelist does not exist, instead of skipping it "
                              "with a warning")
+    parser.add_argument("--engine", choices=ENGINES, default="local",
+                        help="where the work runs: local (default) worker processes on this host; spark, on "
+                             "--spark_master; ray, on --ray_address. This process plans and numbers every part and "
+                             "shard, the engine converts parts and writes shards, so the output is byte-identical "
+                             "for every engine and executor count. Cluster workers need --output_dir on storage "
+                             "they all reach. Extras: pip install -e '.[spark]' / '.[ray]'")
+    parser.add_argument("--spark_master", default=None,
+                        help="Spark master for --engine spark: local[N], spark://host:7077, ... (default: the one "
+                             "spark-submit provides, else local[*])")
+    parser.add_argument("--ray_address", default=None,
+                        help="Ray cluster for --engine ray: 'auto' joins the cluster this host belongs to (ray "
+                             "start), ray://host:10001 a remote one (default: start a local Ray with --processes "
+                             "CPUs)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -137,12 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     if not any(source.parts for source in sources):
         parser.error("no input parts: give part paths/globs, --filelist or --file_list"
                      + (" (none of the listed parts exists)" if missing_parts else ""))
+    try:
+        check_installed(args.engine)
+    except EngineUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     started = time.monotonic()
     try:
         stats = convert(sources, args.output_dir, options, processes=args.processes, progress=not args.no_progress,
                         inflate_thread={"auto": None, "yes": True, "no": False}[args.inflate_thread],
-                        hook=FaultInjection.from_env())  # the tests' way in to kill a run at a chosen point
-    except OutputDirError as e:
+                        hook=FaultInjection.from_env(),  # the tests' way in to kill a run at a chosen point
+                        engine=EngineSettings(args.engine, args.processes, args.spark_master, args.ray_address))
+    except (OutputDirError, EngineUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,21 +10,21 @@ read, and samples written with their rate.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import queue
 import shutil
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from sd_ds.convert.engines import EngineSettings, build_engine
 from sd_ds.convert.hooks import Hook, no_hook
 from sd_ds.convert.planning import WORK_DIR, ConvertOptions, Frontier, PartSource, open_output, plan_record
 from sd_ds.convert.tar_writing import ShardJob, fragment_paths, shard_name, stats_name
-from sd_ds.convert.workers import PartJob, assemble_shard_job, convert_part, worker_init
+from sd_ds.convert.workers import PartJob, assemble_shard_job, convert_part
 from sd_ds.fileio import write_json_atomic
 
 __all__ = ["convert", "ConversionRun", "Progress", "available_cores", "format_summary"]
@@ -38,13 +38,18 @@ def available_cores() -> int:
 
 def convert(sources: list[PartSource], output_dir: str | os.PathLike, options: ConvertOptions, processes: int = 1,
             progress: bool = True, inflate_thread: Optional[bool] = None,
-            log: Callable[[str], None] = print, hook: Hook = no_hook) -> dict:
+            log: Callable[[str], None] = print, hook: Hook = no_hook,
+            engine: Optional[EngineSettings] = None) -> dict:
     """Convert ``sources`` into shards in ``output_dir`` (resuming what a previous run left); returns the
-    totals written to stats.json. Raises planning.OutputDirError when ``output_dir`` cannot be used.
+    totals written to stats.json. Raises planning.OutputDirError when ``output_dir`` cannot be used, and
+    engines.EngineUnavailable when the engine asked for is not installed.
 
     ``inflate_thread``: inflate each part in a thread of its own, overlapping the parsing (None: when
-    ``processes`` leaves cores idle). The output is the same either way. ``hook``: called at the points
-    ``sd_ds.convert.hooks`` lists, in the main process and (a copy) in each worker."""
+    ``processes`` leaves cores idle; never on a cluster engine). The output is the same either way. ``hook``:
+    called at the points ``sd_ds.convert.hooks`` lists, in the main process and (a copy) in each worker.
+    ``engine``: where the tasks run (default: ``processes`` local worker processes); never changes the
+    output."""
+    engine = engine or EngineSettings("local", processes)
     out = Path(output_dir)
     plan = plan_record(sources, options)
     lock = open_output(out, plan)
@@ -58,8 +63,8 @@ def convert(sources: list[PartSource], output_dir: str | os.PathLike, options: C
         _remove_stale_temporaries(out)
         started = time.monotonic()
         if inflate_thread is None:
-            inflate_thread = processes < available_cores()
-        conversion = ConversionRun(sources, out, options, processes, "threaded" if inflate_thread else "buffered",
+            inflate_thread = engine.engine == "local" and engine.processes < available_cores()
+        conversion = ConversionRun(sources, out, options, engine, "threaded" if inflate_thread else "buffered",
                                    hook)
         total_bytes = sum(size for source in plan["sources"] for _, size in source["parts"])
         bar = Progress(total_bytes, conversion.done_bytes, enabled=progress)
@@ -68,6 +73,8 @@ def convert(sources: list[PartSource], output_dir: str | os.PathLike, options: C
         finally:
             bar.close()
         stats = _write_totals(sources, out, frontier)
+        # every task is over: temporaries left by tasks that died (and were retried) go now
+        _remove_stale_temporaries(out)
         write_json_atomic(complete, {"seconds_last_run": round(time.monotonic() - started, 3)})
         shutil.rmtree(out / WORK_DIR / "parts", ignore_errors=True)
         return stats
@@ -116,9 +123,10 @@ class Progress:
 class ConversionRun:
     """The run loop over a process pool, and the state it keeps between events."""
 
-    def __init__(self, sources: list[PartSource], out: Path, options: ConvertOptions, processes: int, reader: str,
-                 hook: Hook = no_hook):
-        self.sources, self.out, self.processes, self.hook = sources, out, processes, hook
+    def __init__(self, sources: list[PartSource], out: Path, options: ConvertOptions, engine: EngineSettings,
+                 reader: str, hook: Hook = no_hook):
+        self.sources, self.out, self.engine_settings, self.hook = sources, out, engine, hook
+        self.processes = engine.processes  # replaced by the engine's parallelism once it is up
         self.work = out / WORK_DIR
         self.frontier = Frontier(sources, options.samples_per_shard, options.limit)
         self.part_paths = self.frontier.part_paths
@@ -135,18 +143,17 @@ class ConversionRun:
         self.shard_first_part: dict[int, int] = {}  # shard in flight → first part holding its samples
         self.deleted_below = 0  # fragments of the parts before this are deleted
         self.next_dispatch = 0  # the next part to consider handing out
-        self.lookahead = 4 * processes + 2  # parts converted ahead of the oldest part not yet consumed
-        self.executor: Optional[ProcessPoolExecutor] = None
+        self.lookahead = 4 * self.processes + 2  # parts converted ahead of the oldest part not yet consumed
+        self.executor: Any = None  # the engine (engines.LocalEngine, SparkEngine, RayEngine)
 
     def run(self, progress: Progress) -> Frontier:
         """Convert every part not converted yet and assemble every shard not assembled yet; returns the
         frontier, which knows each source's shards and samples."""
-        # Workers even for --processes 1: the main process stays free to show progress mid-part. Spawned, not
-        # forked: no fork after threads (tqdm, queue feeders), and workers import little.
-        context = mp.get_context("spawn")
-        reports = context.Queue()
-        self.executor = ProcessPoolExecutor(self.processes, mp_context=context, initializer=worker_init,
-                                            initargs=(reports, os.getpid(), self.hook))
+        # Workers even for --processes 1: the main process stays free to show progress mid-part.
+        self.executor = build_engine(self.engine_settings, self.hook)
+        self.processes = self.executor.parallelism
+        self.lookahead = 4 * self.processes + 2
+        reports = self.executor.progress_queue
         try:
             self._consume_ready()
             while True:
@@ -154,15 +161,17 @@ class ConversionRun:
                 if not self.pending:
                     break
                 finished, _ = wait(list(self.pending), timeout=0.2, return_when=FIRST_COMPLETED)
-                progress.drain(reports)
+                if reports is not None:
+                    progress.drain(reports)
                 for future in finished:
                     self._finish(future, progress)
                 self._delete_consumed_fragments()
             if not self.frontier.done:  # cannot happen: every part was converted and consumed
                 raise RuntimeError("conversion ended before all parts were consumed")
         finally:
-            self.executor.shutdown(wait=True, cancel_futures=True)
-            progress.drain(reports, wait_s=0.05)  # reports still on their way from the workers
+            self.executor.shutdown()
+            if reports is not None:
+                progress.drain(reports, wait_s=0.05)  # reports still on their way from the workers
         return self.frontier
 
     def _dispatch_parts(self) -> None:

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from sd_ds.convert.hooks import Hook, no_hook
 from sd_ds.convert.image_header import ImageInfo, ImageRejected, probe_image
@@ -24,13 +24,14 @@ from sd_ds.convert.planning import ConvertOptions
 from sd_ds.convert.tar_writing import (FragmentWriter, KeyFormat, PartSpan, ShardJob, assemble_shard,
                                        fragment_paths)
 
-__all__ = ["PartJob", "worker_init", "convert_part", "assemble_shard_job", "PROGRESS_INTERVAL_S"]
+__all__ = ["PartJob", "worker_init", "run_task", "convert_part", "assemble_shard_job", "PROGRESS_INTERVAL_S"]
 
 PROGRESS_INTERVAL_S = 0.25  # how often a worker reports progress mid-part
 
 # Set by worker_init in each worker process.
 _progress_queue: Optional[Any] = None
 _hook: Hook = no_hook
+_hook_installed = False  # run_task installs the run's hook once per process, so its counts are per process
 
 
 def worker_init(progress_queue: Any, main_pid: int, hook: Hook) -> None:
@@ -46,6 +47,16 @@ def worker_init(progress_queue: Any, main_pid: int, hook: Hook) -> None:
     if os.getppid() != main_pid:  # the main process died before prctl took effect
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process
+
+
+def run_task(hook: Hook, fn: Callable[..., Any], *args: Any) -> Any:
+    """A task on a cluster worker (Spark, Ray): the local pool's ``worker_init`` does not run there (no
+    parent to die with, no progress queue: progress rides on the result), so the hook comes with each task
+    and is installed by the first task a worker process runs."""
+    global _hook, _hook_installed
+    if not _hook_installed:
+        _hook, _hook_installed = hook, True
+    return fn(*args)
 
 
 def _report_progress(nbytes: int, samples: int) -> None:
