@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -110,7 +111,7 @@ class SparkEngine:
             from pyspark.sql import SparkSession
         except ImportError:
             raise _missing("spark", "pyspark") from None
-        self.hook = hook
+        self.hook, self.run_id = hook, uuid.uuid4().hex
         self._tmp = tempfile.mkdtemp(prefix="sd_ds_spark_")
         # Local workers import sd_ds from the driver's environment; remote ones get the zip below.
         os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -137,11 +138,11 @@ class SparkEngine:
         return self._threads.submit(self._run, fn, args)
 
     def _run(self, fn: Callable, args: tuple) -> Any:
-        hook = self.hook
+        hook, run_id = self.hook, self.run_id
         for attempt in range(1, TASK_ATTEMPTS + 1):
             try:
                 rdd = self.context.parallelize([0], 1)
-                return rdd.map(lambda _: run_task(hook, fn, *args)).collect()[0]
+                return rdd.map(lambda _: run_task(hook, run_id, fn, *args)).collect()[0]
             except Exception as e:  # noqa: BLE001 - Py4JJavaError wraps every executor-side failure
                 if attempt == TASK_ATTEMPTS or self._closing:
                     raise
@@ -170,7 +171,7 @@ class RayEngine:
             import ray
         except ImportError:
             raise _missing("ray", "ray") from None
-        self.ray, self.hook = ray, hook
+        self.ray, self.hook, self.run_id = ray, hook, uuid.uuid4().hex
         self._owned = not ray.is_initialized()
         if self._owned:
             os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -189,7 +190,7 @@ class RayEngine:
 
     def submit(self, fn: Callable, *args: Any) -> Future:
         with self._lock:
-            return self._remote.remote(self.hook, fn, *args).future()
+            return self._remote.remote(self.hook, self.run_id, fn, *args).future()
 
     def shutdown(self) -> None:
         if self._owned:

@@ -31,7 +31,7 @@ PROGRESS_INTERVAL_S = 0.25  # how often a worker reports progress mid-part
 # Set by worker_init in each worker process.
 _progress_queue: Optional[Any] = None
 _hook: Hook = no_hook
-_hook_installed = False  # run_task installs the run's hook once per process, so its counts are per process
+_hook_run = ""  # the run whose hook run_task installed in this process
 
 
 def worker_init(progress_queue: Any, main_pid: int, hook: Hook) -> None:
@@ -49,13 +49,14 @@ def worker_init(progress_queue: Any, main_pid: int, hook: Hook) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process
 
 
-def run_task(hook: Hook, fn: Callable[..., Any], *args: Any) -> Any:
+def run_task(hook: Hook, run_id: str, fn: Callable[..., Any], *args: Any) -> Any:
     """A task on a cluster worker (Spark, Ray): the local pool's ``worker_init`` does not run there (no
-    parent to die with, no progress queue: progress rides on the result), so the hook comes with each task
-    and is installed by the first task a worker process runs."""
-    global _hook, _hook_installed
-    if not _hook_installed:
-        _hook, _hook_installed = hook, True
+    parent to die with, no progress queue: progress rides on the result), so the hook comes with each task.
+    It is installed by the first task of a run that a worker process runs (engines reuse worker processes
+    across tasks and runs), so its counts are per process and run, as in the local pool."""
+    global _hook, _hook_run
+    if _hook_run != run_id:
+        _hook, _hook_run = hook, run_id
     return fn(*args)
 
 
