@@ -74,7 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples_per_shard", type=int, default=10000, help="samples per shard (default 10000)")
     parser.add_argument("--processes", type=int, default=available_cores(),
                         help="worker processes (default: all cores, here %(default)s); does not change the output")
-    parser.add_argument("--min_size", type=int, default=0, help="skip images whose shorter side is smaller (default 0)")
+    parser.add_argument("--min_size", "--min_image_size", dest="min_size", type=int, default=0,
+                        help="skip images whose shorter side is smaller (default 0; --min_image_size as in img2dataset)")
+    parser.add_argument("--max_aspect_ratio", type=float, default=0.0,
+                        help="skip images whose longer side / shorter side exceeds this (default 0: off)")
+    parser.add_argument("--min_aesthetic", type=float, default=None,
+                        help="laion_aes: skip lines whose metadata's aesthetic score (aesthetic, aesthetic_score or "
+                             "AESTHETIC_SCORE in the JSON column) is below this; lines without one are kept")
+    parser.add_argument("--max_punsafe", type=float, default=None,
+                        help="laion_aes: skip lines whose metadata's punsafe is above this (default: off)")
+    parser.add_argument("--max_pwatermark", type=float, default=None,
+                        help="laion_aes: skip lines whose metadata's pwatermark is above this (default: off)")
     parser.add_argument("--max_pixels", type=int, default=PIL_MAX_IMAGE_PIXELS,
                         help="skip images with more pixels, width x height (decompression bombs); default PIL's "
                              "MAX_IMAGE_PIXELS, %(default)s; 0: no limit")
@@ -127,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         options = ConvertOptions(layout=args.format, samples_per_shard=args.samples_per_shard,
                                  min_size=args.min_size, max_pixels=args.max_pixels, max_side=args.max_side,
                                  resize_shorter_to=args.resize_shorter_to, jpeg_quality=args.jpeg_quality,
-                                 limit=args.limit)
+                                 limit=args.limit, max_aspect_ratio=args.max_aspect_ratio,
+                                 min_aesthetic=args.min_aesthetic, max_punsafe=args.max_punsafe,
+                                 max_pwatermark=args.max_pwatermark)
     except ValueError as e:
         parser.error(str(e))
     collected = collect_sources(args.file_list, args.filelist, args.inputs)

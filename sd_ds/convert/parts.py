@@ -30,7 +30,7 @@ from sd_ds.convert.reasons import Rejected
 __all__ = [
     "LAYOUTS", "Layout", "LineRejected", "split_line", "decode_text", "decode_image_base64",
     "read_filelist", "read_file_list_list", "resolve_listed_path", "iter_part_lines", "part_size",
-    "PartStreamError", "detect_layout", "write_part", "format_line",
+    "PartStreamError", "detect_layout", "write_part", "format_line", "line_metadata", "METADATA_KEYS",
 ]
 
 try:  # ISA-L inflate is ~3x zlib's; the threaded reader also overlaps it with the caller's work
@@ -118,6 +118,26 @@ def split_line(line: bytes, layout: Layout) -> tuple[str, memoryview]:
     if layout.caption_is_json:
         caption = _caption_from_json(caption)
     return caption.strip(), memoryview(line)[image_start:image_end]
+
+
+# Where laion_aes metadata keeps each filter's value: keys of the JSON column, first present wins.
+METADATA_KEYS = {"aesthetic": ("aesthetic", "aesthetic_score", "AESTHETIC_SCORE"), "punsafe": ("punsafe",),
+                 "pwatermark": ("pwatermark",)}
+
+
+def line_metadata(line: bytes, layout: Layout) -> dict[str, float]:
+    """The filterable numbers (``METADATA_KEYS``) a line's metadata holds; {} for a layout without metadata.
+    Call after ``split_line`` accepted the line (the JSON column is known to parse then)."""
+    if not layout.caption_is_json:
+        return {}
+    column = line.split(b"\t", layout.caption_column + 1)[layout.caption_column]
+    obj = json.loads(decode_text(column))
+    values = {}
+    for name, keys in METADATA_KEYS.items():
+        value = next((obj[key] for key in keys if key in obj), None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[name] = float(value)
+    return values
 
 
 def decode_image_base64(data: Union[bytes, memoryview]) -> bytes:

@@ -29,6 +29,7 @@ __all__ = ["ConvertOptions", "PartSource", "CollectedInputs", "collect_sources",
 
 WORK_DIR = "_convert"  # OUT/_convert: the run's bookkeeping (lock, fragments, part records)
 OPTIONS_FILE = "convert_options.json"
+_FILTERS_ADDED_LATER = ("max_aspect_ratio", "min_aesthetic", "max_punsafe", "max_pwatermark")
 _OPEN_END = 2 ** 62  # "no upper bound" in a failure window
 
 
@@ -50,6 +51,14 @@ class ConvertOptions:
     jpeg_quality: int = 95
     limit: Optional[int] = None
     """Convert only the first N good samples (in input order)."""
+    max_aspect_ratio: float = 0.0
+    """Skip images whose longer side / shorter side exceeds this (0: keep all)."""
+    min_aesthetic: Optional[float] = None
+    """laion_aes: skip lines whose metadata's aesthetic score is below this (lines without one are kept)."""
+    max_punsafe: Optional[float] = None
+    """laion_aes: skip lines whose metadata's punsafe (NSFW probability) is above this."""
+    max_pwatermark: Optional[float] = None
+    """laion_aes: skip lines whose metadata's pwatermark (watermark probability) is above this."""
 
     def __post_init__(self) -> None:
         if self.layout not in ("auto", *LAYOUTS):
@@ -63,6 +72,17 @@ class ConvertOptions:
             raise ValueError("jpeg_quality must be in 1..100")
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be >= 1")
+        if self.max_aspect_ratio and self.max_aspect_ratio < 1:
+            raise ValueError("max_aspect_ratio must be >= 1 (or 0: off)")
+
+    @property
+    def metadata_filters(self) -> dict[str, tuple[float, int, str]]:
+        """laion_aes metadata filters that are on: column name → (threshold, sign, reason); a line is skipped
+        when ``sign * value < sign * threshold`` (sign 1: a minimum, -1: a maximum)."""
+        filters = {"aesthetic": (self.min_aesthetic, 1, "aesthetic_too_low"),
+                   "punsafe": (self.max_punsafe, -1, "punsafe_too_high"),
+                   "pwatermark": (self.max_pwatermark, -1, "pwatermark_too_high")}
+        return {name: spec for name, spec in filters.items() if spec[0] is not None}
 
     @property
     def reencodes(self) -> bool:
@@ -160,7 +180,11 @@ class OutputDirError(RuntimeError):
 
 def plan_record(sources: list[PartSource], options: ConvertOptions) -> dict:
     """What ``convert_options.json`` holds: the options and every part with its size."""
-    return {"version": 1, "options": asdict(options),
+    recorded = asdict(options)
+    for name in _FILTERS_ADDED_LATER:  # off: left out, so outputs of runs before these filters still resume
+        if recorded[name] == ConvertOptions.__dataclass_fields__[name].default:
+            del recorded[name]
+    return {"version": 1, "options": recorded,
             "sources": [{"name": source.name, "weight": source.weight,
                          "parts": [[part, part_size(part)] for part in source.parts]}
                         for source in sources]}

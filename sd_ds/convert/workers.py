@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 from sd_ds.convert.hooks import Hook, no_hook
 from sd_ds.convert.image_header import ImageInfo, ImageRejected, probe_image
 from sd_ds.convert.parts import (LAYOUTS, Layout, LineRejected, PartStreamError, decode_image_base64, detect_layout,
-                                 iter_part_lines, part_size, split_line)
+                                 iter_part_lines, line_metadata, part_size, split_line)
 from sd_ds.convert.planning import ConvertOptions
 from sd_ds.convert.tar_writing import (FragmentWriter, KeyFormat, PartSpan, ShardJob, assemble_shard,
                                        fragment_paths)
@@ -113,10 +113,19 @@ def _resize(image: bytes, info: ImageInfo, options: ConvertOptions) -> tuple[byt
 def _parse_sample(line: bytes, layout: Layout, options: ConvertOptions) -> tuple[str, bytes, ImageInfo, ImageInfo]:
     """(caption, image bytes, image info, original image info) of a line; raises LineRejected/ImageRejected."""
     caption, image_base64 = split_line(line, layout)
+    filters = options.metadata_filters
+    if filters:  # before the image: a dropped line costs no base64 decode
+        values = line_metadata(line, layout)
+        for name, (threshold, sign, reason) in filters.items():
+            if name in values and sign * values[name] < sign * threshold:
+                raise LineRejected(reason, f"{name} {values[name]}")
     image = decode_image_base64(image_base64)
     info = original = probe_image(image, options.max_pixels)
     if options.min_size and min(info.width, info.height) < options.min_size:
         raise ImageRejected("too_small", f"{info.width}x{info.height}")
+    if options.max_aspect_ratio and max(info.width, info.height) > options.max_aspect_ratio * min(info.width,
+                                                                                                   info.height):
+        raise ImageRejected("aspect_ratio_too_large", f"{info.width}x{info.height}")
     if options.reencodes:
         image, info = _resize(image, info, options)
     return caption, image, info, original
