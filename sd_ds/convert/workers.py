@@ -13,7 +13,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from sd_ds.convert.hooks import Hook, no_hook
@@ -21,6 +20,7 @@ from sd_ds.convert.image_header import ImageInfo, ImageRejected, probe_image
 from sd_ds.convert.parts import (LAYOUTS, Layout, LineRejected, PartStreamError, decode_image_base64, detect_layout,
                                  iter_part_lines, line_metadata, part_size, split_line)
 from sd_ds.convert.planning import ConvertOptions
+from sd_ds.convert.storage import open_store
 from sd_ds.convert.tar_writing import (FragmentWriter, KeyFormat, PartSpan, ShardJob, assemble_shard,
                                        fragment_paths)
 
@@ -71,7 +71,7 @@ class PartJob:
 
     part: int
     path: str
-    work: str  # the run's bookkeeping folder, OUT/_convert
+    out: str  # the output folder or URL (its store holds the fragments, in _convert/parts)
     options: ConvertOptions
     reader: str = "buffered"  # iter_part_lines' reader: "threaded" inflates in a thread of its own
 
@@ -148,7 +148,7 @@ def convert_part(job: PartJob) -> dict:
     position = [0]  # compressed bytes read, for progress
     reported = (0, 0)
     next_report = time.monotonic() + PROGRESS_INTERVAL_S
-    with FragmentWriter(fragment_paths(Path(job.work), job.part), KeyFormat(options.samples_per_shard).placeholder) \
+    with FragmentWriter(open_store(job.out), fragment_paths(job.part), KeyFormat(options.samples_per_shard).placeholder) \
             as fragment:
         try:
             for line in iter_part_lines(path, position, reader=job.reader):
@@ -189,7 +189,7 @@ def assemble_shard_job(job: ShardJob, source_name: str, out: str, part_template:
     resumed run already deleted. ``part_template``: the run's PartJob, for those parts. Returns False when
     the shard already existed."""
     def redo_part(span: PartSpan) -> None:
-        convert_part(PartJob(span.part, span.path, part_template.work, part_template.options, part_template.reader))
+        convert_part(PartJob(span.part, span.path, part_template.out, part_template.options, part_template.reader))
 
-    return assemble_shard(job, source_name, Path(out), Path(part_template.work),
-                          KeyFormat(part_template.options.samples_per_shard), redo_part, _hook)
+    return assemble_shard(job, source_name, open_store(out), KeyFormat(part_template.options.samples_per_shard),
+                          redo_part, _hook)
