@@ -65,7 +65,7 @@ def save_atomic(path: Union[str, Path], writer: Callable[[Path], None]) -> Path:
 COMMIT_ON_CLOSE_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 
 
-def is_url(path: Union[str, Path]) -> bool:
+def is_fsspec_url(path: Union[str, Path]) -> bool:
     """True for ``protocol://...`` (s3://, gs://, http(s)://, file://, ...), False for a plain local path."""
     return "://" in str(path)
 
@@ -140,7 +140,7 @@ class AtomicUpload:
 
 def write_atomic_url(url: str, data: Union[bytes, str]) -> None:
     """``write_atomic`` for a local path or any fsspec URL."""
-    if not is_url(url):
+    if not is_fsspec_url(url):
         write_atomic(url, data)
         return
     with AtomicUpload(url) as upload:
