@@ -47,10 +47,19 @@ class Store:
     def open_read(self, name: str) -> IO[bytes]:
         raise NotImplementedError
 
-    def writer(self, name: str) -> Any:
+    def writer(self, name: str, fsync: bool = False) -> Any:
         """A file that appears under ``name`` only complete: ``write``, ``tell``, ``commit()``; an exception
-        inside ``with`` (or no commit) drops it."""
+        inside ``with`` (or no commit) drops it. ``fsync``: durable before it appears (local files)."""
         raise NotImplementedError
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Create ``name`` with ``data`` unless it exists; True when this call created it. Exact on a local
+        or shared POSIX file system (O_EXCL); on a store an exists-then-write, so two writers racing may both
+        succeed (callers must tolerate that: a duplicate of deterministic work)."""
+        if self.exists(name):
+            return False
+        self.write_bytes(name, data)
+        return True
 
     def write_bytes(self, name: str, data: bytes) -> None:
         raise NotImplementedError
@@ -68,10 +77,12 @@ class Store:
     def remove_tree(self, folder: str) -> None:
         raise NotImplementedError
 
-    def remove_temporaries(self, folder: str = "") -> None:
-        """Temporary files of writers that died (a killed run, a retried task)."""
+    def remove_temporaries(self, folder: str = "", of: str = "") -> None:
+        """Temporary files of writers that died (a killed run, a retried task); only those of the file named
+        ``of`` when given."""
+        prefix = f".{of}.tmp." if of else "."
         for name in self.list(folder):
-            if ".tmp." in name and name.startswith("."):
+            if ".tmp." in name and name.startswith(prefix):
                 self.delete(f"{folder}/{name}" if folder else name)
 
     def __str__(self) -> str:
@@ -95,17 +106,29 @@ class LocalStore(Store):
     def open_read(self, name: str) -> IO[bytes]:
         return open(self._p(name), "rb")
 
-    def writer(self, name: str) -> "_LocalWriter":
-        return _LocalWriter(self._p(name))
+    def writer(self, name: str, fsync: bool = False) -> "_LocalWriter":
+        return _LocalWriter(self._p(name), fsync)
 
     def write_bytes(self, name: str, data: bytes) -> None:
+        self._p(name).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self._p(name), data, fsync=False)
 
     def write_json(self, name: str, obj: Any, indent: Optional[int] = 1) -> None:
+        self._p(name).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self._p(name), obj, indent=indent)
 
     def delete(self, name: str) -> None:
         self._p(name).unlink(missing_ok=True)
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        self._p(name).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self._p(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
 
     def list(self, folder: str = "") -> list[str]:
         directory = self._p(folder) if folder else self.path
@@ -118,8 +141,8 @@ class LocalStore(Store):
 class _LocalWriter:
     """A local file under a temporary name (the writer's pid in it), renamed into place on commit."""
 
-    def __init__(self, path: Path):
-        self.path, self.tmp = path, temporary_path(path)
+    def __init__(self, path: Path, fsync: bool = False):
+        self.path, self.tmp, self.fsync = path, temporary_path(path), fsync
         self.file = open(self.tmp, "wb", buffering=1 << 20)
         self.done = False
 
@@ -130,6 +153,9 @@ class _LocalWriter:
         return self.file.tell()
 
     def commit(self) -> None:
+        if self.fsync:  # durable before visible: a power loss cannot leave a short file under the name
+            self.file.flush()
+            os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.path)
         self.done = True
@@ -168,8 +194,8 @@ class RemoteStore(Store):
     def open_read(self, name: str) -> IO[bytes]:
         return self.fs.open(self._p(name), "rb", block_size=8 << 20)
 
-    def writer(self, name: str) -> AtomicUpload:
-        return AtomicUpload(self._url(name), block_size=self.upload_block)
+    def writer(self, name: str, fsync: bool = False) -> AtomicUpload:
+        return AtomicUpload(self._url(name), block_size=self.upload_block)  # a store's commit is durable
 
     def write_bytes(self, name: str, data: bytes) -> None:
         with self.writer(name) as upload:
