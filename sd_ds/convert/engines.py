@@ -121,8 +121,12 @@ class SparkEngine:
         if active is not None:  # a session made by the caller (a notebook, a wrapper script): use it as is
             self.spark = active
         else:
+            from pyspark import SparkContext
+
+            # Join spark-submit's JVM (or start one), so that the submission's settings are visible: under
+            # spark-submit the master comes with the submission, and --spark_master overrides it only when given.
+            SparkContext._ensure_initialized()
             builder = SparkSession.builder.appName(app_name)
-            # Under spark-submit the master comes with the submission; --spark_master only when given.
             if master or not SparkConf().contains("spark.master"):
                 builder = builder.master(master or "local[*]")
             self.spark = builder.config("spark.ui.showConsoleProgress", "false").getOrCreate()
