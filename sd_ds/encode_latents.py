@@ -65,6 +65,7 @@ from sd_ds.data import (LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MOMENTS
                         ShardSource, SkipLog, SkipSample, parse_sources, read_latent_manifest,
                         sizes_json_count)
 from sd_ds.convert.storage import LocalStore, Store, open_store
+from sd_ds.lifecycle import pid_alive
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -229,20 +230,6 @@ def _done(out: Store, name: str) -> Optional[dict]:
     return record if record["samples"] == 0 or out.exists(name) else None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not reaped yet) is dead too
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 CLAIMS_DIR = f"{LATENT_WORK_DIR}/claims"  # NAME.json: which process encodes shard NAME, refreshed while it does
 
 
@@ -274,7 +261,7 @@ class ShardClaims:
             return True  # gone (released) or half-written by a killed writer of a store without atomic writes
         host, _, rest = str(claim.get("owner", "")).partition(":")
         pid = rest.partition(":")[0]
-        if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+        if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
             return True  # its process, on this host, is gone: no need to wait for the lease (a resume)
         return time.time() - float(claim.get("time", 0)) > self.lease_s
 
