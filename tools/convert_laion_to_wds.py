@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--processes", type=int, default=available_cores(),
                         help="worker processes (default: all cores, here %(default)s); does not change the output")
     parser.add_argument("--min_size", "--min_image_size", dest="min_size", type=int, default=0,
-                        help="skip images whose shorter side is smaller (default 0; --min_image_size as in img2dataset)")
+                        help="skip images whose shorter side is smaller (default 0; img2dataset's name: "
+                             "--min_image_size)")
     parser.add_argument("--max_aspect_ratio", type=float, default=0.0,
                         help="skip images whose longer side / shorter side exceeds this (default 0: off)")
     parser.add_argument("--min_aesthetic", type=float, default=None,

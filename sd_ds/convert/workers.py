@@ -148,8 +148,8 @@ def convert_part(job: PartJob) -> dict:
     position = [0]  # compressed bytes read, for progress
     reported = (0, 0)
     next_report = time.monotonic() + PROGRESS_INTERVAL_S
-    with FragmentWriter(open_store(job.out), fragment_paths(job.part), KeyFormat(options.samples_per_shard).placeholder) \
-            as fragment:
+    placeholder = KeyFormat(options.samples_per_shard).placeholder
+    with FragmentWriter(open_store(job.out), fragment_paths(job.part), placeholder) as fragment:
         try:
             for line in iter_part_lines(path, position, reader=job.reader):
                 lines += 1
