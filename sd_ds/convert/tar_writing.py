@@ -4,8 +4,8 @@ real keys written in). Plain file work: nothing here knows LAION lines or images
 
 Work-folder layout of one part (``OUT/_convert/parts/NNNNNN.*``, names in the output ``Store``): ``.frag``
 (the tar members), ``.idx`` (uint64 byte offset where each sample starts, plus the end) and ``.json`` (the part
-record: sample count, failures, empty captions). The record is written last: its presence marks the part done. A shard's ``NNNNN_stats.json`` is
-written before its tar: the tar's presence marks the shard done.
+record: sample count, failures, empty captions). The record is written last: its presence marks the part done.
+A shard's ``NNNNN_stats.json`` is written before its tar: the tar's presence marks the shard done.
 """
 
 from __future__ import annotations
