@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from test_convert_engines import _processes_tagged, parts  # noqa: F401 - the parts fixture
+from test_convert_engines import _processes_tagged, needs_java, parts  # noqa: F401 - the parts fixture
 from test_converter import output_files, run_tool
 
 pytest.importorskip("pyspark", reason="pip install -e '.[spark]'")
@@ -65,6 +65,7 @@ def _convert_with_a_worker_killed(parts, tmp_path, engine_args: list, env: dict)
     assert output_files(out) == output_files(reference)
 
 
+@needs_java
 def test_spark_standalone_master_and_two_workers(parts, tmp_path):  # noqa: F811
     tag = f"SD_DS_TEST_RUN={uuid.uuid4().hex}"
     import pyspark

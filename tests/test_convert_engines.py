@@ -10,6 +10,7 @@ the engine in the converter's own process (twice each: the killed run and its re
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +29,9 @@ from test_converter import output_files, run_tool
 
 pyspark = pytest.importorskip("pyspark", reason="pip install -e '.[spark]'")
 ray = pytest.importorskip("ray", reason="pip install -e '.[ray]'")
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None and not os.environ.get("JAVA_HOME"),
+                                reason="Spark needs Java 17 (apt-get install openjdk-17-jre-headless)")
 
 SPP = 3
 OPTIONS = ConvertOptions(samples_per_shard=SPP)
@@ -77,7 +81,7 @@ def ray_local():
 
 
 def _engine_cases():
-    return [pytest.param("spark", "spark_session", id="spark-local2"),
+    return [pytest.param("spark", "spark_session", id="spark-local2", marks=needs_java),
             pytest.param("ray", "ray_local", id="ray-2cpus")]
 
 
@@ -102,7 +106,7 @@ def test_identical_bytes_and_worker_killed_mid_run(parts, tmp_path, request, eng
     assert not list(out.glob(".*")) and not (out / "_convert" / "parts").exists()
 
 
-@pytest.mark.parametrize("engine,extra", [("spark", ["--spark_master", "local[2]"]),
+@pytest.mark.parametrize("engine,extra", [pytest.param("spark", ["--spark_master", "local[2]"], marks=needs_java),
                                           ("ray", ["--processes", "2"])])
 def test_killed_driver_resumes_identically(parts, tmp_path, engine, extra):
     paths, reference = parts

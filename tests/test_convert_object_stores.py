@@ -109,6 +109,19 @@ def test_s3_in_and_out_same_bytes_as_local(parts, s3_server, tmp_path):  # noqa:
     assert "samples_per_shard" in proc.stderr
 
 
+def test_ray_workers_read_and_write_s3(parts, s3_server, tmp_path):  # noqa: F811
+    """A cluster engine's workers reach the store themselves: parts in, fragments and shards out."""
+    pytest.importorskip("ray")
+    root, names, _ = parts
+    url = s3_server.upload_dir(root / "parts", "laion-ray", "parts")
+    filelist = f"{url}/relative.filelist"
+    local = tmp_path / "local"
+    run_tool("--filelist", filelist, "--output_dir", local, "--samples_per_shard", SPP, env=s3_server.env)
+    run_tool("--filelist", filelist, "--output_dir", "s3://laion-ray/shards", "--samples_per_shard", SPP,
+             "--engine", "ray", "--processes", 2, env=s3_server.env)
+    assert _download(s3_server, "laion-ray", "shards", tmp_path) == output_files(local)
+
+
 def _noise_png(seed: int, side: int = 600) -> bytes:
     from PIL import Image
 
