@@ -8,10 +8,15 @@
 Then train with ``--train_shards DST``. Why: the VAE encoder costs about half of a UNet training step's FLOPs
 per image, and the JPEG pipeline about 150 images/s per CPU core; the cache pays both once.
 
-Work split: every source shard (in ``--train_shards`` order) goes to rank ``index % WORLD_SIZE`` (RANK and
-WORLD_SIZE from torchrun / the deepspeed launcher; one process alone is rank 0 of 1). A rank reads its shards
-with its data-loader workers through the trainer's own ``ImageTransform`` (centre crop, no flip, the same skips),
-encodes them on its device (``cuda:LOCAL_RANK``, else the CPU) and writes one output shard per source shard.
+Work split: shards are handed out dynamically. Every data-loader worker of every rank (RANK and WORLD_SIZE from
+torchrun / the deepspeed launcher; one process alone is rank 0 of 1) claims its next shard through a claim file
+in DST (``.encode/claims/``), starting at its own place in the shard order, so a rank that finishes early takes
+more and no process group is needed. A worker reads its shard through the trainer's own ``ImageTransform``
+(centre crop, no flip, the same skips), its rank encodes it on its device (``cuda:LOCAL_RANK``, else the CPU)
+and writes one output shard per source shard. A claim not refreshed for --claim_lease_s (its rank died) is
+taken over by another rank; rank 0 waits for the last shards and writes the manifest once. DST and the source
+shards may be local or at any fsspec URL (s3://, gs://, ...); output names are the source shards' file names,
+whatever the URL (a ``pipe:`` command's .tar word).
 
 DST after a finished run:
 
@@ -29,7 +34,7 @@ DST after a finished run:
 Resumable per shard: a shard is written under a temporary name and renamed into place, then recorded; a rerun
 skips recorded shards and redoes the rest. Batches never span two shards and each shard's batches are the same
 whatever the rank count, so the output bytes depend neither on the ranks nor on interruptions (same hardware
-and software). Whichever rank records the last shard writes the manifest; no process group is needed.
+and software).
 
 The module also holds the VAE side of latent training that the trainer shares: ``encode_moments`` (the one
 pixels → moments path), ``sample_latents`` (moments → scaled latents, as diffusers samples them),
@@ -47,10 +52,10 @@ import logging
 import os
 import random
 import signal
+import socket
 import sys
 import tarfile
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
@@ -59,7 +64,8 @@ from sd_ds.convert.planning import first_difference
 from sd_ds.data import (LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MOMENTS, MOMENTS_FLIPPED, ImageTransform,
                         ShardSource, SkipLog, SkipSample, parse_sources, read_latent_manifest,
                         sizes_json_count)
-from sd_ds.fileio import temporary_path, write_json_atomic
+from sd_ds.convert.storage import LocalStore, Store, open_store
+from sd_ds.lifecycle import pid_alive
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -68,6 +74,7 @@ logger = logging.getLogger("sd_ds.encode_latents")
 
 FORMAT = "sd-ds latent shards"
 VERSION = 1
+CLAIM_POLL_S = 1.0  # how often rank 0 looks whether the shards others claimed are done
 KILL_AT_ENV = "SD_DS_ENCODE_KILL_AT"
 """Test hook, ``point:n``: SIGKILL this process at the n-th ``batch`` (a batch written into a shard's temporary
 file) or ``shard`` (a shard renamed into place, not yet recorded)."""
@@ -158,7 +165,15 @@ class EncodeError(RuntimeError):
 
 
 def _output_name(url: str) -> str:
-    return os.path.basename(url.split("?", 1)[0]) or url
+    """The output shard's name: the source shard's file name, from a path, a URL (query dropped) or a
+    ``pipe:`` command (its last word naming a .tar, e.g. ``pipe:curl -s https://host/00001.tar -`` → 00001.tar)."""
+    if url.startswith("pipe:"):
+        words = [w.strip("'\"") for w in url[len("pipe:"):].split()]
+        tars = [w for w in words if w.split("?", 1)[0].endswith(".tar")]
+        if not tars:
+            raise EncodeError(f"cannot tell the shard's name from {url!r}: no word of the command ends in .tar")
+        url = tars[-1]
+    return os.path.basename(url.split("?", 1)[0].rstrip("/")) or url
 
 
 def build_plan(sources: list[ShardSource], vae: "AutoencoderKL", *, resolution: int, min_size: Optional[int],
@@ -182,41 +197,103 @@ def build_plan(sources: list[ShardSource], vae: "AutoencoderKL", *, resolution: 
     }
 
 
-def open_output(out: Path, plan: dict) -> None:
+def open_output(out: Store, plan: dict) -> None:
     """Create DST with its plan, or check that an existing one was started with the same plan."""
     try:
-        (out / LATENT_WORK_DIR).mkdir(parents=True, exist_ok=True)
+        if isinstance(out, LocalStore):
+            (out.path / LATENT_WORK_DIR).mkdir(parents=True, exist_ok=True)
+        plan_name = f"{LATENT_WORK_DIR}/plan.json"
+        if out.exists(plan_name):
+            saved = out.read_json(plan_name)
+            if saved != plan:
+                raise EncodeError(f"--output_dir {out} holds an encoding made with other settings ("
+                                  f"{first_difference(plan, saved)}); rerun with the same settings to finish it, "
+                                  f"or use a new --output_dir")
+            return
+        if any(name.endswith(".tar") for name in out.list()):
+            raise EncodeError(f"--output_dir {out} already holds .tar files but no encoding plan: use an empty "
+                              f"directory")
+        out.write_json(plan_name, plan)  # every rank writes the same bytes; the write is atomic
     except OSError as e:
-        raise EncodeError(f"--output_dir {out}: cannot create it ({e})") from None
-    plan_path = out / LATENT_WORK_DIR / "plan.json"
-    if plan_path.is_file():
-        saved = json.loads(plan_path.read_text())
-        if saved != plan:
-            raise EncodeError(f"--output_dir {out} holds an encoding made with other settings ("
-                              f"{first_difference(plan, saved)}); rerun with the same settings to finish it, or "
-                              f"use a new --output_dir")
-        return
-    if any(out.glob("*.tar")):
-        raise EncodeError(f"--output_dir {out} already holds .tar files but no encoding plan: use an empty directory")
-    write_json_atomic(plan_path, plan)  # every rank writes the same bytes; the rename is atomic
+        raise EncodeError(f"--output_dir {out}: cannot create or write it ({e})") from None
 
 
-def _record_path(out: Path, name: str) -> Path:
-    return out / LATENT_WORK_DIR / f"{name}.json"
+def _record_name(name: str) -> str:
+    return f"{LATENT_WORK_DIR}/{name}.json"
 
 
-def _done(out: Path, name: str) -> Optional[dict]:
+def _done(out: Store, name: str) -> Optional[dict]:
     """The shard's record if it is finished (its tar in place when it has samples), else None."""
-    path = _record_path(out, name)
-    if not path.is_file():
+    if not out.exists(_record_name(name)):
         return None
-    record = json.loads(path.read_text())
-    return record if record["samples"] == 0 or (out / name).is_file() else None
+    record = out.read_json(_record_name(name))
+    return record if record["samples"] == 0 or out.exists(name) else None
 
 
-def finalize(out: Path, plan: dict) -> Optional[dict]:
-    """Write sizes.json and the manifest when every shard is recorded (any rank may; all write the same
-    bytes). Returns the manifest, or None while shards are missing."""
+CLAIMS_DIR = f"{LATENT_WORK_DIR}/claims"  # NAME.json: which process encodes shard NAME, refreshed while it does
+
+
+class ShardClaims:
+    """Shards handed out dynamically through claim files in DST, so that a rank that finishes early takes
+    more and no launcher or process group is needed. A claim ``.encode/claims/NAME.json`` says who encodes
+    NAME and when it last said so; its owner refreshes it while it reads the shard and deletes it once the
+    shard is recorded. A claim older than ``lease_s`` belongs to a dead process (a killed rank, a lost node):
+    any rank takes it over and encodes the shard again. On a POSIX file system a claim is taken exactly
+    once (O_EXCL); on an object store two ranks may race to the same shard, which only costs time: the
+    bytes do not depend on who encodes.
+
+    Each data-loader worker of each rank starts at its own place in the plan's shard order (worker ``g`` of
+    ``G`` at shard ``g·N/G``), so claims collide only at the end."""
+
+    def __init__(self, out: Store, shards: list[tuple[str, str]], lease_s: float, owner: str):
+        self.out, self.shards, self.lease_s, self.owner = out, shards, lease_s, owner
+
+    def _claim_name(self, name: str) -> str:
+        return f"{CLAIMS_DIR}/{name}.json"
+
+    def _payload(self) -> bytes:
+        return json.dumps({"owner": self.owner, "time": time.time()}).encode()
+
+    def _stale(self, name: str) -> bool:
+        try:
+            claim = self.out.read_json(self._claim_name(name))
+        except (FileNotFoundError, ValueError):
+            return True  # gone (released) or half-written by a killed writer of a store without atomic writes
+        host, _, rest = str(claim.get("owner", "")).partition(":")
+        pid = rest.partition(":")[0]
+        if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+            return True  # its process, on this host, is gone: no need to wait for the lease (a resume)
+        return time.time() - float(claim.get("time", 0)) > self.lease_s
+
+    def claimed(self, worker: int, workers: int) -> Iterator[tuple[str, str]]:
+        """The shards this loader worker encodes, claimed one at a time (``worker`` of ``workers`` over all
+        ranks). First the unclaimed ones, then those whose claim went stale."""
+        n = len(self.shards)
+        start = (worker * n) // max(workers, 1)
+        order = self.shards[start:] + self.shards[:start]
+        for url, name in order:
+            if _done(self.out, name) is None and self.out.create_exclusive(self._claim_name(name), self._payload()):
+                self.out.remove_temporaries(of=name)  # a killed run's half-written file of this shard
+                yield url, name
+        for url, name in order:
+            if _done(self.out, name) is None and self.out.exists(self._claim_name(name)) and self._stale(name):
+                logger.warning("%s: its claim's process is gone, or silent for %.0f s: encoding it here", name,
+                               self.lease_s)
+                self.refresh(name)
+                self.out.remove_temporaries(of=name)
+                yield url, name
+
+    def refresh(self, name: str) -> None:
+        self.out.write_bytes(self._claim_name(name), self._payload())
+
+    def release(self, name: str) -> None:
+        self.out.delete(self._claim_name(name))
+
+
+def finalize(out: Store, plan: dict) -> Optional[dict]:
+    """Write sizes.json and the manifest when every shard is recorded (rank 0, once, after every shard is;
+    a rerun of a finished encoding writes the same bytes again). Returns the manifest, or None while shards
+    are missing."""
     records, skipped = {}, collections.Counter()
     for source in plan["sources"]:
         for url, name in source["shards"]:
@@ -240,19 +317,23 @@ def finalize(out: Path, plan: dict) -> Optional[dict]:
         "sources": sources, "samples": sum(s["samples"] for s in sources), "skipped": dict(sorted(skipped.items())),
         "shards": records,
     })
-    write_json_atomic(out / "sizes.json", {n: r["samples"] for n, r in records.items() if r["samples"] > 0})
-    write_json_atomic(out / LATENT_MANIFEST, manifest)
+    out.write_json("sizes.json", {n: r["samples"] for n, r in records.items() if r["samples"] > 0})
+    out.write_json(LATENT_MANIFEST, manifest)
+    out.remove_tree(CLAIMS_DIR)
     return manifest
 
 
 # --- reading and writing shards ----------------------------------------------------------------------
 
 class ShardImages(torch.utils.data.IterableDataset):
-    """A rank's shards, each data-loader worker taking every num_workers-th: per shard, batches of centre-cropped
-    uint8 images in the shard's order, the last one flagged with the shard's skip counts."""
+    """The shards a rank's data-loader workers claim (``ShardClaims``), each worker its own: per shard, batches
+    of centre-cropped uint8 images in the shard's order, the last one flagged with the shard's skip counts.
+    ``rank``/``world_size``: where this rank's workers sit among all ranks' workers."""
 
-    def __init__(self, shards: list[tuple[str, str]], transform: ImageTransform, batch_size: int) -> None:
-        self.shards, self.transform, self.batch_size = shards, transform, batch_size
+    def __init__(self, claims: ShardClaims, transform: ImageTransform, batch_size: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.claims, self.transform, self.batch_size = claims, transform, batch_size
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[dict]:
         import webdataset as wds
@@ -261,7 +342,9 @@ class ShardImages(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         log = SkipLog(f"encode worker {worker}")  # warns about the first few of each reason, counts all
         unused_rng = random.Random(0)  # a centre crop without flip draws nothing
-        for url, name in self.shards[worker::workers]:
+        refresh_every = self.claims.lease_s / 4
+        for url, name in self.claims.claimed(self.rank * workers + worker, self.world_size * workers):
+            refreshed = time.monotonic()
             skipped: collections.Counter[str] = collections.Counter()
 
             def tar_error(exn: Exception) -> bool:
@@ -270,6 +353,9 @@ class ShardImages(torch.utils.data.IterableDataset):
 
             batch: list[tuple[str, torch.Tensor, bytes, Optional[bytes]]] = []
             for sample in wds.tarfile_samples([{"url": url}], handler=tar_error):
+                if time.monotonic() - refreshed > refresh_every:  # still alive: keep the claim
+                    self.claims.refresh(name)
+                    refreshed = time.monotonic()
                 try:
                     img, _ = self.transform.decode(sample)
                 except SkipSample as skip:
@@ -293,9 +379,8 @@ class LatentShardWriter:
     """One output shard, streamed into a temporary file and renamed into place when complete. Tar headers carry
     no time, owner or mode from the machine, so the bytes depend only on the members."""
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.tmp = path, temporary_path(path)
-        self.file = open(self.tmp, "wb")
+    def __init__(self, out: Store, name: str) -> None:
+        self.file = out.writer(name, fsync=True)
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.GNU_FORMAT)
         self.samples = 0
 
@@ -309,15 +394,10 @@ class LatentShardWriter:
 
     def commit(self) -> None:
         self.tar.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        self.file.commit()
 
     def abort(self) -> None:
-        self.tar.close()
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        self.file.__exit__(None, None, None)  # not committed: dropped
 
 
 def _kill_hook() -> Any:
@@ -360,7 +440,7 @@ def encode(args: argparse.Namespace) -> int:
         # The same algorithms for the same batch on every run: the bytes must not depend on which rank encodes.
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    out = Path(args.output_dir)
+    out = open_store(args.output_dir)
     if read_latent_manifest(list(args.train_shards)) is not None:
         raise EncodeError("--train_shards names latent shards: the encoder reads image shards")
     sources = parse_sources(list(args.train_shards))
@@ -374,35 +454,41 @@ def encode(args: argparse.Namespace) -> int:
         vae.to(VAE_DTYPES[args.vae_dtype])
 
     every = [(url, name) for s in plan["sources"] for url, name in s["shards"]]
-    mine = [shard for i, shard in enumerate(every) if i % world_size == rank]
-    todo = [(url, name) for url, name in mine if _done(out, name) is None]
-    for _, name in todo:  # half-written shards of an interrupted run of this rank's share
-        for stale in out.glob(f".{name}.tmp.*"):
-            stale.unlink(missing_ok=True)
-    logger.info("rank %d of %d: %d of %d shard(s) to encode (%d already done) on %s", rank, world_size, len(todo),
-                len(mine), len(mine) - len(todo), device)
+    todo = [(url, name) for url, name in every if _done(out, name) is None]
+    logger.info("rank %d of %d: %d of %d shard(s) left to encode (%d already done), handed out as ranks ask for "
+                "them, on %s", rank, world_size, len(todo), len(every), len(every) - len(todo), device)
 
     transform = ImageTransform(args.resolution, center_crop=True, random_flip=False, min_size=args.min_size)
+    owner = f"{socket.gethostname()}:{os.getpid()}:rank{rank}"
+    claims = ShardClaims(out, todo, args.claim_lease_s, owner)
     workers = min(args.dataloader_num_workers, len(todo))
-    loader = torch.utils.data.DataLoader(
-        ShardImages(todo, transform, args.batch_size), batch_size=None, num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None)
-    progress = _progress(sizes_json_count(url for url, _ in todo), disable=args.disable_tqdm or rank != 0)
-    encoder = ShardEncoder(vae, out, dict((name, url) for url, name in todo), store_dtype=LATENT_DTYPES[args.dtype],
-                           flip_variants=args.flip_variants, progress=progress)
+    progress = _progress(sizes_json_count(url for url, _ in todo) if world_size == 1 else None,
+                         disable=args.disable_tqdm or rank != 0)
+    encoder = ShardEncoder(vae, out, dict((name, url) for url, name in todo), claims,
+                           store_dtype=LATENT_DTYPES[args.dtype], flip_variants=args.flip_variants, progress=progress)
     started = time.perf_counter()
+    manifest = None
     try:
-        for item in loader:
-            encoder.add(item)
+        while True:
+            loader = torch.utils.data.DataLoader(
+                ShardImages(claims, transform, args.batch_size, rank, world_size), batch_size=None,
+                num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None)
+            for item in loader:
+                encoder.add(item)
+            if rank != 0:
+                break  # nothing left to claim; rank 0 waits for the shards still claimed and writes the manifest
+            manifest = finalize(out, plan)
+            if manifest is not None:
+                break
+            time.sleep(CLAIM_POLL_S)  # others are encoding: wait, and take over their shards if they die
     finally:
         encoder.close()
         progress.close()
     elapsed = time.perf_counter() - started
-    manifest = finalize(out, plan)
     logger.info("rank %d: encoded %d images from %d shard(s) in %.1f s (%.1f images/s), skipped %s; %s", rank,
-                encoder.encoded, len(todo), elapsed, encoder.encoded / max(elapsed, 1e-9),
-                dict(encoder.skipped) or "none", f"{out / LATENT_MANIFEST} written: {manifest['samples']} samples"
-                if manifest else "other ranks are still encoding (the last one to finish writes the manifest)")
+                encoder.encoded, encoder.shards, elapsed, encoder.encoded / max(elapsed, 1e-9),
+                dict(encoder.skipped) or "none", f"{out}/{LATENT_MANIFEST} written: {manifest['samples']} samples"
+                if manifest else "rank 0 writes the manifest once every shard is encoded")
     return 0
 
 
@@ -410,9 +496,10 @@ class ShardEncoder:
     """The main process's side: encodes each batch from the loader on the VAE's device, streams it into its
     shard's temporary file, and renames and records a shard when its last batch has come."""
 
-    def __init__(self, vae: "AutoencoderKL", out: Path, urls: dict[str, str], *, store_dtype: torch.dtype,
-                 flip_variants: bool, progress: Any) -> None:
-        self.vae, self.out, self.urls = vae, out, urls
+    def __init__(self, vae: "AutoencoderKL", out: Store, urls: dict[str, str], claims: ShardClaims, *,
+                 store_dtype: torch.dtype, flip_variants: bool, progress: Any) -> None:
+        self.vae, self.out, self.urls, self.claims = vae, out, urls, claims
+        self.shards = 0  # finished by this process
         self.store_dtype, self.flip_variants, self.progress = store_dtype, flip_variants, progress
         self.writers: dict[str, LatentShardWriter] = {}  # one per worker's shard in progress
         self.nonfinite: collections.Counter[str] = collections.Counter()  # per shard
@@ -422,7 +509,7 @@ class ShardEncoder:
 
     def add(self, item: dict) -> None:
         name = item["name"]
-        writer = self.writers.get(name) or self.writers.setdefault(name, LatentShardWriter(self.out / name))
+        writer = self.writers.get(name) or self.writers.setdefault(name, LatentShardWriter(self.out, name))
         if item["keys"]:
             pixels = item["pixels"].to(next(self.vae.parameters()).device, non_blocking=True)
             variants = {MOMENTS: _to_store(encode_moments(self.vae, pixels), self.store_dtype)}
@@ -455,8 +542,10 @@ class ShardEncoder:
             self.hook("shard")
         else:
             writer.abort()  # nothing to train on: no file; the record says 0 samples
-        write_json_atomic(_record_path(self.out, name), {"source": self.urls[name], "samples": writer.samples,
-                                                         "skipped": dict(sorted(shard_skipped.items()))})
+        self.out.write_json(_record_name(name), {"source": self.urls[name], "samples": writer.samples,
+                                                 "skipped": dict(sorted(shard_skipped.items()))})
+        self.claims.release(name)
+        self.shards += 1
         self.progress.update(sum(skipped.values()) - skipped.get("tar_errors", 0))  # read, but not encoded
         self.progress.set_postfix(skipped=sum(self.skipped.values()), refresh=False)
 
@@ -482,11 +571,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sd_ds.encode_latents", description=__doc__.split("\n\n")[0],
         epilog="Several ranks: launch with torchrun or the deepspeed launcher (RANK/WORLD_SIZE/LOCAL_RANK); "
-               "each takes every WORLD_SIZE-th shard. Rerun the same command to resume.")
+               "ranks claim shards as they go (a fast rank takes more). Rerun the same command to resume.")
     p.add_argument("--train_shards", nargs="+", required=True,
                    help="image shards as the trainer takes them: directories (a converter output's sources.json "
                         "weights are kept), brace URLs, globs, URL::weight")
-    p.add_argument("--output_dir", required=True, help="where the latent shards and latents.json go")
+    p.add_argument("--output_dir", required=True,
+                   help="where the latent shards and latents.json go: a folder or any fsspec URL (s3://, gs://)")
     p.add_argument("--pretrained_model_name_or_path", help="model directory or hub id with a vae/ subfolder")
     p.add_argument("--vae_name_or_path", help="VAE override (path or hub id), as the trainer's flag")
     p.add_argument("--resolution", type=int, default=256, help="training resolution (centre crops) (default: 256)")
@@ -503,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataloader_num_workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) - 1)),
                    help="image-decoding worker processes per rank (default: cores - 1, at most 8)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    p.add_argument("--claim_lease_s", type=float, default=600.0,
+                   help="a shard claimed by a rank that has not refreshed its claim for this long (a dead rank) is "
+                        "encoded by another rank (default: 600)")
     p.add_argument("--disable_tqdm", action="store_true", help="no progress bar")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
     return p

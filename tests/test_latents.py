@@ -259,8 +259,50 @@ def test_one_and_two_encoding_ranks_give_the_same_bytes(tmp_path, encoded, image
     ranks = [encode_subprocess(flags, {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)}) for r in (0, 1)]
     results = [finish(p) for p in ranks]
     assert [code for code, _ in results] == [0, 0], results
-    assert "rank 0 of 2: 2 of 2 shard(s)" in results[0][1] and "rank 1 of 2: 1 of 1 shard(s)" in results[1][1]
+    assert "rank 0 of 2: 3 of 3 shard(s) left" in results[0][1]
+    assert "latents.json written" in results[0][1] and "latents.json written" not in results[1][1]  # once
     assert files(out) == files(encoded)
+
+
+def test_a_dead_ranks_shard_is_encoded_by_another_rank(tmp_path, encoded, images, vae_dir):
+    """Shards are claimed, not dealt: rank 1 claims a shard and is SIGKILLed at its first batch; rank 0 then
+    encodes its own shards, takes the dead rank's over, and writes the manifest once: the same bytes."""
+    out = tmp_path / "dst"
+    flags = encode_flags(images, out, vae_dir, "--flip_variants")
+    two = {"WORLD_SIZE": "2"}
+    code, output = finish(encode_subprocess(flags, {**two, "RANK": "1", "LOCAL_RANK": "1", KILL_AT_ENV: "batch:1"}))
+    assert code == -9, output
+    assert [p.name for p in (out / ".encode" / "claims").iterdir()] == ["00001.tar.json"]  # its claim, left
+    code, output = finish(encode_subprocess(flags, {**two, "RANK": "0", "LOCAL_RANK": "0"}))
+    assert code == 0, output
+    assert "00001.tar: its claim's process is gone" in output and "latents.json written" in output
+    assert files(out) == files(encoded)  # the claims are gone too
+
+
+def test_output_names_never_carry_a_pipe_tail():
+    from sd_ds.encode_latents import _output_name
+
+    assert _output_name("pipe:curl -s -L https://host/data/00001.tar -") == "00001.tar"
+    assert _output_name("pipe:aws s3 cp s3://b/shards/00007.tar -") == "00007.tar"
+    assert _output_name("pipe:cat '/data/x y/00002.tar'") == "00002.tar"
+    assert _output_name("https://host/shards/00003.tar?token=abc") == "00003.tar"
+    assert _output_name("s3://bucket/prefix/00004.tar") == "00004.tar"
+
+
+def test_encoding_into_s3_gives_the_local_bytes(tmp_path, encoded, images, vae_dir):
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    from tests.object_stores import S3Server
+
+    with S3Server() as s3:
+        s3.client().create_bucket(Bucket="latents")
+        flags = encode_flags(images, "s3://latents/dst", vae_dir, "--flip_variants")  # type: ignore[arg-type]
+        code, output = finish(encode_subprocess(flags, s3.env))
+        assert code == 0, output
+        client = s3.client()
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket="latents", Prefix="dst/").get("Contents", [])]
+        remote = {k[len("dst/"):]: client.get_object(Bucket="latents", Key=k)["Body"].read() for k in sorted(keys)}
+    assert remote == files(encoded)
 
 
 def test_a_rerun_with_other_settings_is_refused(tmp_path, encoded, images, vae_dir):

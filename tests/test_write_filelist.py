@@ -40,3 +40,16 @@ def test_pattern_count_start_and_check_exists(tmp_path):
 def test_bad_pattern_is_an_argument_error(tmp_path):
     proc = run(tmp_path / "x", "--pattern", "/data/part-{name}.gz", "--count", 2)
     assert proc.returncode == 2 and "--pattern" in proc.stderr
+
+
+def test_check_exists_at_urls(tmp_path):
+    """Parts at http:// URLs (the loopback server of tests/object_stores.py): HEADs tell the missing ones."""
+    from object_stores import HTTPFileServer
+
+    for i in (3, 5):
+        (tmp_path / f"p-{i}.gz").write_bytes(b"x")
+    with HTTPFileServer(tmp_path) as server:
+        out = tmp_path / "urls.filelist"
+        proc = run(out, "--pattern", server.url("p-{}.gz"), "--count", 3, "--start", 3, "--check_exists")
+        assert proc.returncode == 1 and "1 of 3 parts do not exist" in proc.stderr
+        assert server.url("p-4.gz") in proc.stderr and out.read_text().splitlines()[0] == server.url("p-3.gz")

@@ -45,6 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sd_ds.convert.engines import ENGINES, EngineSettings, EngineUnavailable, check_installed  # noqa: E402
 from sd_ds.convert.hooks import FaultInjection  # noqa: E402
 from sd_ds.convert.image_header import PIL_MAX_IMAGE_PIXELS  # noqa: E402
 from sd_ds.convert.planning import ConvertOptions, OutputDirError, collect_sources  # noqa: E402
@@ -73,7 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples_per_shard", type=int, default=10000, help="samples per shard (default 10000)")
     parser.add_argument("--processes", type=int, default=available_cores(),
                         help="worker processes (default: all cores, here %(default)s); does not change the output")
-    parser.add_argument("--min_size", type=int, default=0, help="skip images whose shorter side is smaller (default 0)")
+    parser.add_argument("--min_size", "--min_image_size", dest="min_size", type=int, default=0,
+                        help="skip images whose shorter side is smaller (default 0; img2dataset's name: "
+                             "--min_image_size)")
+    parser.add_argument("--max_aspect_ratio", type=float, default=0.0,
+                        help="skip images whose longer side / shorter side exceeds this (default 0: off)")
+    parser.add_argument("--min_aesthetic", type=float, default=None,
+                        help="laion_aes: skip lines whose metadata's aesthetic score (aesthetic, aesthetic_score or "
+                             "AESTHETIC_SCORE in the JSON column) is below this; lines without one are kept")
+    parser.add_argument("--max_punsafe", type=float, default=None,
+                        help="laion_aes: skip lines whose metadata's punsafe is above this (default: off)")
+    parser.add_argument("--max_pwatermark", type=float, default=None,
+                        help="laion_aes: skip lines whose metadata's pwatermark is above this (default: off)")
     parser.add_argument("--max_pixels", type=int, default=PIL_MAX_IMAGE_PIXELS,
                         help="skip images with more pixels, width x height (decompression bombs); default PIL's "
                              "MAX_IMAGE_PIXELS, %(default)s; 0: no limit")
@@ -91,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true",
                         help="refuse (exit 2) when a part listed in a filelist does not exist, instead of skipping it "
                              "with a warning")
+    parser.add_argument("--engine", choices=ENGINES, default="local",
+                        help="where the work runs: local (default) worker processes on this host; spark, on "
+                             "--spark_master; ray, on --ray_address. This process plans and numbers every part and "
+                             "shard, the engine converts parts and writes shards, so the output is byte-identical "
+                             "for every engine and executor count. Cluster workers need --output_dir on storage "
+                             "they all reach. Extras: pip install -e '.[spark]' / '.[ray]'")
+    parser.add_argument("--spark_master", default=None,
+                        help="Spark master for --engine spark: local[N], spark://host:7077, ... (default: the one "
+                             "spark-submit provides, else local[*])")
+    parser.add_argument("--ray_address", default=None,
+                        help="Ray cluster for --engine ray: 'auto' joins the cluster this host belongs to (ray "
+                             "start), ray://host:10001 a remote one (default: start a local Ray with --processes "
+                             "CPUs)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     return parser
 
@@ -113,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         options = ConvertOptions(layout=args.format, samples_per_shard=args.samples_per_shard,
                                  min_size=args.min_size, max_pixels=args.max_pixels, max_side=args.max_side,
                                  resize_shorter_to=args.resize_shorter_to, jpeg_quality=args.jpeg_quality,
-                                 limit=args.limit)
+                                 limit=args.limit, max_aspect_ratio=args.max_aspect_ratio,
+                                 min_aesthetic=args.min_aesthetic, max_punsafe=args.max_punsafe,
+                                 max_pwatermark=args.max_pwatermark)
     except ValueError as e:
         parser.error(str(e))
     collected = collect_sources(args.file_list, args.filelist, args.inputs)
@@ -137,12 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     if not any(source.parts for source in sources):
         parser.error("no input parts: give part paths/globs, --filelist or --file_list"
                      + (" (none of the listed parts exists)" if missing_parts else ""))
+    try:
+        check_installed(args.engine)
+    except EngineUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     started = time.monotonic()
     try:
         stats = convert(sources, args.output_dir, options, processes=args.processes, progress=not args.no_progress,
                         inflate_thread={"auto": None, "yes": True, "no": False}[args.inflate_thread],
-                        hook=FaultInjection.from_env())  # the tests' way in to kill a run at a chosen point
-    except OutputDirError as e:
+                        hook=FaultInjection.from_env(),  # the tests' way in to kill a run at a chosen point
+                        engine=EngineSettings(args.engine, args.processes, args.spark_master, args.ray_address))
+    except (OutputDirError, EngineUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

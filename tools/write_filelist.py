@@ -3,12 +3,14 @@
 
     python tools/write_filelist.py data/filelist/laion400m_en.filelist           # ppdiffusers' 60,000 paths
     python tools/write_filelist.py my.filelist --pattern '/data/aes/part-{:05}.gz' --count 100 --check_exists
+    python tools/write_filelist.py s3://bucket/laion.filelist --pattern 's3://bucket/laion/part-{:05}.gz' --check_exists
 
 The pattern is a Python format string given the part number (``--start`` .. ``--start + --count - 1``).
 With --check_exists, parts that do not exist are reported (count and the first few) and the exit status is 1;
 the filelist is written either way, so it can be fixed by re-running once the data is in place. Pair it with
 a ``train.filelist.list`` line ``PATH [weight]`` for tools/convert_laion_to_wds.py --file_list, which skips
-(and counts) listed parts that do not exist, or refuses them with --strict.
+(and counts) listed parts that do not exist, or refuses them with --strict. Parts and the filelist may be
+URLs (s3://, gs://, http(s)://, any fsspec URL): --check_exists then lists each folder once (HEADs for http).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sd_ds.fileio import write_atomic  # noqa: E402
+from sd_ds.fileio import is_fsspec_url, write_atomic, write_atomic_url  # noqa: E402
 
 # ppdiffusers' filelist: 60,000 LAION-400M parts under /data/laion400m
 PPDIFFUSERS_PATTERN = "/data/laion400m/part-{:05}.gz"
@@ -32,6 +34,9 @@ def part_paths(pattern: str, count: int, start: int = 0) -> list[str]:
 
 
 def write_filelist(path: str | os.PathLike, parts: list[str]) -> None:
+    if is_fsspec_url(path):
+        write_atomic_url(str(path), "".join(f"{part}\n" for part in parts))
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, "".join(f"{part}\n" for part in parts))
@@ -56,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     write_filelist(args.output, parts)
     print(f"wrote {len(parts):,} part paths to {args.output}")
     if args.check_exists:
-        missing = [part for part in parts if not os.path.isfile(part)]
+        from sd_ds.convert.parts import url_sizes
+
+        sizes = url_sizes([part for part in parts if is_fsspec_url(part)])
+        missing = [part for part in parts if (sizes[part] is None if is_fsspec_url(part) else not os.path.isfile(part))]
         if missing:
             print(f"{len(missing):,} of {len(parts):,} parts do not exist, e.g.:", file=sys.stderr)
             for part in missing[:10]:

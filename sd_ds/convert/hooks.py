@@ -23,12 +23,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-__all__ = ["Hook", "no_hook", "FaultInjection", "KILL_AT_ENV", "SLOW_ENV"]
+__all__ = ["Hook", "no_hook", "FaultInjection", "KILL_AT_ENV", "KILL_WORKER_AT_ENV", "SLOW_ENV"]
 
 Hook = Callable[[str], None]
 
 KILL_AT_ENV = "SD_DS_CONVERT_KILL_AT"
 """``point:n``: SIGKILL the run at the n-th ``point`` of a process (n defaults to 1)."""
+KILL_WORKER_AT_ENV = "SD_DS_CONVERT_KILL_WORKER_AT"
+"""``point:n:MARKER``: SIGKILL only the worker process (a Spark/Ray executor's task, a local pool worker) at
+the n-th ``point`` of a process, once per run: the first process to get there creates the file MARKER, and
+no other process (the engine's retry of the task included) fires again."""
 SLOW_ENV = "SD_DS_CONVERT_SLOW_TEST"
 """Seconds to sleep per sample written, so a test can SIGKILL the run from outside mid-way."""
 
@@ -49,14 +53,21 @@ class FaultInjection:
     """The run's main process: a worker that fires kills it too, as a crash of the whole run would."""
     seen: Counter = field(default_factory=Counter)
     """Points reached so far in this process."""
+    worker_marker: str = ""
+    """Set: kill only the process that reaches the point (not the run's main process), once per marker file."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> Hook:
         """The hook the environment asks for (``KILL_AT_ENV``, ``SLOW_ENV``), or ``no_hook``."""
         spec = environ.get(KILL_AT_ENV, "")
+        worker_spec = environ.get(KILL_WORKER_AT_ENV, "")
         sleep_s = float(environ.get(SLOW_ENV) or 0)
-        if not spec and not sleep_s:
+        if not spec and not worker_spec and not sleep_s:
             return no_hook
+        if worker_spec:
+            point, count, marker = worker_spec.split(":", 2)
+            return cls(kill_point=point, kill_count=int(count or 1), sleep_per_sample_s=sleep_s,
+                       worker_marker=marker)
         point, _, count = spec.partition(":")
         return cls(kill_point=point, kill_count=int(count or 1), sleep_per_sample_s=sleep_s)
 
@@ -67,6 +78,14 @@ class FaultInjection:
             return
         self.seen[point] += 1
         if self.seen[point] == self.kill_count:
+            if self.worker_marker:
+                if self.main_pid == os.getpid():
+                    return
+                try:  # O_EXCL: exactly one process in the run fires
+                    os.close(os.open(self.worker_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    return
+                os.kill(os.getpid(), signal.SIGKILL)
             if self.main_pid != os.getpid():
                 os.kill(self.main_pid, signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)

@@ -26,11 +26,12 @@ from typing import BinaryIO, Iterable, Iterator, Optional, Union
 
 from sd_ds.convert.image_header import ImageRejected, probe_image
 from sd_ds.convert.reasons import Rejected
+from sd_ds.fileio import is_fsspec_url, url_fs
 
 __all__ = [
     "LAYOUTS", "Layout", "LineRejected", "split_line", "decode_text", "decode_image_base64",
     "read_filelist", "read_file_list_list", "resolve_listed_path", "iter_part_lines", "part_size",
-    "PartStreamError", "detect_layout", "write_part", "format_line",
+    "PartStreamError", "detect_layout", "write_part", "format_line", "line_metadata", "METADATA_KEYS", "url_sizes",
 ]
 
 try:  # ISA-L inflate is ~3x zlib's; the threaded reader also overlaps it with the caller's work
@@ -120,6 +121,26 @@ def split_line(line: bytes, layout: Layout) -> tuple[str, memoryview]:
     return caption.strip(), memoryview(line)[image_start:image_end]
 
 
+# Where laion_aes metadata keeps each filter's value: keys of the JSON column, first present wins.
+METADATA_KEYS = {"aesthetic": ("aesthetic", "aesthetic_score", "AESTHETIC_SCORE"), "punsafe": ("punsafe",),
+                 "pwatermark": ("pwatermark",)}
+
+
+def line_metadata(line: bytes, layout: Layout) -> dict[str, float]:
+    """The filterable numbers (``METADATA_KEYS``) a line's metadata holds; {} for a layout without metadata.
+    Call after ``split_line`` accepted the line (the JSON column is known to parse then)."""
+    if not layout.caption_is_json:
+        return {}
+    column = line.split(b"\t", layout.caption_column + 1)[layout.caption_column]
+    obj = json.loads(decode_text(column))
+    values = {}
+    for name, keys in METADATA_KEYS.items():
+        value = next((obj[key] for key in keys if key in obj), None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[name] = float(value)
+    return values
+
+
 def decode_image_base64(data: Union[bytes, memoryview]) -> bytes:
     try:
         return _fast_base64.b64decode(data, validate=True)
@@ -130,15 +151,20 @@ def decode_image_base64(data: Union[bytes, memoryview]) -> bytes:
 # --- filelists -----------------------------------------------------------------------------------
 
 def resolve_listed_path(entry: str, listing_file: Union[str, Path]) -> str:
-    """A path read from a list file: as written if it exists (as ppdiffusers did), else next to the list."""
-    if os.path.isabs(entry) or os.path.exists(entry):
+    """A path read from a list file: as written if it exists (as ppdiffusers did), else next to the list. A
+    URL is taken as written; a relative entry in a list at a URL is taken next to the list."""
+    if is_fsspec_url(entry) or os.path.isabs(entry):
+        return entry
+    if is_fsspec_url(listing_file):
+        return f"{str(listing_file).rsplit('/', 1)[0]}/{entry}"
+    if os.path.exists(entry):
         return entry
     beside = os.path.join(os.path.dirname(os.fspath(listing_file)), entry)
     return beside if os.path.exists(beside) else entry
 
 
 def _list_lines(path: Union[str, Path]) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
+    with (open(path, encoding="utf-8") if not is_fsspec_url(path) else _open_url(str(path), text=True)) as f:
         for line in f:
             line = line.strip()
             if line and not line.startswith("#"):
@@ -207,7 +233,7 @@ def iter_part_lines(path: Union[str, Path], raw_position: list[int] | None = Non
     error: Optional[PartStreamError] = None
     for mode in dict.fromkeys((reader, "exact")):
         try:
-            raw = open(path, "rb", buffering=1 << 20)
+            raw = open(path, "rb", buffering=1 << 20) if not is_fsspec_url(path) else _open_url(str(path))
         except OSError as e:
             raise PartStreamError("unreadable_part", done, f"{type(e).__name__}: {e}") from None
         with raw:
@@ -233,11 +259,71 @@ def iter_part_lines(path: Union[str, Path], raw_position: list[int] | None = Non
 
 
 def part_size(path: Union[str, Path]) -> int:
-    """Bytes of a part on disk (its share of the progress bar); 0 when it cannot be read."""
+    """Bytes of a part on disk or in its store (its share of the progress bar); 0 when it cannot be read."""
+    if is_fsspec_url(path):
+        if str(path) not in _url_sizes:
+            _url_sizes.update(url_sizes([str(path)]))
+        return _url_sizes[str(path)] or 0
     try:
         return os.path.getsize(path)
     except OSError:
         return 0
+
+
+# --- parts and lists at URLs (s3://, gs://, http(s)://: anything fsspec reaches) ----------------------------
+
+_url_sizes: dict[str, Optional[int]] = {}  # what url_sizes learnt in this process: the plan needs every size
+
+
+def _open_url(url: str, text: bool = False) -> BinaryIO:
+    """A URL opened for sequential reading: fsspec's file in large blocks, behind a buffer with ``peek``.
+    Missing or unreachable: OSError (FileNotFoundError for a missing object)."""
+    try:
+        fs, path = url_fs(url)
+        raw = fs.open(path, "rb", block_size=8 << 20, cache_type="readahead")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every store's client raises its own kinds
+        raise OSError(f"{url}: {type(e).__name__}: {e}") from None
+    reader = io.BufferedReader(raw, 1 << 20)
+    return io.TextIOWrapper(reader, encoding="utf-8") if text else reader
+
+
+def url_sizes(urls: Iterable[str]) -> dict[str, Optional[int]]:
+    """Size of each URL (None when it does not exist), with one listing per folder on stores that list
+    (s3, gs, ...: 60,000 parts in a few dozen requests) and one HEAD per URL on HTTP. Remembered for
+    ``part_size``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    by_folder: dict[str, list[str]] = {}
+    for url in urls:
+        by_folder.setdefault(url.rsplit("/", 1)[0], []).append(url)
+    sizes: dict[str, Optional[int]] = {}
+
+    def one(url: str) -> Optional[int]:
+        fs, path = url_fs(url)
+        try:
+            info = fs.info(path)
+        except (FileNotFoundError, OSError):
+            return None
+        return int(info["size"]) if info.get("type", "file") == "file" and info.get("size") is not None else None
+
+    for folder, members in by_folder.items():
+        fs, folder_path = url_fs(folder)
+        if not str(folder).startswith(("http://", "https://")):
+            try:
+                listed = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry for entry in
+                          fs.ls(folder_path, detail=True)}
+            except (FileNotFoundError, OSError):
+                listed = {}
+            for url in members:
+                entry = listed.get(url.rsplit("/", 1)[-1])
+                sizes[url] = int(entry["size"]) if entry and entry.get("type") == "file" else None
+        else:
+            with ThreadPoolExecutor(16) as pool:
+                sizes.update(zip(members, pool.map(one, members)))
+    _url_sizes.update(sizes)
+    return sizes
 
 
 def detect_layout(path: Union[str, Path], max_lines: int = 10000) -> Optional[str]:

@@ -20,15 +20,17 @@ from pathlib import Path
 from typing import IO, Any, Iterable, Optional
 
 from sd_ds.convert.image_header import PIL_MAX_IMAGE_PIXELS
-from sd_ds.convert.parts import LAYOUTS, part_size, read_file_list_list, read_filelist
+from sd_ds.convert.parts import LAYOUTS, _url_sizes, part_size, read_file_list_list, read_filelist, url_sizes
 from sd_ds.convert.tar_writing import PartSpan, ShardJob
-from sd_ds.fileio import write_json_atomic
+from sd_ds.convert.storage import LocalStore, Store
+from sd_ds.fileio import is_fsspec_url, url_fs
 
 __all__ = ["ConvertOptions", "PartSource", "CollectedInputs", "collect_sources", "OutputDirError", "plan_record",
            "open_output", "Frontier", "SourceResult", "WORK_DIR"]
 
 WORK_DIR = "_convert"  # OUT/_convert: the run's bookkeeping (lock, fragments, part records)
 OPTIONS_FILE = "convert_options.json"
+_FILTERS_ADDED_LATER = ("max_aspect_ratio", "min_aesthetic", "max_punsafe", "max_pwatermark")
 _OPEN_END = 2 ** 62  # "no upper bound" in a failure window
 
 
@@ -50,6 +52,14 @@ class ConvertOptions:
     jpeg_quality: int = 95
     limit: Optional[int] = None
     """Convert only the first N good samples (in input order)."""
+    max_aspect_ratio: float = 0.0
+    """Skip images whose longer side / shorter side exceeds this (0: keep all)."""
+    min_aesthetic: Optional[float] = None
+    """laion_aes: skip lines whose metadata's aesthetic score is below this (lines without one are kept)."""
+    max_punsafe: Optional[float] = None
+    """laion_aes: skip lines whose metadata's punsafe (NSFW probability) is above this."""
+    max_pwatermark: Optional[float] = None
+    """laion_aes: skip lines whose metadata's pwatermark (watermark probability) is above this."""
 
     def __post_init__(self) -> None:
         if self.layout not in ("auto", *LAYOUTS):
@@ -63,6 +73,17 @@ class ConvertOptions:
             raise ValueError("jpeg_quality must be in 1..100")
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be >= 1")
+        if self.max_aspect_ratio and self.max_aspect_ratio < 1:
+            raise ValueError("max_aspect_ratio must be >= 1 (or 0: off)")
+
+    @property
+    def metadata_filters(self) -> dict[str, tuple[float, int, str]]:
+        """laion_aes metadata filters that are on: column name → (threshold, sign, reason); a line is skipped
+        when ``sign * value < sign * threshold`` (sign 1: a minimum, -1: a maximum)."""
+        filters = {"aesthetic": (self.min_aesthetic, 1, "aesthetic_too_low"),
+                   "punsafe": (self.max_punsafe, -1, "punsafe_too_high"),
+                   "pwatermark": (self.max_pwatermark, -1, "pwatermark_too_high")}
+        return {name: spec for name, spec in filters.items() if spec[0] is not None}
 
     @property
     def reencodes(self) -> bool:
@@ -113,43 +134,60 @@ def collect_sources(file_lists: Iterable[str] = (), filelists: Iterable[str] = (
     missing_inputs: list[str] = []
     listed: list[tuple[str, float]] = []
     for path in file_lists:
-        if os.path.isfile(path):
+        if _is_file(path):
             listed.extend(read_file_list_list(path))
         else:
             missing_inputs.append(path)
     listed.extend((path, 1.0) for path in filelists)
     named: list[tuple[str, float, list[str]]] = []  # (source name, weight, parts as listed)
     for path, weight in listed:
-        if os.path.isfile(path):
+        if _is_file(path):
             named.append((path, weight, read_filelist(path)))
         else:
             missing_inputs.append(path)
     loose: list[str] = []
     for pattern in inputs:
         if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern))
+            matches = sorted(glob.glob(pattern)) if not is_fsspec_url(pattern) else _url_glob(pattern)
             loose.extend(matches)
             if not matches:
                 missing_inputs.append(pattern)
         else:
             loose.append(pattern)
-            if not os.path.isfile(pattern):
+            if not _is_file(pattern):
                 missing_inputs.append(pattern)
     if loose:
-        named.append(("inputs", 1.0, [part for part in loose if os.path.isfile(part)]))
+        named.append(("inputs", 1.0, [part for part in loose if _is_file(part)]))
+    # every listed part at a URL, sized in one go (a listing per folder): 60,000 parts, not 60,000 requests
+    url_sizes([part for _, _, parts in named for part in parts if is_fsspec_url(part) and part not in _url_sizes])
     sources = []
     seen: set[str] = set()  # real paths of the parts listed so far
     for name, weight, listed_parts in named:
         parts, missing, duplicates = [], [], []
         for part in listed_parts:
-            identity = os.path.realpath(part)
+            identity = part if is_fsspec_url(part) else os.path.realpath(part)
             if identity in seen:
                 duplicates.append(part)
                 continue
             seen.add(identity)
-            (parts if os.path.isfile(part) else missing).append(part)
+            (parts if _is_file(part) else missing).append(part)
         sources.append(PartSource(name, weight, tuple(parts), tuple(missing), tuple(duplicates)))
     return CollectedInputs(sources, missing_inputs)
+
+
+def _is_file(path: str) -> bool:
+    """A local file, or a URL that exists (its size is known from ``url_sizes``)."""
+    if not is_fsspec_url(path):
+        return os.path.isfile(path)
+    if path not in _url_sizes:
+        url_sizes([path])
+    return _url_sizes[path] is not None
+
+
+def _url_glob(pattern: str) -> list[str]:
+    fs, path = url_fs(pattern)
+    protocol = pattern.split("://", 1)[0]
+    return sorted(match if "://" in match else f"{protocol}://{match}" for match in fs.glob(path))
 
 
 # --- the plan record and the output folder ------------------------------------------------------------
@@ -160,7 +198,11 @@ class OutputDirError(RuntimeError):
 
 def plan_record(sources: list[PartSource], options: ConvertOptions) -> dict:
     """What ``convert_options.json`` holds: the options and every part with its size."""
-    return {"version": 1, "options": asdict(options),
+    recorded = asdict(options)
+    for name in _FILTERS_ADDED_LATER:  # off: left out, so outputs of runs before these filters still resume
+        if recorded[name] == ConvertOptions.__dataclass_fields__[name].default:
+            del recorded[name]
+    return {"version": 1, "options": recorded,
             "sources": [{"name": source.name, "weight": source.weight,
                          "parts": [[part, part_size(part)] for part in source.parts]}
                         for source in sources]}
@@ -184,42 +226,53 @@ def _short(value: Any, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def open_output(out: Path, plan: dict) -> IO[str]:
-    """Create ``out`` if needed, check that it is empty or holds a run of this plan, take its lock, record the
-    plan. Returns the lock's file handle (held until closed). Raises OutputDirError, with a one-line reason,
-    for any folder that cannot be used, including one the file system refuses (a file, no permission)."""
-    if out.exists() and not out.is_dir():
-        raise OutputDirError(f"--output_dir {out} is a file, not a folder")
+def open_output(store: Store, plan: dict) -> Optional[IO[str]]:
+    """Create OUT if needed, check that it is empty or holds a run of this plan, take its lock (a local OUT),
+    record the plan. Returns the lock's file handle (held until closed; None for a store, which has no lock).
+    Raises OutputDirError, with a one-line reason, for any OUT that cannot be used, including one the file
+    system or store refuses (a file, no permission, no such bucket)."""
+    if isinstance(store, LocalStore):
+        out = store.path
+        if out.exists() and not out.is_dir():
+            raise OutputDirError(f"--output_dir {out} is a file, not a folder")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        return _lock_and_record(out, plan)
+        if isinstance(store, LocalStore):
+            store.path.mkdir(parents=True, exist_ok=True)
+        return _lock_and_record(store, plan)
     except OSError as e:
-        reason = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
-        raise OutputDirError(f"cannot create or write to --output_dir {out} ({reason})") from None
+        reason = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e).splitlines()[0] if str(e) \
+            else type(e).__name__
+        raise OutputDirError(f"cannot create or write to --output_dir {store} ({reason})") from None
 
 
-def _lock_and_record(out: Path, plan: dict) -> IO[str]:
-    options_path = out / OPTIONS_FILE
-    if not options_path.is_file() and any(out.iterdir()):
-        raise OutputDirError(f"{out} is not empty and was not written by this converter; "
+def _lock_and_record(store: Store, plan: dict) -> Optional[IO[str]]:
+    has_plan = store.exists(OPTIONS_FILE)
+    # local: any entry, folders too; a store has files only (its "folders" are name prefixes)
+    entries = any(store.path.iterdir()) if isinstance(store, LocalStore) else bool(store.list())
+    if not has_plan and entries:
+        raise OutputDirError(f"{store} is not empty and was not written by this converter; "
                              f"choose an empty or new --output_dir")
-    (out / WORK_DIR / "parts").mkdir(parents=True, exist_ok=True)
-    lock = open(out / WORK_DIR / "lock", "w")
+    lock = None
+    if isinstance(store, LocalStore):
+        (store.path / WORK_DIR / "parts").mkdir(parents=True, exist_ok=True)
+        lock = open(store.path / WORK_DIR / "lock", "w")
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise OutputDirError(f"another conversion is writing to {out}") from None
-        if options_path.is_file():
-            before = json.loads(options_path.read_text(encoding="utf-8"))
+        if lock is not None:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise OutputDirError(f"another conversion is writing to {store}") from None
+        if has_plan:
+            before = store.read_json(OPTIONS_FILE)
             if before != plan:
                 raise OutputDirError(
-                    f"{out} holds a conversion with other inputs or options ({first_difference(plan, before)}). "
+                    f"{store} holds a conversion with other inputs or options ({first_difference(plan, before)}). "
                     f"Resume with the same arguments, or choose another --output_dir.")
         else:
-            write_json_atomic(options_path, plan)
+            store.write_json(OPTIONS_FILE, plan)
     except BaseException:
-        lock.close()
+        if lock is not None:
+            lock.close()
         raise
     return lock
 

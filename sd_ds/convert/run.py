@@ -9,23 +9,20 @@ read, and samples written with their rate.
 
 from __future__ import annotations
 
-import json
-import multiprocessing as mp
 import os
 import queue
-import shutil
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable, Optional
 
+from sd_ds.convert.engines import EngineSettings, build_engine
 from sd_ds.convert.hooks import Hook, no_hook
 from sd_ds.convert.planning import WORK_DIR, ConvertOptions, Frontier, PartSource, open_output, plan_record
-from sd_ds.convert.tar_writing import ShardJob, fragment_paths, shard_name, stats_name
-from sd_ds.convert.workers import PartJob, assemble_shard_job, convert_part, worker_init
-from sd_ds.fileio import write_json_atomic
+from sd_ds.convert.storage import Store, open_store
+from sd_ds.convert.tar_writing import PARTS_DIR, ShardJob, fragment_paths, shard_name, stats_name
+from sd_ds.convert.workers import PartJob, assemble_shard_job, convert_part
 
 __all__ = ["convert", "ConversionRun", "Progress", "available_cores", "format_summary"]
 
@@ -38,28 +35,33 @@ def available_cores() -> int:
 
 def convert(sources: list[PartSource], output_dir: str | os.PathLike, options: ConvertOptions, processes: int = 1,
             progress: bool = True, inflate_thread: Optional[bool] = None,
-            log: Callable[[str], None] = print, hook: Hook = no_hook) -> dict:
+            log: Callable[[str], None] = print, hook: Hook = no_hook,
+            engine: Optional[EngineSettings] = None) -> dict:
     """Convert ``sources`` into shards in ``output_dir`` (resuming what a previous run left); returns the
-    totals written to stats.json. Raises planning.OutputDirError when ``output_dir`` cannot be used.
+    totals written to stats.json. Raises planning.OutputDirError when ``output_dir`` cannot be used, and
+    engines.EngineUnavailable when the engine asked for is not installed.
 
     ``inflate_thread``: inflate each part in a thread of its own, overlapping the parsing (None: when
-    ``processes`` leaves cores idle). The output is the same either way. ``hook``: called at the points
-    ``sd_ds.convert.hooks`` lists, in the main process and (a copy) in each worker."""
-    out = Path(output_dir)
+    ``processes`` leaves cores idle; never on a cluster engine). The output is the same either way. ``hook``:
+    called at the points ``sd_ds.convert.hooks`` lists, in the main process and (a copy) in each worker.
+    ``engine``: where the tasks run (default: ``processes`` local worker processes); never changes the
+    output."""
+    engine = engine or EngineSettings("local", processes)
+    store = open_store(output_dir)
     plan = plan_record(sources, options)
-    lock = open_output(out, plan)
+    lock = open_output(store, plan)
     try:
-        complete = out / WORK_DIR / COMPLETE_FILE
-        if complete.is_file():
-            shutil.rmtree(out / WORK_DIR / "parts", ignore_errors=True)
-            stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
-            log(f"{out}: already complete")
+        complete = f"{WORK_DIR}/{COMPLETE_FILE}"
+        if store.exists(complete):
+            store.remove_tree(PARTS_DIR)
+            stats = store.read_json("stats.json")
+            log(f"{store}: already complete")
             return stats
-        _remove_stale_temporaries(out)
+        _remove_stale_temporaries(store)
         started = time.monotonic()
         if inflate_thread is None:
-            inflate_thread = processes < available_cores()
-        conversion = ConversionRun(sources, out, options, processes, "threaded" if inflate_thread else "buffered",
+            inflate_thread = engine.engine == "local" and engine.processes < available_cores()
+        conversion = ConversionRun(sources, store, options, engine, "threaded" if inflate_thread else "buffered",
                                    hook)
         total_bytes = sum(size for source in plan["sources"] for _, size in source["parts"])
         bar = Progress(total_bytes, conversion.done_bytes, enabled=progress)
@@ -67,19 +69,22 @@ def convert(sources: list[PartSource], output_dir: str | os.PathLike, options: C
             frontier = conversion.run(bar)
         finally:
             bar.close()
-        stats = _write_totals(sources, out, frontier)
-        write_json_atomic(complete, {"seconds_last_run": round(time.monotonic() - started, 3)})
-        shutil.rmtree(out / WORK_DIR / "parts", ignore_errors=True)
+        stats = _write_totals(sources, store, frontier)
+        # every task is over: temporaries left by tasks that died (and were retried) go now
+        _remove_stale_temporaries(store)
+        store.write_json(complete, {"seconds_last_run": round(time.monotonic() - started, 3)})
+        store.remove_tree(PARTS_DIR)
         return stats
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
 
 
-def _remove_stale_temporaries(out: Path) -> None:
-    """Temporaries of a killed run (their writers are dead: workers die with the main process)."""
-    for directory in (out, out / WORK_DIR / "parts"):
-        for tmp in directory.glob("*.tmp.*"):
-            tmp.unlink(missing_ok=True)
+def _remove_stale_temporaries(store: Store) -> None:
+    """Temporaries of a killed run (its workers are dead: they die with the main process) or of tasks that
+    died and were retried."""
+    for folder in ("", PARTS_DIR):
+        store.remove_temporaries(folder)
 
 
 class Progress:
@@ -116,17 +121,20 @@ class Progress:
 class ConversionRun:
     """The run loop over a process pool, and the state it keeps between events."""
 
-    def __init__(self, sources: list[PartSource], out: Path, options: ConvertOptions, processes: int, reader: str,
-                 hook: Hook = no_hook):
-        self.sources, self.out, self.processes, self.hook = sources, out, processes, hook
-        self.work = out / WORK_DIR
+    def __init__(self, sources: list[PartSource], store: Store, options: ConvertOptions, engine: EngineSettings,
+                 reader: str, hook: Hook = no_hook):
+        self.sources, self.store, self.engine_settings, self.hook = sources, store, engine, hook
+        self.processes = engine.processes  # replaced by the engine's parallelism once it is up
+        self.existing = set(store.list())  # shards earlier runs finished (one listing, not a request per shard)
         self.frontier = Frontier(sources, options.samples_per_shard, options.limit)
         self.part_paths = self.frontier.part_paths
-        self.part_template = PartJob(part=-1, path="", work=str(self.work), options=options, reader=reader)
+        self.part_template = PartJob(part=-1, path="", out=store.root, options=options, reader=reader)
         self.sample_counts: dict[int, int] = {}  # part → good samples, for every part converted so far
         self.done_bytes = 0  # input bytes of the parts earlier runs converted
-        for record_path in (self.work / "parts").glob("*.json"):
-            record = json.loads(record_path.read_text(encoding="utf-8"))
+        for record_name in store.list(PARTS_DIR):
+            if not record_name.endswith(".json") or record_name.startswith("."):
+                continue
+            record = store.read_json(f"{PARTS_DIR}/{record_name}")
             if record["part"] < len(self.part_paths) and record["path"] == self.part_paths[record["part"]]:
                 self.sample_counts[record["part"]] = record["samples"]
                 self.done_bytes += record["bytes"]
@@ -135,18 +143,17 @@ class ConversionRun:
         self.shard_first_part: dict[int, int] = {}  # shard in flight → first part holding its samples
         self.deleted_below = 0  # fragments of the parts before this are deleted
         self.next_dispatch = 0  # the next part to consider handing out
-        self.lookahead = 4 * processes + 2  # parts converted ahead of the oldest part not yet consumed
-        self.executor: Optional[ProcessPoolExecutor] = None
+        self.lookahead = 4 * self.processes + 2  # parts converted ahead of the oldest part not yet consumed
+        self.executor: Any = None  # the engine (engines.LocalEngine, SparkEngine, RayEngine)
 
     def run(self, progress: Progress) -> Frontier:
         """Convert every part not converted yet and assemble every shard not assembled yet; returns the
         frontier, which knows each source's shards and samples."""
-        # Workers even for --processes 1: the main process stays free to show progress mid-part. Spawned, not
-        # forked: no fork after threads (tqdm, queue feeders), and workers import little.
-        context = mp.get_context("spawn")
-        reports = context.Queue()
-        self.executor = ProcessPoolExecutor(self.processes, mp_context=context, initializer=worker_init,
-                                            initargs=(reports, os.getpid(), self.hook))
+        # Workers even for --processes 1: the main process stays free to show progress mid-part.
+        self.executor = build_engine(self.engine_settings, self.hook)
+        self.processes = self.executor.parallelism
+        self.lookahead = 4 * self.processes + 2
+        reports = self.executor.progress_queue
         try:
             self._consume_ready()
             while True:
@@ -154,15 +161,17 @@ class ConversionRun:
                 if not self.pending:
                     break
                 finished, _ = wait(list(self.pending), timeout=0.2, return_when=FIRST_COMPLETED)
-                progress.drain(reports)
+                if reports is not None:
+                    progress.drain(reports)
                 for future in finished:
                     self._finish(future, progress)
                 self._delete_consumed_fragments()
             if not self.frontier.done:  # cannot happen: every part was converted and consumed
                 raise RuntimeError("conversion ended before all parts were consumed")
         finally:
-            self.executor.shutdown(wait=True, cancel_futures=True)
-            progress.drain(reports, wait_s=0.05)  # reports still on their way from the workers
+            self.executor.shutdown()
+            if reports is not None:
+                progress.drain(reports, wait_s=0.05)  # reports still on their way from the workers
         return self.frontier
 
     def _dispatch_parts(self) -> None:
@@ -201,11 +210,11 @@ class ConversionRun:
         for job in jobs:
             first_sample_part = next((span.part for span in job.parts if span.end_sample > job.first_sample),
                                      self.frontier.next_part)
-            if (self.out / shard_name(job.shard)).exists():
+            if shard_name(job.shard) in self.existing:
                 continue
             self.shard_first_part[job.shard] = first_sample_part
             source_name = self.sources[job.source_index].name
-            future = self.executor.submit(assemble_shard_job, job, source_name, str(self.out), self.part_template)
+            future = self.executor.submit(assemble_shard_job, job, source_name, self.store.root, self.part_template)
             self.pending[future] = ("shard", job.shard)
 
     def _delete_consumed_fragments(self) -> None:
@@ -213,20 +222,19 @@ class ConversionRun:
         records stay: a shard's failures and the totals are read from them)."""
         low = min([self.frontier.first_needed_part(), *self.shard_first_part.values()])
         for part in range(self.deleted_below, low):
-            paths = fragment_paths(self.work, part)
-            paths.members.unlink(missing_ok=True)
-            paths.offsets.unlink(missing_ok=True)
+            paths = fragment_paths(part)
+            self.store.delete(paths.members)
+            self.store.delete(paths.offsets)
         self.deleted_below = max(self.deleted_below, low)
 
 
 # --- totals ----------------------------------------------------------------------------------------------
 
-def _write_totals(sources: list[PartSource], out: Path, frontier: Frontier) -> dict:
+def _write_totals(sources: list[PartSource], store: Store, frontier: Frontier) -> dict:
     """sizes.json, sources.json and stats.json from the shards' stats (and, for a source without shards, from
     its part records); returns the stats. Listed parts that do not exist, and parts listed more than once, are
     counted per source and in total (``missing_parts``, ``duplicate_parts``); they hold no lines, so ``count``
     (every line read) does not include them."""
-    work = out / WORK_DIR
     sizes: dict[str, int] = {}
     totals: Counter = Counter()
     per_source = []
@@ -234,7 +242,7 @@ def _write_totals(sources: list[PartSource], out: Path, frontier: Frontier) -> d
     for source_index, (source, result) in enumerate(zip(sources, frontier.results)):
         failures: Counter = Counter()
         for shard in result.shards:
-            shard_stats = json.loads((out / stats_name(shard)).read_text(encoding="utf-8"))
+            shard_stats = store.read_json(stats_name(shard))
             sizes[shard_name(shard)] = shard_stats["successes"]
             failures.update(shard_stats["failures"])
             empty_captions += shard_stats["empty_captions"]
@@ -242,7 +250,7 @@ def _write_totals(sources: list[PartSource], out: Path, frontier: Frontier) -> d
             # No sample to attribute failures to: count them from the part records.
             first = frontier.source_end[source_index] - len(source.parts)
             for part in range(first, first + len(source.parts)):
-                record = json.loads(fragment_paths(work, part).record.read_text(encoding="utf-8"))
+                record = store.read_json(fragment_paths(part).record)
                 failures.update(reason for _, reason, _ in record["failures"])
         totals.update(failures)
         successes += result.samples
@@ -259,9 +267,9 @@ def _write_totals(sources: list[PartSource], out: Path, frontier: Frontier) -> d
         {"name": source.name, "weight": source.weight, "shards": [shard_name(shard) for shard in result.shards],
          "samples": result.samples}
         for source, result in zip(sources, frontier.results)]}
-    write_json_atomic(out / "sizes.json", sizes)
-    write_json_atomic(out / "sources.json", sources_json)
-    write_json_atomic(out / "stats.json", stats)
+    store.write_json("sizes.json", sizes)
+    store.write_json("sources.json", sources_json)
+    store.write_json("stats.json", stats)
     return stats
 
 

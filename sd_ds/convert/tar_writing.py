@@ -2,30 +2,27 @@
 members under a placeholder key), and shard assembly (byte ranges of fragments copied into a shard with the
 real keys written in). Plain file work: nothing here knows LAION lines or images.
 
-Work-folder layout of one part (``WORK/parts/NNNNNN.*``): ``.frag`` (the tar members), ``.idx`` (uint64 byte
-offset where each sample starts, plus the end) and ``.json`` (the part record: sample count, failures, empty
-captions). The record is written last: its presence marks the part done. A shard's ``NNNNN_stats.json`` is
-written before its tar: the tar's presence marks the shard done.
+Work-folder layout of one part (``OUT/_convert/parts/NNNNNN.*``, names in the output ``Store``): ``.frag``
+(the tar members), ``.idx`` (uint64 byte offset where each sample starts, plus the end) and ``.json`` (the part
+record: sample count, failures, empty captions). The record is written last: its presence marks the part done.
+A shard's ``NNNNN_stats.json`` is written before its tar: the tar's presence marks the shard done.
 """
 
 from __future__ import annotations
 
 import bisect
-import io
 import json
-import os
 import tarfile
 from array import array
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 from sd_ds.convert.hooks import Hook
-from sd_ds.fileio import temporary_path, write_json_atomic
+from sd_ds.convert.storage import Store
 
 __all__ = ["KeyFormat", "tar_header", "FragmentPaths", "fragment_paths", "FragmentWriter", "PartSpan", "ShardJob",
-           "assemble_shard", "shard_name", "stats_name", "KEY_SHARD_DIGITS"]
+           "assemble_shard", "shard_name", "stats_name", "KEY_SHARD_DIGITS", "PARTS_DIR"]
 
 TAR_RECORD = 10240  # tar pads the archive to 20 blocks, as tarfile and GNU tar do
 CHUNK_BYTES = 8 << 20  # assembly copies in chunks of about this size
@@ -118,36 +115,41 @@ def _patch_keys(buf: bytearray, start: int, key: bytes) -> int:
 # --- fragments -----------------------------------------------------------------------------------------
 
 class FragmentPaths(NamedTuple):
-    members: Path  # the tar members of the part's good samples
-    offsets: Path  # where each sample starts in ``members``
-    record: Path  # the part record; present = the part is done
+    """Names in the output store (relative to OUT)."""
+
+    members: str  # the tar members of the part's good samples
+    offsets: str  # where each sample starts in ``members``
+    record: str  # the part record; present = the part is done
 
 
-def fragment_paths(work: Path, part: int) -> FragmentPaths:
-    stem = Path(work) / "parts" / f"{part:06d}"
-    return FragmentPaths(stem.with_suffix(".frag"), stem.with_suffix(".idx"), stem.with_suffix(".json"))
+PARTS_DIR = "_convert/parts"  # in OUT: fragments and part records
+
+
+def fragment_paths(part: int) -> FragmentPaths:
+    stem = f"{PARTS_DIR}/{part:06d}"
+    return FragmentPaths(f"{stem}.frag", f"{stem}.idx", f"{stem}.json")
 
 
 class FragmentWriter:
     """Tar members of one part's samples, keyed with a placeholder, and the byte offset where each sample
-    starts; written under temporary names, put in place by ``commit`` (record last).
+    starts; published only complete (``Store.writer``), by ``commit`` (record last).
 
-        with FragmentWriter(paths, placeholder) as fragment:
+        with FragmentWriter(store, paths, placeholder) as fragment:
             fragment.add(...)
         fragment.commit(record)
     """
 
-    def __init__(self, paths: FragmentPaths, placeholder: str):
-        self.paths, self.placeholder = paths, placeholder
+    def __init__(self, store: Store, paths: FragmentPaths, placeholder: str):
+        self.store, self.paths, self.placeholder = store, paths, placeholder
         self.offsets = array("Q", [0])
-        self._members_tmp = temporary_path(paths.members)
-        self._file: io.BufferedWriter = open(self._members_tmp, "wb", buffering=1 << 20)
+        self._file = store.writer(paths.members)
 
     def __enter__(self) -> "FragmentWriter":
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._file.close()
+        if exc_info[0] is not None:
+            self._file.__exit__(*exc_info)  # drop the unfinished fragment
 
     def add(self, ext: str, image: bytes, caption: str, meta: dict) -> None:
         meta_bytes = json.dumps({"key": self.placeholder, **meta}, ensure_ascii=False).encode("utf-8")
@@ -163,13 +165,9 @@ class FragmentWriter:
 
     def commit(self, record: dict) -> None:
         """Members and offsets first, the record last: the record's presence is what marks the part done."""
-        self._file.close()
-        offsets_tmp = temporary_path(self.paths.offsets)
-        with open(offsets_tmp, "wb") as f:
-            self.offsets.tofile(f)
-        os.replace(self._members_tmp, self.paths.members)
-        os.replace(offsets_tmp, self.paths.offsets)
-        write_json_atomic(self.paths.record, record, indent=None)
+        self._file.commit()
+        self.store.write_bytes(self.paths.offsets, self.offsets.tobytes())
+        self.store.write_json(self.paths.record, record, indent=None)
 
 
 # --- shards ----------------------------------------------------------------------------------------------
@@ -203,26 +201,25 @@ class ShardJob:
     parts: tuple[PartSpan, ...]
 
 
-def assemble_shard(job: ShardJob, source_name: str, out: Path, work: Path, keys: KeyFormat,
+def assemble_shard(job: ShardJob, source_name: str, store: Store, keys: KeyFormat,
                    redo_part: Callable[[PartSpan], None], hook: Hook) -> bool:
-    """Copy one shard's samples out of fragments, write the real keys, rename the shard into place. Returns
-    False when the shard already existed. ``redo_part`` converts a part again whose fragment is gone (a
-    resumed run deletes fragments once their shards exist; conversion is deterministic, so the bytes match)."""
+    """Copy one shard's samples out of fragments, write the real keys, publish the shard. Returns False when
+    the shard already existed. ``redo_part`` converts a part again whose fragment is gone (a resumed run
+    deletes fragments once their shards exist; conversion is deterministic, so the bytes match)."""
     name = shard_name(job.shard)
-    if (out / name).exists():
+    if store.exists(name):
         return False
     failures: Counter = Counter()
     empty_captions = index = 0
-    tmp = temporary_path(out / name)
-    with open(tmp, "wb") as dst:
+    with store.writer(name) as dst:
         for span in job.parts:
-            paths = fragment_paths(work, span.part)
+            paths = fragment_paths(span.part)
             # the part's own sample range this shard takes (empty when the part only brings failures)
             lo = max(job.first_sample, span.first_sample) - span.first_sample
             hi = min(job.end_sample, span.end_sample) - span.first_sample
-            if lo < hi and not (paths.members.exists() and paths.offsets.exists()):
+            if lo < hi and not (store.exists(paths.members) and store.exists(paths.offsets)):
                 redo_part(span)
-            record = json.loads(paths.record.read_text(encoding="utf-8"))
+            record = store.read_json(paths.record)
             for _line, reason, good_before in record["failures"]:
                 if job.failures_from <= span.first_sample + good_before <= job.failures_to:
                     failures[reason] += 1
@@ -231,9 +228,8 @@ def assemble_shard(job: ShardJob, source_name: str, out: Path, work: Path, keys:
             empties = record["empty_captions"]
             empty_captions += bisect.bisect_left(empties, hi) - bisect.bisect_left(empties, lo)
             offsets = array("Q")
-            with open(paths.offsets, "rb") as f:
-                offsets.frombytes(f.read())
-            with open(paths.members, "rb") as src:
+            offsets.frombytes(store.read_bytes(paths.offsets))
+            with store.open_read(paths.members) as src:
                 chunk_start = lo
                 while chunk_start < hi:
                     chunk_end = chunk_start + 1  # a chunk of whole samples, about CHUNK_BYTES
@@ -241,7 +237,8 @@ def assemble_shard(job: ShardJob, source_name: str, out: Path, work: Path, keys:
                         chunk_end += 1
                     src.seek(offsets[chunk_start])
                     buf = bytearray(offsets[chunk_end] - offsets[chunk_start])
-                    src.readinto(buf)
+                    if src.readinto(buf) != len(buf):
+                        raise OSError(f"{store}/{paths.members}: fragment shorter than its offsets")
                     position = 0
                     for _ in range(chunk_start, chunk_end):
                         position = _patch_keys(buf, position, keys.key(job.shard, index).encode("ascii"))
@@ -251,10 +248,10 @@ def assemble_shard(job: ShardJob, source_name: str, out: Path, work: Path, keys:
                     chunk_start = chunk_end
         size = dst.tell() + 1024
         dst.write(_ZEROS[: 1024 + (-size % TAR_RECORD)])
-    stats = {"shard": name, "source": source_name, "count": index + sum(failures.values()), "successes": index,
-             "failures": dict(sorted(failures.items())), "empty_captions": empty_captions}
-    # Stats first, tar last: the tar's presence is what marks the shard done.
-    write_json_atomic(out / stats_name(job.shard), stats)
-    os.replace(tmp, out / name)
+        stats = {"shard": name, "source": source_name, "count": index + sum(failures.values()),
+                 "successes": index, "failures": dict(sorted(failures.items())), "empty_captions": empty_captions}
+        # Stats first, tar last: the tar's presence is what marks the shard done.
+        store.write_json(stats_name(job.shard), stats)
+        dst.commit()
     hook("shard")
     return True

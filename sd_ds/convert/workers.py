@@ -13,24 +13,25 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from sd_ds.convert.hooks import Hook, no_hook
 from sd_ds.convert.image_header import ImageInfo, ImageRejected, probe_image
 from sd_ds.convert.parts import (LAYOUTS, Layout, LineRejected, PartStreamError, decode_image_base64, detect_layout,
-                                 iter_part_lines, part_size, split_line)
+                                 iter_part_lines, line_metadata, part_size, split_line)
 from sd_ds.convert.planning import ConvertOptions
+from sd_ds.convert.storage import open_store
 from sd_ds.convert.tar_writing import (FragmentWriter, KeyFormat, PartSpan, ShardJob, assemble_shard,
                                        fragment_paths)
 
-__all__ = ["PartJob", "worker_init", "convert_part", "assemble_shard_job", "PROGRESS_INTERVAL_S"]
+__all__ = ["PartJob", "worker_init", "run_task", "convert_part", "assemble_shard_job", "PROGRESS_INTERVAL_S"]
 
 PROGRESS_INTERVAL_S = 0.25  # how often a worker reports progress mid-part
 
 # Set by worker_init in each worker process.
 _progress_queue: Optional[Any] = None
 _hook: Hook = no_hook
+_hook_run = ""  # the run whose hook run_task installed in this process
 
 
 def worker_init(progress_queue: Any, main_pid: int, hook: Hook) -> None:
@@ -48,6 +49,17 @@ def worker_init(progress_queue: Any, main_pid: int, hook: Hook) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process
 
 
+def run_task(hook: Hook, run_id: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """A task on a cluster worker (Spark, Ray): the local pool's ``worker_init`` does not run there (no
+    parent to die with, no progress queue: progress rides on the result), so the hook comes with each task.
+    It is installed by the first task of a run that a worker process runs (engines reuse worker processes
+    across tasks and runs), so its counts are per process and run, as in the local pool."""
+    global _hook, _hook_run
+    if _hook_run != run_id:
+        _hook, _hook_run = hook, run_id
+    return fn(*args)
+
+
 def _report_progress(nbytes: int, samples: int) -> None:
     if _progress_queue is not None and (nbytes or samples):
         _progress_queue.put((nbytes, samples))
@@ -59,7 +71,7 @@ class PartJob:
 
     part: int
     path: str
-    work: str  # the run's bookkeeping folder, OUT/_convert
+    out: str  # the output folder or URL (its store holds the fragments, in _convert/parts)
     options: ConvertOptions
     reader: str = "buffered"  # iter_part_lines' reader: "threaded" inflates in a thread of its own
 
@@ -101,10 +113,19 @@ def _resize(image: bytes, info: ImageInfo, options: ConvertOptions) -> tuple[byt
 def _parse_sample(line: bytes, layout: Layout, options: ConvertOptions) -> tuple[str, bytes, ImageInfo, ImageInfo]:
     """(caption, image bytes, image info, original image info) of a line; raises LineRejected/ImageRejected."""
     caption, image_base64 = split_line(line, layout)
+    filters = options.metadata_filters
+    if filters:  # before the image: a dropped line costs no base64 decode
+        values = line_metadata(line, layout)
+        for name, (threshold, sign, reason) in filters.items():
+            if name in values and sign * values[name] < sign * threshold:
+                raise LineRejected(reason, f"{name} {values[name]}")
     image = decode_image_base64(image_base64)
     info = original = probe_image(image, options.max_pixels)
     if options.min_size and min(info.width, info.height) < options.min_size:
         raise ImageRejected("too_small", f"{info.width}x{info.height}")
+    if options.max_aspect_ratio and max(info.width, info.height) > options.max_aspect_ratio * min(info.width,
+                                                                                                   info.height):
+        raise ImageRejected("aspect_ratio_too_large", f"{info.width}x{info.height}")
     if options.reencodes:
         image, info = _resize(image, info, options)
     return caption, image, info, original
@@ -127,8 +148,8 @@ def convert_part(job: PartJob) -> dict:
     position = [0]  # compressed bytes read, for progress
     reported = (0, 0)
     next_report = time.monotonic() + PROGRESS_INTERVAL_S
-    with FragmentWriter(fragment_paths(Path(job.work), job.part), KeyFormat(options.samples_per_shard).placeholder) \
-            as fragment:
+    placeholder = KeyFormat(options.samples_per_shard).placeholder
+    with FragmentWriter(open_store(job.out), fragment_paths(job.part), placeholder) as fragment:
         try:
             for line in iter_part_lines(path, position, reader=job.reader):
                 lines += 1
@@ -168,7 +189,7 @@ def assemble_shard_job(job: ShardJob, source_name: str, out: str, part_template:
     resumed run already deleted. ``part_template``: the run's PartJob, for those parts. Returns False when
     the shard already existed."""
     def redo_part(span: PartSpan) -> None:
-        convert_part(PartJob(span.part, span.path, part_template.work, part_template.options, part_template.reader))
+        convert_part(PartJob(span.part, span.path, part_template.out, part_template.options, part_template.reader))
 
-    return assemble_shard(job, source_name, Path(out), Path(part_template.work),
-                          KeyFormat(part_template.options.samples_per_shard), redo_part, _hook)
+    return assemble_shard(job, source_name, open_store(out), KeyFormat(part_template.options.samples_per_shard),
+                          redo_part, _hook)
