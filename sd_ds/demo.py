@@ -333,18 +333,11 @@ def generate_for_scoring(pipe: Any, combos: list[Combination], seeds: int, *, st
                          batch_size: int = 64) -> list[Image.Image]:
     """``seeds`` images per combination, seed SCORE_SEED_BASE + k for the k-th image of a combination, in
     batches (one generator per image, so an image does not depend on its batch)."""
-    import torch
+    from sd_ds.pipeline import generate
 
     jobs = [(caption_of(*c), SCORE_SEED_BASE + k) for c in combos for k in range(seeds)]
-    images: list[Image.Image] = []
-    for i in range(0, len(jobs), batch_size):
-        chunk = jobs[i:i + batch_size]
-        generators = [torch.Generator(device=pipe.unet.device).manual_seed(seed) for _, seed in chunk]
-        with torch.no_grad():
-            out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
-                       generator=generators)
-        images.extend(out.images)
-    return images
+    return generate(pipe, [p for p, _ in jobs], seeds=[s for _, s in jobs], steps=steps,
+                    guidance_scale=guidance_scale, batch_size=batch_size)
 
 
 def score_model(model: Any, *, seeds: int, steps: int, guidance_scale: float,
@@ -353,7 +346,7 @@ def score_model(model: Any, *, seeds: int, steps: int, guidance_scale: float,
     combinations x ``seeds`` and trained_combinations_scored() x ``trained_seeds`` (default seeds / 2)."""
     pipe = model
     if isinstance(model, (str, Path)):
-        from sd_ds.sample import load_pipeline
+        from sd_ds.pipeline import load_pipeline
 
         pipe = load_pipeline(model, device="cpu", dtype=None)
     trained_seeds = trained_seeds if trained_seeds is not None else max(1, seeds // 2)
