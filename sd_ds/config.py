@@ -174,6 +174,25 @@ class LoggingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Quality figures during training: the validation loss on held-out shards, and FID / CLIP score of images
+    generated for fixed prompts (the protocol of python -m sd_ds.evaluate)."""
+
+    validation_shards: list[str] = _f(
+        [], "Held-out shards for the validation loss (any shards --train_shards accepts; latent shards when training "
+        "on latent shards). The diffusion loss of the first --validation_samples samples at 8 fixed, evenly spaced "
+        "timesteps with fixed noise: it depends only on the weights, the same on any number of ranks. Logged as "
+        "validation/loss (and validation/loss/tNNNN per timestep, validation/loss_ema with --use_ema).", nargs="+")
+    validation_steps: int = _f(1000, "Validation loss every N optimizer steps (and at step 0 of a fresh run), with "
+                               "--validation_shards.")
+    validation_samples: int = _f(256, "Held-out samples in the validation loss (each at 8 timesteps).")
+    validation_batch_size: int = _f(
+        8, "Samples per UNet forward in the validation loss; batches are dealt to ranks round robin, so this (not "
+        "the number of ranks) fixes what each forward sees.")
+    validation_seed: int = _f(0, "Seed of the held-out sample order, their latent draws and their noise.")
+
+
+@dataclass
 class CheckpointConfig:
     save_steps: int = _f(10000, "Save a checkpoint every N optimizer steps (and at --max_steps).")
     save_total_limit: Optional[int] = _f(None, "Keep at most N checkpoints (the newest complete one is never deleted).")
@@ -199,6 +218,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
@@ -253,6 +273,10 @@ class TrainConfig:
              f"--samples_per_epoch must be >= 1 (got {d.samples_per_epoch})"),
             (self.model.model_max_length >= 1, f"--model_max_length must be >= 1 (got {self.model.model_max_length})"),
             (lg.image_logging_steps >= 0, f"--image_logging_steps must be >= 0; 0 = off (got {lg.image_logging_steps})"),
+            (self.evaluation.validation_steps >= 1,
+             f"--validation_steps must be >= 1 (got {self.evaluation.validation_steps})"),
+            (self.evaluation.validation_samples >= 1 and self.evaluation.validation_batch_size >= 1,
+             "--validation_samples and --validation_batch_size must be >= 1"),
             (lg.num_inference_steps >= 1, f"--num_inference_steps must be >= 1 (got {lg.num_inference_steps})"),
             (o.learning_rate > 0, f"--learning_rate must be > 0 (got {o.learning_rate})"),
             (o.unet_learning_rate is None or o.unet_learning_rate > 0,
