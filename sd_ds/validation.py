@@ -134,10 +134,17 @@ def per_sample_losses(unet: torch.nn.Module, text_encoder: torch.nn.Module, nois
     return table.cpu()  # one device → host copy per evaluation
 
 
+def ema_unet_on_every_rank(ema: "ShardedEMA", unet: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Collective: a copy of ``unet`` holding the EMA weights, on every rank (the EMA is gathered on rank 0, then
+    broadcast as device tensors on the default process group: the data plane, NCCL on GPUs)."""
+    state = ema.full_state_dict(unet)
+    copy_ = copy.deepcopy(unet)
+    copy_.load_state_dict(_broadcast_from_rank0(state, unet, device))
+    return copy_
+
+
 def _broadcast_from_rank0(state: Optional[dict[str, torch.Tensor]], like: torch.nn.Module,
                           device: torch.device) -> dict[str, torch.Tensor]:
-    """Rank 0's full EMA state on every rank. Device tensors on the default process group: the data plane
-    (NCCL on GPUs), where a CPU tensor would be refused."""
     import torch.distributed as dist
 
     reference = like.state_dict()
@@ -185,9 +192,7 @@ class Validator:
         text_encoder = module.text_encoder if module.text_encoder is not None else self.components.text_encoder
         values = self._scalars("validation/loss", self.losses(module.unet, text_encoder, module.prediction_type))
         if ema is not None:
-            state = ema.full_state_dict(module.unet)
-            ema_unet = copy.deepcopy(module.unet)
-            ema_unet.load_state_dict(_broadcast_from_rank0(state, module.unet, self.dist.device))
+            ema_unet = ema_unet_on_every_rank(ema, module.unet, self.dist.device)
             values.update(self._scalars("validation/loss_ema",
                                         self.losses(ema_unet, text_encoder, module.prediction_type)))
             del ema_unet
