@@ -176,13 +176,16 @@ def _device_name(dev: torch.device) -> str:
 
 def section(flop_rows: list[dict], measured: list[dict], command: str) -> str:
     lines = [SECTION, "",
-             f"`{command}` ({dt.date.today().isoformat()}). MLPerf's protocol: {PROMPTS:,} prompts, DDIM {STEPS} steps, "
-             f"guidance {GUIDANCE:g} (two UNet rows per step), FID from pytorch-fid's InceptionV3 (2048-d), CLIP score "
-             "from open_clip ViT-H-14; random weights of the real architectures (cost does not depend on values).", ""]
+             f"`{command}` ({dt.date.today().isoformat()}). MLPerf's protocol: {PROMPTS:,} prompts, DDIM {STEPS} "
+             f"steps, guidance {GUIDANCE:g} (two UNet rows per step), FID from pytorch-fid's InceptionV3 (2048-d), "
+             "CLIP score from open_clip ViT-H-14; random weights of the real architectures (cost does not depend on "
+             "values).", ""]
     if measured:
-        lines += ["Measured (through `sd_ds.pipeline.generate`, `sd_ds.evaluate.inception_features`, `clip_scores`):", "",
-                  "| preset | px | device | images | generate img/s | Inception img/s | CLIP img/s | end to end img/s | "
-                  "30k prompts on 8 such devices |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["Measured (through `sd_ds.pipeline.generate`, `sd_ds.evaluate.inception_features`, "
+                  "`clip_scores`):", "",
+                  "| preset | px | device | images | generate img/s | Inception img/s | CLIP img/s | "
+                  "end to end img/s | 30k prompts on 8 such devices |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for m in measured:
             r = m["images_per_s"]
             lines.append(f"| {m['preset']} ({m['dtype'].replace('torch.', '')}, CLIP {m['clip_model']}) | "

@@ -26,7 +26,6 @@ torchvision); the trainer does not.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys

@@ -225,8 +225,9 @@ def build_validator(cfg: "TrainConfig", dist_info: "DistInfo", components: "Comp
     if not cfg.evaluation.validation_shards:
         return Validator(cfg, dist_info, components, None, initial_step=initial_step)
     held_out = load_held_out(cfg, components, dist_info.device)
+    timesteps = validation_timesteps(components.noise_scheduler.config.num_train_timesteps)
     logger.info("validation: %d held-out samples x %d timesteps %s every %d steps, in batches of %d over %d rank(s)",
-                len(held_out), NUM_TIMESTEPS, validation_timesteps(components.noise_scheduler.config.num_train_timesteps),
-                cfg.evaluation.validation_steps, cfg.evaluation.validation_batch_size, dist_info.world_size)
+                len(held_out), NUM_TIMESTEPS, timesteps, cfg.evaluation.validation_steps,
+                cfg.evaluation.validation_batch_size, dist_info.world_size)
     return Validator(cfg, dist_info, components, held_out, initial_step=initial_step)
 
