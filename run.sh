@@ -159,7 +159,12 @@ forwarded_env() {
   local name value file
   for name in $(compgen -e); do
     case $name in
+      # CUDA_VISIBLE_DEVICES is the launcher's to set per node; GLOO_SOCKET_IFNAME picks the control group's
+      # NIC on multi-NIC clusters, PYTORCH_CUDA_ALLOC_CONF the allocator, CUDA_* (e.g. CUDA_DEVICE_MAX_CONNECTIONS)
+      # the driver: each must be the same on every node.
+      CUDA_VISIBLE_DEVICES) continue ;;
       FLAG_*|DS_CONFIG|DS_ACCELERATOR|SD_DS_*|HF_*|TRANSFORMERS_*|DIFFUSERS_*|TOKENIZERS_*|OMP_NUM_THREADS|MKL_NUM_THREADS|TORCH_*) ;;
+      GLOO_*|PYTORCH_*|CUDA_*) ;;
       *) continue ;;
     esac
     value=${!name}

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import errno
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -142,15 +144,42 @@ def _deepspeed_checkpoint_types() -> list[Any]:
     return types
 
 
+def _checkpoint_enums() -> list[type[enum.Enum]]:
+    return [t for t in _deepspeed_checkpoint_types() if isinstance(t, type) and issubclass(t, enum.Enum)]
+
+
+def _enum_member_by_name(*args: Any) -> enum.Enum:
+    """Stands in for ``getattr`` while unpickling, and does only what an Enum pickled by name needs.
+
+    Some Pythons (Debian 12's CPython 3.11.2, other early 3.11 releases) pickle a member of an ``(int, Enum)``
+    class such as DeepSpeed's ``ZeroStageEnum`` as ``getattr(ZeroStageEnum, 'gradients')`` instead of
+    ``ZeroStageEnum(2)``. The real ``getattr`` must never be callable from a file: ``getattr(<allowed class>,
+    '__init__')`` and so on reach functions, their ``__globals__``, and from there anything. So this accepts a
+    class allow-listed above that is an Enum, and the name of one of its members, and nothing else."""
+    if len(args) != 2:
+        raise pickle.UnpicklingError(f"getattr with {len(args)} arguments in a checkpoint: only (Enum class, name)")
+    cls, name = args
+    allowed = _checkpoint_enums()
+    if not any(cls is t for t in allowed):
+        raise pickle.UnpicklingError(f"getattr on {cls!r} in a checkpoint: only allow-listed Enum classes "
+                                     f"({', '.join(t.__qualname__ for t in allowed)}) may be rebuilt by name")
+    # Exact str (not a subclass with its own __eq__/__hash__) and a member, never another attribute.
+    if type(name) is not str or name not in cls.__members__:
+        raise pickle.UnpicklingError(f"getattr({cls.__qualname__}, {name!r}) in a checkpoint: not a member name")
+    return cls.__members__[name]
+
+
 @contextlib.contextmanager
 def safe_loading() -> Iterator[None]:
     """Every ``torch.load`` inside the block, DeepSpeed's included (which pass weights_only=False), unpickles
     with ``weights_only=True`` and the allow-list above: a tampered checkpoint fails to load instead of running
-    its payload."""
+    its payload. The global ``builtins.getattr`` of a file resolves to ``_enum_member_by_name``, never to
+    ``getattr`` itself."""
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        with torch.serialization.safe_globals(_deepspeed_checkpoint_types()):
+        with torch.serialization.safe_globals([*_deepspeed_checkpoint_types(),
+                                               (_enum_member_by_name, "builtins.getattr")]):
             yield
     finally:
         if previous is None:

@@ -21,8 +21,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-# Rank 0 may spend minutes generating sample images while the others wait at a barrier.
+# The control plane (gloo): rank 0 may spend minutes generating sample images or writing an export while the
+# others wait at a barrier there.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+# The data plane (NCCL default group: gradients, ZeRO all-gathers, EMA gathers, DeepSpeed's checkpoint barrier):
+# every rank is busy in lockstep, so a wait this long means a wedged rank or network; the job should fail (and
+# be restarted from its last checkpoint) within minutes, not sit for two hours holding every GPU. A rank that
+# works alone (image logging, export) waits on the control group above, never here.
+DATA_PLANE_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("SD_DS_NCCL_TIMEOUT_MIN", "30")))
 
 
 @dataclass(frozen=True)
@@ -78,7 +84,8 @@ def init_distributed() -> DistInfo:
         # Before the process group: NCCL binds each rank's communicator to the current device.
         accelerator.set_device(local_rank)
         device = torch.device(accelerator.device_name(local_rank))
-    deepspeed.init_distributed(dist_backend=backend, timeout=COLLECTIVE_TIMEOUT)
+    # On CPU the default group is gloo and also carries DeepSpeed's collectives: one (long) timeout for both.
+    deepspeed.init_distributed(dist_backend=backend, timeout=COLLECTIVE_TIMEOUT if on_cpu else DATA_PLANE_TIMEOUT)
     # Collective: every rank creates it, in the same order. On CPU the default group is gloo already, but a
     # separate group keeps our barriers from interleaving with DeepSpeed's own collectives.
     control_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)

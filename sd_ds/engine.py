@@ -205,6 +205,10 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, *, load_universal:
     zero_out.setdefault("allgather_bucket_size", BUCKET_ELEMENTS)
     ds.setdefault("steps_per_print", 10**9)  # the trainer logs for itself
     ds.setdefault("wall_clock_breakdown", False)
+    # DeepSpeed's throughput timer is on by default and brackets every step with accelerator.synchronize() (in
+    # forward and in step): two host stalls per step on CUDA that only feed its own steps_per_print log line,
+    # which the trainer does not use (it times steps itself from host clocks over logging windows).
+    ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
     if load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     del device_type  # the same optimizer on every device now; kept for callers that pass it
@@ -230,6 +234,13 @@ def build_engine(cfg: TrainConfig, components: "Components", dist_info: "DistInf
     return engine
 
 
+# What streamline_zero_optimizer replaces or reads on DeepSpeed's ZeRO-1/2 optimizer (requirements.txt pins it).
+TESTED_DEEPSPEED = "0.19.8"
+STREAMLINED_METHODS = ("has_overflow_partitioned_grads_serial", "get_grad_norm_direct", "unscale_and_clip_grads",
+                       "_update_model_bit16_weights", "step")
+STREAMLINED_ATTRIBUTES = ("averaged_gradients", "dp_process_group", "clip_grad", "loss_scale", "device")
+
+
 def streamline_zero_optimizer(optimizer: Any) -> bool:
     """Replace three per-tensor loops of DeepSpeed's ZeRO-1/2 optimizer with multi-tensor (foreach) ops.
 
@@ -240,12 +251,25 @@ def streamline_zero_optimizer(optimizer: Any) -> bool:
     an inf or nan, so the same norms answer both questions. Behaviour is unchanged: a step with non-finite
     gradients is still detected, skipped and counted, clipping uses the same global L2 norm (per-tensor norms
     in fp32 instead of fp64, summed in fp64), and the clip factor is computed on the device without a host read.
-    Returns False (and changes nothing) for an optimizer this does not recognise, e.g. with CPU offload."""
+    Returns False (and changes nothing) for an optimizer this does not recognise, e.g. with CPU offload; raises
+    when DeepSpeed's ZeRO optimizer lacks a method or attribute this relies on (another DeepSpeed version)."""
     from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload or optimizer.has_moe_layers:
         return False
+    # Each replacement relies on DeepSpeed's step() calling these by name with these meanings (checked against
+    # 0.19.8, the pinned version). A DeepSpeed that renamed one would silently keep its slow path (or skip the
+    # replaced clipping): refuse to train instead.
+    missing = [name for name in STREAMLINED_METHODS if not callable(getattr(type(optimizer), name, None))]
+    missing += [name for name in STREAMLINED_ATTRIBUTES if not hasattr(optimizer, name)]
+    if missing:
+        import deepspeed
+
+        raise RuntimeError(
+            f"sd_ds.engine.streamline_zero_optimizer: DeepSpeedZeroOptimizer has no {missing} in deepspeed "
+            f"{deepspeed.__version__}; sd-ds's ZeRO step is written against deepspeed=={TESTED_DEEPSPEED} "
+            f"(`pip install deepspeed=={TESTED_DEEPSPEED}`, as requirements.txt pins)")
 
     def grad_norms(gradients: list[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
         present = [g for g in gradients if g is not None]

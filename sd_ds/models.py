@@ -259,9 +259,28 @@ def configure_unet(unet: UNet2DConditionModel, *, recompute: bool, xformers: boo
     if recompute:
         unet.enable_gradient_checkpointing()
     if compile:
-        # nn.Module.compile compiles forward in place: unlike torch.compile(unet) it adds no "_orig_mod." to the
-        # parameter names, so ZeRO partitions, the EMA layout, checkpoints and export see the same module.
-        unet.compile()
+        compile_blocks(unet)
+
+
+def compile_blocks(unet: UNet2DConditionModel, **options: Any) -> None:
+    """torch.compile each down/mid/up block of the UNet, not the UNet as a whole.
+
+    A compiled region's backward is one autograd node, so all its parameters' gradients become ready when that
+    node ends. Compiled whole, the UNet's gradients would all arrive at the end of the backward and ZeRO-2's
+    gradient hooks (which start each bucket's reduce-scatter) could overlap nothing with it; per block, the
+    gradients of the last blocks are reduced while the earlier blocks' backward still runs. The glue between
+    blocks (time embedding, conv_in/out) stays eager: a few small ops.
+    nn.Module.compile compiles in place: unlike torch.compile(module) it adds no "_orig_mod." to the parameter
+    names, so ZeRO partitions, the EMA layout, checkpoints and export see the same module."""
+    import torch._dynamo
+
+    blocks = [b for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks) if b is not None]
+    # Blocks of one class share a code object and dynamo keeps one cache entry per (class, shapes): SD v1 has up
+    # to 4 shapes per class, each compiled for training and for no-grad sampling; past the limit dynamo would
+    # silently fall back to eager.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(blocks))
+    for block in blocks:
+        block.compile(**{"dynamic": False, **options})  # static shapes: each block's shape is fixed in training
 
 
 def freeze(module: torch.nn.Module) -> None:

@@ -126,7 +126,9 @@ def make_tiny_model(out_dir: Path) -> Path:
 def subprocess_env(extra: Optional[dict] = None) -> dict:
     env = dict(os.environ)
     env.update({"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "TOKENIZERS_PARALLELISM": "false"})
+                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                # the checkout first; kept after it: packages on the caller's path (e.g. wheels unpacked there)
+                "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
     env.update(extra or {})
     return env
 

@@ -1,9 +1,11 @@
 """One-rank DeepSpeed engine built by sd_ds.engine.build_engine, trained for a few steps with DeepSpeed's own
 ZeRO step or with the streamlined one (argv[1]: "deepspeed" | "streamlined"); a NaN loss is injected at step 3.
-Prints JSON: per-step grad norms, skipped steps, and a digest of the final fp32 master weights."""
+Prints JSON: per-step grad norms, skipped steps, a digest of the final fp32 master weights, and the device syncs
+and host reads of steps 2 and 4 as a CUDA rank would issue them (see ``SyncCounter``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -11,6 +13,30 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from bench_step_ops import OpCounter  # noqa: E402
+
+
+class SyncCounter:
+    """Counts ``accelerator.synchronize()`` calls (DeepSpeed's throughput timer, ZeRO's bucket syncs) as a CUDA
+    rank makes them. On CPU they are no-ops and ``resolves_data_dependency()`` answers True, which skips some of
+    them, so there it answers CUDA's False (streams need explicit waits) while the call stays a no-op."""
+
+    def __init__(self) -> None:
+        from deepspeed.accelerator import get_accelerator
+
+        self.calls = 0
+        self.counting = False
+        accelerator = get_accelerator()
+        original = accelerator.synchronize
+
+        def synchronize(*args, **kwargs):
+            self.calls += self.counting
+            return original(*args, **kwargs)
+
+        accelerator.synchronize = synchronize
+        if accelerator.device_name() == "cpu":
+            accelerator.resolves_data_dependency = lambda: False
 
 
 def main() -> None:
@@ -27,6 +53,8 @@ def main() -> None:
                         "--max_grad_norm", "0.05", "--learning_rate", "1e-3",
                         *os.environ.get("SD_DS_WORKER_FLAGS", "").split()])
     dist_info = init_distributed()
+    device_syncs = SyncCounter()
+    host_reads = OpCounter()
     components = build_components(cfg.model, seed=0)
     engine = engine_lib.build_engine(cfg, components, dist_info)
     device = dist_info.device
@@ -37,11 +65,15 @@ def main() -> None:
     generator = torch.Generator(device=device).manual_seed(1)
     norms, skipped = [], []
     for step in range(5):
-        loss = engine(latents, hidden, ids, generator)
-        if step == 3:
-            loss = loss * float("nan")  # non-finite gradients everywhere: the step must be skipped
-        engine.backward(loss)
-        engine.step()
+        counted = step in (2, 4)  # DeepSpeed's throughput timer starts timing at its step 2; 3 is the NaN step
+        device_syncs.counting = counted
+        with host_reads if counted else contextlib.nullcontext():
+            loss = engine(latents, hidden, ids, generator)
+            if step == 3:
+                loss = loss * float("nan")  # non-finite gradients everywhere: the step must be skipped
+            engine.backward(loss)
+            engine.step()
+        device_syncs.counting = False
         norm = engine.get_global_grad_norm()
         norms.append(None if norm is None else float(norm))
         skipped.append(int(engine.skipped_steps))
@@ -50,7 +82,10 @@ def main() -> None:
     print("RESULT " + json.dumps({"optimizer": f"{type(base).__module__}.{type(base).__name__}",
                                   "fused": bool(base.defaults.get("fused")), "device": str(device), "norms": norms, "skipped": skipped, "sum": masters.double().sum().item(),
                                   "abs_sum": masters.double().abs().sum().item(),
-                                  "finite": bool(torch.isfinite(masters).all())}))
+                                  "finite": bool(torch.isfinite(masters).all()),
+                                  "device_syncs_per_step": device_syncs.calls / 2,
+                                  "host_reads_per_step": sum(host_reads.syncs.values()) / 2,
+                                  "host_reads": dict(host_reads.sync_names)}))
 
 
 if __name__ == "__main__":

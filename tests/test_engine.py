@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -15,9 +16,9 @@ from tests.helpers import REPO_ROOT, free_port, make_tiny_model, subprocess_env
 pytestmark = pytest.mark.slow
 
 
-def run_worker(mode: str, model, tmp_path) -> dict:
+def run_worker(mode: str, model, tmp_path, flags: str = "") -> dict:
     env = subprocess_env({"MASTER_PORT": str(free_port()), "MASTER_ADDR": "127.0.0.1", "RANK": "0",
-                          "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+                          "WORLD_SIZE": "1", "LOCAL_RANK": "0", **({"SD_DS_WORKER_FLAGS": flags} if flags else {})})
     proc = subprocess.run([sys.executable, "-m", "tests.streamline_worker", mode, str(model), str(tmp_path / mode)],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -42,3 +43,69 @@ def test_streamlined_zero_step_matches_deepspeeds(tmp_path):
     assert lean["finite"] and reference["finite"]
     assert lean["sum"] == pytest.approx(reference["sum"], rel=1e-4, abs=1e-4)
     assert lean["abs_sum"] == pytest.approx(reference["abs_sum"], rel=1e-5)
+
+
+def test_a_step_syncs_the_device_at_most_twice(tmp_path):
+    """Device syncs per step as a CUDA rank issues them (accelerator.synchronize, counted on CPU) plus host reads
+    of device values (.item(), bool(t)): DeepSpeed's throughput timer adds two syncs a step unless turned off."""
+    model = make_tiny_model(tmp_path / "model")
+    result = run_worker("streamlined", model, tmp_path)
+    # ZeRO's step reads two values on the host (the overflow decision, the norm's validity); nothing else does.
+    assert result["device_syncs_per_step"] == 0, result
+    assert result["host_reads_per_step"] <= 2, result["host_reads"]
+    # The counter sees the timer's syncs when a user's JSON turns it back on.
+    config = json.loads((REPO_ROOT / "ds_configs" / "zero2_bf16.json").read_text())
+    config["timers"] = {"throughput": {"enabled": True}}
+    (tmp_path / "timer.json").write_text(json.dumps(config))
+    timed = run_worker("streamlined", model, tmp_path, flags=f"--deepspeed {tmp_path / 'timer.json'}")
+    assert timed["device_syncs_per_step"] == 2, timed
+
+
+def test_compiled_unet_makes_gradients_ready_block_by_block():
+    """--torch_compile compiles each UNet block: the backward is a chain of compiled nodes, each owning its block's
+    parameters, so ZeRO's gradient hooks (fired as each parameter's gradient is accumulated) start reducing the
+    last blocks while the first blocks' backward still runs. Compiled whole, one node would own them all."""
+    from diffusers import UNet2DConditionModel
+
+    from sd_ds.init import TINY_UNET
+    from sd_ds.models import compile_blocks
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    compile_blocks(unet, backend="aot_eager")  # the same autograd structure as inductor's, without codegen
+    out = unet(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.randn(2, 16, 64)).sample
+    owners: dict[int, set] = {}
+    seen, stack = set(), [out.sum().grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None and type(child).__name__ == "AccumulateGrad" and "Compiled" in type(node).__name__:
+                owners.setdefault(id(node), set()).add(id(child.variable))
+            stack.append(child)
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    assert len(owners) == len(blocks), len(owners)
+    for block in blocks:
+        ids = {id(p) for p in block.parameters()}
+        assert any(ids == owned for owned in owners.values()), type(block).__name__
+
+
+def test_streamlining_refuses_a_deepspeed_without_a_replaced_method(monkeypatch):
+    """A DeepSpeed whose ZeRO optimizer renamed a method the streamlined step replaces must stop the run, not
+    train on silently with half the replacements (here: 0.19.8's class with get_grad_norm_direct removed)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from sd_ds.engine import streamline_zero_optimizer
+
+    optimizer = object.__new__(DeepSpeedZeroOptimizer)  # no engine needed: the check runs before any patching
+    optimizer.cpu_offload, optimizer.has_moe_layers = False, False
+    for name in ("averaged_gradients", "dp_process_group", "clip_grad", "device"):
+        setattr(optimizer, name, None)
+    optimizer.loss_scaler = types.SimpleNamespace(cur_scale=1.0)  # what the loss_scale property reads
+    monkeypatch.delattr(DeepSpeedZeroOptimizer, "get_grad_norm_direct")
+    with pytest.raises(RuntimeError, match=r"get_grad_norm_direct.*deepspeed==0\.19\.8"):
+        streamline_zero_optimizer(optimizer)
+    assert "get_grad_norm_direct" not in vars(optimizer)  # nothing was replaced

@@ -1,9 +1,11 @@
-"""Train tiny on 3 CPU ranks (EMA, image logging, validation loss, --only_save_updated_model) → resume on 2 ranks → export →
-StableDiffusionPipeline / the sample CLI. Real multi-rank DeepSpeed through run.sh."""
+"""Train tiny on 3 CPU ranks (EMA, image logging, validation loss, --only_save_updated_model) → resume on 2 ranks →
+export → StableDiffusionPipeline / the sample CLI. Real multi-rank DeepSpeed through run.sh. Checkpoints hold
+optimizer files pickled as CPython 3.11.2 writes them (an Enum by name, issue 21) as well as this Python's own."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,8 @@ import pytest
 import torch
 
 from tests.helpers import REPO_ROOT, fp32_weights, make_tiny_model, run_sh, subprocess_env, train_flags, write_tiny_shards
+from tests.test_checkpoint_loading import (BY_NAME_SITE, GETATTR, _Call, enums_pickled_by_name, pickled_globals,
+                                          resave_enums_by_name)
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +35,13 @@ def run(tmp_path_factory):
                   validation_shards=shards, validation_steps=2, validation_samples=6, validation_batch_size=2)
     first = run_sh(train_flags(out, shards, model, max_steps=4, image_logging_steps=2, num_inference_steps=2,
                                validation_prompts=PROMPTS, **common), nproc=3, timeout=900)
+    # Issue 21: ZeroStageEnum pickled by name, as CPython 3.11.2 (Debian 12's python3) writes it, in ranks 0 and
+    # 1's optimizer files (rank 2's stays as this Python wrote it: the conversion reads both kinds); and the
+    # second run pickles that way throughout (its universal copy, checkpoint-6, which the export tests read).
+    for rank in (0, 1):
+        resave_enums_by_name(out / "checkpoint-4" / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
     second = run_sh(train_flags(out, shards, model, max_steps=6, image_logging_steps=0, **common), nproc=2,
-                    timeout=900)
+                    timeout=900, extra_env={"PYTHONPATH": f"{BY_NAME_SITE}:{REPO_ROOT}"})
     return out, first.stdout + first.stderr, second.stdout + second.stderr
 
 
@@ -174,3 +183,32 @@ def test_pipeline_and_sample_cli_generate_deterministic_pngs(run, tmp_path):
     assert a.tobytes() != c.tobytes(), "other seed, other images"
     for scheduler in ("euler", "dpm"):
         assert sample(1, f"{scheduler}.png", "--scheduler", scheduler).size == a.size
+
+
+def test_checkpoints_with_enums_pickled_by_name_resume_and_export(run, tmp_path):
+    """Issue 21: the fixture's 3 → 2 rank resume converted optimizer files holding ZeroStageEnum by name (as CPython
+    3.11.2 writes it) to universal, wrote that copy by name too and loaded it; the export tests read checkpoint-6,
+    written by name; the same-rank resume is test_train_deepspeed's exact-resume test. Here: the files really
+    were by name, and a by-name file whose getattr reaches a function's globals is refused."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from sd_ds.export import export_checkpoint
+
+    out, _, log = run
+    assert "Convert DeepSpeed Checkpoint" in log and "resumed from" in log, log[-3000:]
+    by_name = [out / "checkpoint-4" / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    by_name += [out / ".checkpoint-4-universal" / "checkpoint-4" / "zero" / "optimizer_state.pt"]
+    by_name += [out / "checkpoint-6" / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    for path in by_name:
+        assert GETATTR in pickled_globals(path), path
+
+    copy = tmp_path / "checkpoint-6"
+    shutil.copytree(out / "checkpoint-6", copy)
+    target = copy / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    state = torch.load(target, map_location="cpu", weights_only=False)  # our own file, trusted here
+    state["optimizer_state_dict"]["sd_ds_test_gadget"] = _Call(getattr, _Call(getattr, LossScaler, "__init__"),
+                                                               "__globals__")
+    with enums_pickled_by_name():
+        torch.save(state, target)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        export_checkpoint(copy, tmp_path / "not_exported", base_model=out / "base_model")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -27,6 +28,9 @@ def test_cuda_engine_uses_torch_fused_adamw_and_the_streamlined_step(tmp_path, m
     # torch's fused AdamW: no DeepSpeed FusedAdam op JIT-built with nvcc at start-up.
     assert result["optimizer"] == "torch.optim.adamw.AdamW" and result["fused"]
     assert result["skipped"] == [0, 0, 0, 1, 1] and result["finite"]
+    # DeepSpeed's throughput timer is off: no accelerator.synchronize() in a step; ZeRO's two host reads remain.
+    assert result["device_syncs_per_step"] == 0, result
+    assert result["host_reads_per_step"] <= 2, result["host_reads"]
 
 
 def test_control_group_carries_cpu_tensors_while_the_default_group_is_nccl():
@@ -36,10 +40,14 @@ def test_control_group_carries_cpu_tensors_while_the_default_group_is_nccl():
         "info = init_distributed()\n"
         "assert dist.get_backend() == 'nccl', dist.get_backend()\n"
         "assert info.all_reduce(torch.tensor([1.0]))[0] == 1.0\n"
-        "info.barrier(); print('OK', info.broadcast_object({'a': 1}))\n")
+        "info.barrier(); print('OK', info.broadcast_object({'a': 1}))\n"
+        "nccl = dist.distributed_c10d._get_default_group()._get_backend(torch.device('cuda'))\n"
+        "print('NCCL_TIMEOUT_S', nccl.options._timeout.total_seconds())\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                           env=cuda_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1"))
     assert proc.returncode == 0 and "OK {'a': 1}" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # The data plane fails in minutes on a wedged rank (the gloo control group keeps its long timeout).
+    assert "NCCL_TIMEOUT_S 1800.0" in proc.stdout, proc.stdout[-2000:]
 
 
 def test_a_training_step_with_xformers_attention(tmp_path, monkeypatch):
@@ -49,3 +57,23 @@ def test_a_training_step_with_xformers_attention(tmp_path, monkeypatch):
     monkeypatch.setattr("tests.test_engine.subprocess_env", lambda extra: cuda_env(SD_DS_WORKER_FLAGS=flags, **extra))
     result = run_worker("streamlined", model, tmp_path)
     assert result["device"].startswith("cuda") and result["finite"] and result["skipped"] == [0, 0, 0, 1, 1]
+
+
+def test_the_throughput_bench_runs_on_cuda(tmp_path):
+    """bench/bench_gpu_throughput.py end to end on CUDA (tiny preset: seconds), each contender in its own process:
+    the FLOP count, the trainer's engine, a profiler trace."""
+    out = tmp_path / "bench.json"
+    env = cuda_env()
+    env.pop("MASTER_PORT")  # one fresh port per contender process
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "bench_gpu_throughput.py"), "--preset", "tiny",
+         "--micro_batch_size", "4", "--resolution", "64", "--windows", "1", "--steps_per_window", "3", "--warmup", "2",
+         "--contenders", "diffusers loop,sd-ds,sd-ds latents", "--trace", "sd-ds", "--trace_dir", str(tmp_path),
+         "--peak_tflops", "100", "--no-write", "--output", str(out)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for name in ("diffusers loop", "sd-ds", "sd-ds latents"):
+        assert "error" not in result[name], (name, proc.stdout[-3000:])
+        assert result[name]["images_per_s"] > 0 and result[name]["mfu_unet"] > 0 and result[name]["peak_memory_gb"] > 0
+    assert result["sd-ds"]["gpu_busy"] > 0 and (tmp_path / "trace_64_sd-ds.json.gz").stat().st_size > 0

@@ -125,7 +125,9 @@ def test_env_switches_become_flags_and_reach_other_nodes(tmp_path):
     (tmp_path / "home" / ".deepspeed_env").write_text("NCCL_SOCKET_IFNAME=eth1\n# a comment\n\nHF_HOME=/shared/hf\n")
     env = {"HOSTFILE": str(hostfile), "FLAG_USE_EMA": "1", "FLAG_RECOMPUTE": "0", "FLAG_XFORMERS": "True",
            "DS_CONFIG": "ds_configs/zero2_bf16_offload.json", "HF_HOME": "/local/hf", "HF_TOKEN": "hf_abc",
-           "SD_DS_SOMETHING": "a b", "HF_BAD": 'say "hi"', "UNRELATED_VAR": "x"}
+           "SD_DS_SOMETHING": "a b", "HF_BAD": 'say "hi"', "UNRELATED_VAR": "x", "GLOO_SOCKET_IFNAME": "ib0",
+           "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+           "CUDA_VISIBLE_DEVICES": "3,4"}
     got = launch(tmp_path, env, gpus=True)
     assert got["rc"] == 0, got["stderr"]
     args = got["args"]
@@ -135,12 +137,14 @@ def test_env_switches_become_flags_and_reach_other_nodes(tmp_path):
     lines = got["ds_env"].splitlines()
     for line in ("FLAG_USE_EMA=1", "HF_TOKEN=hf_abc", "SD_DS_SOMETHING=a b", "NCCL_SOCKET_IFNAME=eth1",
                  f"SD_DS_LAUNCHER_HOST={got['env']['SD_DS_LAUNCHER_HOST']}",
-                 f"SD_DS_LAUNCHER_PID={got['env']['SD_DS_LAUNCHER_PID']}"):
+                 f"SD_DS_LAUNCHER_PID={got['env']['SD_DS_LAUNCHER_PID']}", "GLOO_SOCKET_IFNAME=ib0",
+                 "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True", "CUDA_DEVICE_MAX_CONNECTIONS=1"):
         assert line in lines, line
     # The user's ~/.deepspeed_env comes after this shell's values (DeepSpeed lets the file win); no junk lines.
     assert lines.index("HF_HOME=/shared/hf") > lines.index("HF_HOME=/local/hf")
     assert all("=" in line and not line.startswith("#") for line in lines)
-    assert not any(line.startswith(("HF_BAD=", "UNRELATED_VAR=")) for line in lines)
+    # CUDA_VISIBLE_DEVICES is the launcher's per node: this node's value must not pin the others' GPUs.
+    assert not any(line.startswith(("HF_BAD=", "UNRELATED_VAR=", "CUDA_VISIBLE_DEVICES=")) for line in lines)
     assert "not forwarding HF_BAD" in got["stderr"]
     # An explicit --deepspeed wins over DS_CONFIG; a switch that is off adds nothing.
     got = launch(tmp_path, {"DS_CONFIG": "a.json", "FLAG_USE_EMA": "off"}, ("--deepspeed", "b.json"))
