@@ -6,6 +6,7 @@ torchvision: requirements-eval.txt)."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import subprocess
@@ -214,3 +215,26 @@ def test_training_time_evaluation_on_more_ranks_than_images(eval_assets, tmp_pat
     assert [s for s, _ in fid] == [0, 2] and [s for s, _ in clip] == [0, 2], log[-3000:]
     assert all(np.isfinite(v) for _, v in fid + clip)
     assert "step 2 eval (2 images, guidance 8, 2 steps" in log
+
+
+@pytest.mark.slow
+def test_shard_reference_is_each_image_centre_cropped_and_prompts_are_their_captions(eval_assets, tmp_path):
+    from PIL import Image
+
+    from tests.helpers import write_tiny_shards
+
+    shards = write_tiny_shards(tmp_path / "shards", num_shards=2, samples_per_shard=3, size=40)
+    device = torch.device("cpu")
+    inception = evaluate.load_fid_inception(eval_assets["fid_weights"], device)
+    mu, sigma = evaluate.reference_statistics(str(shards), inception, None, batch_size=4, resolution=32,
+                                              device=device)
+    import webdataset as wds
+
+    samples = list(wds.tarfile_samples([{"url": str(p)} for p in sorted(shards.glob("*.tar"))]))
+    images = [evaluate.center_crop_resize(Image.open(io.BytesIO(s["png"])).convert("RGB"), 32)
+              for s in samples]
+    assert images[0].size == (32, 32)
+    features = np.concatenate([evaluate.inception_features(inception, images[:4], device),
+                               evaluate.inception_features(inception, images[4:], device)])
+    np.testing.assert_array_equal(mu, evaluate.fid_statistics(features)[0])
+    assert evaluate.read_prompts(str(shards)) == [s["txt"].decode() for s in samples]
