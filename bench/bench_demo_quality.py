@@ -205,7 +205,7 @@ def train_unet(comp: Any, x: torch.Tensor, captions: list[str], *, prediction_ty
 
 def run_unet_config(name: str, work: Path, data: tuple[torch.Tensor, list[str]]) -> dict:
     from sd_ds.models import load_components
-    from sd_ds.sample import pipeline_from_components
+    from sd_ds.pipeline import pipeline_from_components
 
     recipe, prediction_type, steps, lr = UNET_CONFIGS[name]
     model_dir = work / f"model_{recipe}"

@@ -174,6 +174,41 @@ class LoggingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """Quality figures during training: the validation loss on held-out shards, and FID / CLIP score of images
+    generated for fixed prompts (the protocol of python -m sd_ds.evaluate)."""
+
+    validation_shards: list[str] = _f(
+        [], "Held-out shards for the validation loss (any shards --train_shards accepts; latent shards when training "
+        "on latent shards). The diffusion loss of the first --validation_samples samples at 8 fixed, evenly spaced "
+        "timesteps with fixed noise: it depends only on the weights, the same on any number of ranks. Logged as "
+        "validation/loss (and validation/loss/tNNNN per timestep, validation/loss_ema with --use_ema).", nargs="+")
+    validation_steps: int = _f(1000, "Validation loss every N optimizer steps (and at step 0 of a fresh run), with "
+                               "--validation_shards.")
+    validation_samples: int = _f(256, "Held-out samples in the validation loss (each at 8 timesteps).")
+    validation_batch_size: int = _f(
+        8, "Samples per UNet forward in the validation loss; batches are dealt to ranks round robin, so this (not "
+        "the number of ranks) fixes what each forward sees.")
+    validation_seed: int = _f(0, "Seed of the held-out sample order, their latent draws and their noise.")
+    eval_steps: int = _f(
+        0, "FID and CLIP score every N optimizer steps (0 = off): --eval_num_images images for --eval_prompts, "
+        "generated and scored on all ranks as python -m sd_ds.evaluate does; logged as eval/fid, eval/clip_score. "
+        "Needs the eval extra (requirements-eval.txt).")
+    eval_prompts: Optional[str] = _f(None, "Prompt file (one per line) or shards whose captions are the prompts.")
+    eval_num_images: int = _f(64, "Images per training-time evaluation (MLPerf scores 30,000 at the end; a few dozen "
+                              "show the trend cheaply, with a biased, higher FID).")
+    eval_reference: Optional[str] = _f(None, "FID reference: a pytorch-fid .npz, an image folder or image shards "
+                                       "(statistics computed once at start-up). Without it, no FID.")
+    eval_metrics: str = _f("fid,clip", "Comma-separated: fid, clip.")
+    eval_guidance_scale: float = _f(8.0, "Classifier-free guidance of the evaluation images (MLPerf: 8.0).")
+    eval_num_inference_steps: int = _f(50, "DDIM steps of the evaluation images (MLPerf: 50).")
+    eval_batch_size: int = _f(8, "Images per generation batch; batches are dealt to ranks round robin.")
+    fid_weights: Optional[str] = _f(None, "pytorch-fid Inception weights file (default: torch hub's cache).")
+    clip_model: str = _f("ViT-H-14", "open_clip model for the CLIP score (or a model config .json).")
+    clip_pretrained: str = _f("laion2b_s32b_b79k", "open_clip pretrained tag or weights file.")
+
+
+@dataclass
 class CheckpointConfig:
     save_steps: int = _f(10000, "Save a checkpoint every N optimizer steps (and at --max_steps).")
     save_total_limit: Optional[int] = _f(None, "Keep at most N checkpoints (the newest complete one is never deleted).")
@@ -199,6 +234,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
@@ -253,6 +289,15 @@ class TrainConfig:
              f"--samples_per_epoch must be >= 1 (got {d.samples_per_epoch})"),
             (self.model.model_max_length >= 1, f"--model_max_length must be >= 1 (got {self.model.model_max_length})"),
             (lg.image_logging_steps >= 0, f"--image_logging_steps must be >= 0; 0 = off (got {lg.image_logging_steps})"),
+            (self.evaluation.validation_steps >= 1,
+             f"--validation_steps must be >= 1 (got {self.evaluation.validation_steps})"),
+            (self.evaluation.validation_samples >= 1 and self.evaluation.validation_batch_size >= 1,
+             "--validation_samples and --validation_batch_size must be >= 1"),
+            (self.evaluation.eval_steps >= 0, f"--eval_steps must be >= 0; 0 = off (got {self.evaluation.eval_steps})"),
+            (not self.evaluation.eval_steps or bool(self.evaluation.eval_prompts),
+             "--eval_steps needs --eval_prompts (a prompt file, or shards with captions)"),
+            (self.evaluation.eval_num_images >= 1 and self.evaluation.eval_batch_size >= 1,
+             "--eval_num_images and --eval_batch_size must be >= 1"),
             (lg.num_inference_steps >= 1, f"--num_inference_steps must be >= 1 (got {lg.num_inference_steps})"),
             (o.learning_rate > 0, f"--learning_rate must be > 0 (got {o.learning_rate})"),
             (o.unet_learning_rate is None or o.unet_learning_rate > 0,

@@ -6,16 +6,18 @@ few minutes and leaves a model whose samples follow their prompts:
 1. LAION-format parts (gzip, ``caption \\t _ \\t base64``) from photos scikit-image ships and from drawn
    captioned shapes ("a red circle on a blue background"), listed in a ``train.filelist.list`` like the
    seed's data;
-2. ``tools/convert_laion_to_wds.py`` turns them into webdataset shards;
+2. ``tools/convert_laion_to_wds.py`` turns them into webdataset shards; held-out shards (other drawings and
+   crops) are written beside them for the validation loss;
 3. ``python -m sd_ds.init --preset tiny`` makes the model; since no pretrained VAE can be downloaded, the tiny
    VAE is trained briefly (as a near-deterministic autoencoder, on the demo images and random-colour shapes),
    and its ``scaling_factor`` set so the latents have unit variance (what SD's 0.18215 does for its VAE; left
    at 0.18215 the tiny UNet barely learns from text);
 4. ``./run.sh`` trains the UNet (v-prediction) with DeepSpeed ZeRO-2 on every local device, with EMA and
-   image logging;
+   image logging, and the validation loss on the held-out shards every few hundred steps;
 5. ``python -m sd_ds.export`` and a sample grid for prompt combinations held out of training;
 6. the prompt-following score (``python -m sd_ds.demo --score`` alone): are the prompt's shape colour,
-   background colour and shape in the images, for held-out and trained combinations; then where everything is.
+   background colour and shape in the images, for held-out and trained combinations, printed beside the
+   validation loss over training; then where everything is.
 
 Every stage is skipped when its output already exists, so a re-run reuses what is built.
 """
@@ -155,6 +157,43 @@ def write_demo_parts(data_dir: Path, *, per_combination: int, photo_crops: int, 
     file_list_list = data_dir / "train.filelist.list"
     file_list_list.write_text(f"{filelist.resolve()} 1.0\n")
     return file_list_list
+
+
+def write_validation_shards(out_dir: Path, *, per_combination: int, photo_crops: int, seed: int = 99) -> Path:
+    """Held-out shards for the validation loss: fresh drawings of the trained combinations and other crops of the
+    photos (another seed than the training data), written straight in the shard layout (OUT/NNNNN.tar +
+    sizes.json). The validation loss measures how well the UNet denoises images it has not seen."""
+    import webdataset as wds
+
+    samples = list(demo_samples(per_combination, photo_crops, seed=seed))
+    random.Random(seed).shuffle(samples)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(out_dir / "00000.tar.tmp")) as sink:
+        for i, (caption, data) in enumerate(samples):
+            ext = "png" if data[:4] == b"\x89PNG" else "jpg"
+            sink.write({"__key__": f"{i:09d}", ext: data, "txt": caption})
+    os.replace(out_dir / "00000.tar.tmp", out_dir / "00000.tar")
+    (out_dir / "sizes.json").write_text(json.dumps({"00000.tar": len(samples)}))
+    return out_dir
+
+
+def validation_curve(train_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The run's validation losses from its TensorBoard events: {"loss": [(step, value)], "loss_ema": [...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(train_dir / "runs"))
+    acc.Reload()
+    tags = set(acc.Tags().get("scalars", []))
+    return {name: [(e.step, e.value) for e in acc.Scalars(f"validation/{name}")]
+            for name in ("loss", "loss_ema") if f"validation/{name}" in tags}
+
+
+def format_validation(curve: dict[str, list[tuple[int, float]]], samples: int) -> str:
+    if not curve.get("loss"):
+        return "  validation loss:         (not logged)"
+    points = " -> ".join(f"{v:.4f} (step {s})" for s, v in curve["loss"])
+    ema = f"; EMA weights {curve['loss_ema'][-1][1]:.4f}" if curve.get("loss_ema") else ""
+    return f"  validation loss ({samples} held-out samples x 8 timesteps): {points}{ema}"
 
 
 # --- the tiny VAE ------------------------------------------------------------------------------
@@ -333,18 +372,11 @@ def generate_for_scoring(pipe: Any, combos: list[Combination], seeds: int, *, st
                          batch_size: int = 64) -> list[Image.Image]:
     """``seeds`` images per combination, seed SCORE_SEED_BASE + k for the k-th image of a combination, in
     batches (one generator per image, so an image does not depend on its batch)."""
-    import torch
+    from sd_ds.pipeline import generate
 
     jobs = [(caption_of(*c), SCORE_SEED_BASE + k) for c in combos for k in range(seeds)]
-    images: list[Image.Image] = []
-    for i in range(0, len(jobs), batch_size):
-        chunk = jobs[i:i + batch_size]
-        generators = [torch.Generator(device=pipe.unet.device).manual_seed(seed) for _, seed in chunk]
-        with torch.no_grad():
-            out = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
-                       generator=generators)
-        images.extend(out.images)
-    return images
+    return generate(pipe, [p for p, _ in jobs], seeds=[s for _, s in jobs], steps=steps,
+                    guidance_scale=guidance_scale, batch_size=batch_size)
 
 
 def score_model(model: Any, *, seeds: int, steps: int, guidance_scale: float,
@@ -353,7 +385,7 @@ def score_model(model: Any, *, seeds: int, steps: int, guidance_scale: float,
     combinations x ``seeds`` and trained_combinations_scored() x ``trained_seeds`` (default seeds / 2)."""
     pipe = model
     if isinstance(model, (str, Path)):
-        from sd_ds.sample import load_pipeline
+        from sd_ds.pipeline import load_pipeline
 
         pipe = load_pipeline(model, device="cpu", dtype=None)
     trained_seeds = trained_seeds if trained_seeds is not None else max(1, seeds // 2)
@@ -407,6 +439,8 @@ class DemoSettings:
     sample_steps: int = _f(20, "DDIM steps for the grid and the score")
     guidance_scale: float = _f(5.0, "classifier-free guidance for the grid and the score")
     score_seeds: int = _f(8, "images per held-out combination in the score (half as many per trained one)")
+    validation_samples: int = _f(128, "held-out samples (separate shards) in the validation loss")
+    validation_steps: int = _f(400, "validation loss every N steps (and at step 0)")
     nproc: Optional[int] = _f(None, "ranks (default: run.sh's NPROC_PER_NODE default)")
 
 
@@ -426,7 +460,8 @@ def run_demo(s: DemoSettings) -> Path:
         status(f"{msg}  [{time.time() - t_start:.0f} s]")
 
     out = s.output.resolve()
-    data_dir, shards, model_dir, train_dir, export_dir = (out / n for n in ("data", "shards", "model", "train", "export"))
+    data_dir, shards, model_dir, train_dir, export_dir, val_shards = (
+        out / n for n in ("data", "shards", "model", "train", "export", "validation_shards"))
 
     list_path = data_dir / "train.filelist.list"
     if list_path.is_file():
@@ -441,6 +476,9 @@ def run_demo(s: DemoSettings) -> Path:
         stage("2/6 converting parts to webdataset shards")
         run([sys.executable, "tools/convert_laion_to_wds.py", "--file_list", list_path, "--output_dir", shards,
              "--samples_per_shard", "64"])  # enough shards for every rank x worker
+    if not (val_shards / "sizes.json").is_file():
+        write_validation_shards(val_shards, per_combination=max(1, s.validation_samples // 120),
+                                photo_crops=max(1, s.validation_samples // 60))
 
     if (model_dir / "vae" / ".demo_trained").is_file():
         stage(f"3/6 tiny model: reusing {model_dir}")
@@ -477,6 +515,8 @@ def run_demo(s: DemoSettings) -> Path:
              "--num_inference_steps", s.sample_steps, "--save_steps", s.train_steps, "--save_total_limit", "2",
              "--use_ema", "--ema_decay", "0.995", "--ema_warmup", "True", "--dataloader_num_workers", "1",
              "--shuffle_buffer", "500", "--seed", "0", "--max_grad_norm", "1.0", "--bf16", "True",
+             "--validation_shards", val_shards, "--validation_samples", s.validation_samples,
+             "--validation_steps", s.validation_steps, "--validation_batch_size", "32",
              "--validation_prompts", *[caption_of(*c) for c in HELD_OUT[:4]]], env=env)
 
     if (export_dir / "model_index.json").is_file():
@@ -494,12 +534,15 @@ def run_demo(s: DemoSettings) -> Path:
            f"combinations, seeds from {SCORE_SEED_BASE} (the grid's are 0-{4 * len(HELD_OUT) - 1})")
     score_path = write_score(export_dir, out / "prompt_following.json", seeds=s.score_seeds, steps=s.sample_steps,
                              guidance_scale=s.guidance_scale)
+    # Beside the score: how well the UNet denoises held-out images, over training (falls as it learns).
+    print(format_validation(validation_curve(train_dir), s.validation_samples), flush=True)
     status(f"done in {time.time() - t_start:.0f} s")
     print(f"""
   model (diffusers):   {export_dir}
   held-out prompts:    {grid}   (rows: {'; '.join(prompts)})
   prompt following:    {score_path}
   training samples:    {train_dir / 'samples'}
+  validation shards:   {val_shards}   (validation/loss in TensorBoard)
   TensorBoard logs:    {train_dir / 'runs'}
   open TensorBoard:    .venv/bin/tensorboard --logdir {train_dir / 'runs'}
   sample again:        .venv/bin/python -m sd_ds.sample --model {export_dir} --prompt "a red circle on a blue background"

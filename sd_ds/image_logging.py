@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from PIL import Image
+
+from sd_ds.pipeline import generate, image_grid, pipeline_from_components, to_pil
 
 if TYPE_CHECKING:
     from sd_ds.config import TrainConfig
@@ -24,26 +25,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sd_ds.image_logging")
 
 MAX_IMAGES = 8
-
-
-def image_grid(images: Sequence[Image.Image], cols: Optional[int] = None) -> Image.Image:
-    """Tile equally sized images row-major (diffusers' make_image_grid), the last row padded with black."""
-    from diffusers.utils import make_image_grid
-
-    if not images:
-        raise ValueError("no images to tile")
-    cols = cols or min(len(images), MAX_IMAGES)
-    rows = math.ceil(len(images) / cols)
-    blank = Image.new("RGB", images[0].size)
-    padded = [img.convert("RGB") for img in images] + [blank] * (rows * cols - len(images))
-    return make_image_grid(padded, rows=rows, cols=cols)
-
-
-def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
-    """[B,3,H,W] uint8, or float in [-1,1] → PIL images."""
-    if pixels.dtype != torch.uint8:
-        pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(a) for a in pixels.permute(0, 2, 3, 1).cpu().numpy()]
 
 
 def log_training_images(cfg: "TrainConfig", dist_info: "DistInfo", engine: Any, components: "Components",
@@ -84,8 +65,6 @@ def _log_on_main(cfg: "TrainConfig", device: torch.device, module: torch.nn.Modu
 @torch.no_grad()
 def sample_grids(cfg: "TrainConfig", components: "Components", unet: Any, text_encoder: Any, batch: dict, step: int,
                  device: torch.device) -> tuple[dict[str, Image.Image], list[str]]:
-    from sd_ds.sample import generate, pipeline_from_components
-
     vae = components.vae
     pipe = pipeline_from_components(vae, text_encoder, components.tokenizer, unet, components.noise_scheduler)
     n = min(MAX_IMAGES, len(batch["captions"]))

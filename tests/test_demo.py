@@ -19,7 +19,8 @@ from tests.helpers import REPO_ROOT, free_port, subprocess_env
 def _demo(out, *extra: str) -> str:
     cmd = [sys.executable, "-m", "sd_ds.demo", "--output", str(out), "--train_steps", "6", "--vae_steps", "5",
            "--per_combination", "1", "--photo_crops", "2", "--micro_batch_size", "4", "--image_logging_steps", "3",
-           "--sample_steps", "2", "--score_seeds", "1", "--nproc", "2", *extra]
+           "--sample_steps", "2", "--score_seeds", "1", "--nproc", "2", "--validation_samples", "16",
+           "--validation_steps", "3", *extra]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=subprocess_env({"MASTER_PORT": str(free_port())}),
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
@@ -106,6 +107,12 @@ def test_short_demo_end_to_end_then_rerun_reuses_everything(tmp_path):
     assert (out / "train" / "checkpoint-6" / "ema_rank_00001.pt").is_file()
     assert (out / "train" / "samples" / "step_00000006_validation_prompts.png").is_file()
     assert list((out / "train" / "runs").glob("events.out.tfevents.*"))
+    # ... and the validation loss on held-out shards at steps 0, 3, 6 (EMA too), printed beside the score
+    from sd_ds.demo import validation_curve
+
+    curve = validation_curve(out / "train")
+    assert [s for s, _ in curve["loss"]] == [0, 3, 6] and [s for s, _ in curve["loss_ema"]] == [0, 3, 6]
+    assert "validation loss (16 held-out samples x 8 timesteps):" in log and "(step 6)" in log
     # 5. exported, and a grid for the held-out prompts: 6 prompts x 4 images of 32 px
     assert (out / "export" / "model_index.json").is_file()
     assert Image.open(out / "heldout_prompts.png").size == (4 * 32, len(HELD_OUT) * 32)

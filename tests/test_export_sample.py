@@ -1,6 +1,6 @@
-"""Train tiny on 3 CPU ranks (EMA, image logging, --only_save_updated_model) → resume on 2 ranks → export →
-StableDiffusionPipeline / the sample CLI. Real multi-rank DeepSpeed through run.sh. Checkpoints hold optimizer
-files pickled as CPython 3.11.2 writes them (an Enum by name, issue 21) as well as this Python's own."""
+"""Train tiny on 3 CPU ranks (EMA, image logging, validation loss, --only_save_updated_model) → resume on 2 ranks →
+export → StableDiffusionPipeline / the sample CLI. Real multi-rank DeepSpeed through run.sh. Checkpoints hold
+optimizer files pickled as CPython 3.11.2 writes them (an Enum by name, issue 21) as well as this Python's own."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def run(tmp_path_factory):
     out = root / "run"
     # Fixed decay (no warm-up): the re-sharded-EMA test reasons about decay 0.9 per update.
     common = dict(use_ema=True, ema_decay=0.9, ema_warmup="False", only_save_updated_model="True", save_steps=2,
-                  per_device_train_batch_size=2, dataloader_num_workers=0)
+                  per_device_train_batch_size=2, dataloader_num_workers=0,
+                  validation_shards=shards, validation_steps=2, validation_samples=6, validation_batch_size=2)
     first = run_sh(train_flags(out, shards, model, max_steps=4, image_logging_steps=2, num_inference_steps=2,
                                validation_prompts=PROMPTS, **common), nproc=3, timeout=900)
     # Issue 21: ZeroStageEnum pickled by name, as CPython 3.11.2 (Debian 12's python3) writes it, in ranks 0 and
@@ -78,6 +79,21 @@ def test_image_logging_writes_pngs_and_tensorboard_images(run):
     tags = acc.Tags()["images"]
     assert {"images/reconstruction", "images/samples_guidance_7.5", "images/validation_prompts"} <= set(tags)
     assert [e.step for e in acc.Images("images/reconstruction")] == [2, 4]
+
+
+def test_validation_loss_logged_at_start_and_every_n_steps_and_resume_keeps_the_schedule(run):
+    from tests.helpers import scalars
+
+    out, log, log2 = run
+    # Fresh run: step 0 and every 2 steps; the resumed run (from step 4) does not repeat step 4.
+    loss = scalars(out / "runs", "validation/loss")
+    assert [s for s, _ in loss] == [0, 2, 4, 6], loss
+    assert [s for s, _ in scalars(out / "runs", "validation/loss_ema")] == [0, 2, 4, 6]
+    assert [s for s, _ in scalars(out / "runs", "validation/loss/t0062")] == [0, 2, 4, 6]
+    # Before any update the EMA is the weights: the same loss.
+    assert scalars(out / "runs", "validation/loss_ema")[0][1] == loss[0][1]
+    assert "step 2 validation loss" in log and "on 6 held-out samples x 8 timesteps" in log, log[-3000:]
+    assert "step 6 validation loss" in log2 and "step 4 validation loss" not in log2
 
 
 def test_resume_on_fewer_ranks_reshards_ema_and_continues(run):

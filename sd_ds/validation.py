@@ -1,0 +1,233 @@
+"""Validation loss: the diffusion loss on fixed held-out samples, at fixed timesteps, with fixed noise.
+
+The training loss is noisy and biased by which timesteps a step happens to draw. Here every held-out sample is
+noised at the same 8 evenly spaced timesteps (MLPerf's FLUX.1 benchmark does the same) with noise drawn once from
+a seed, and its latent is drawn once from its VAE posterior with a seed: the value depends only on the weights.
+
+Spread over ranks without changing the value: the samples are cut into batches of ``--validation_batch_size``
+(fixed, whatever the number of ranks), batch b runs on rank b % world_size, each rank fills its batches' rows
+of a [samples, 8] table of per-sample losses and the table is summed over ranks on the gloo control group
+(every row is non-zero on one rank only, so the sum is exact), then averaged in the same order on every rank.
+The same weights give the same bits on 1 rank and on 64.
+
+With ``--use_ema`` the EMA weights are evaluated too (``validation/loss_ema``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from sd_ds.diffusion import add_noise, diffusion_loss, prediction_target
+
+if TYPE_CHECKING:
+    from sd_ds.config import TrainConfig
+    from sd_ds.distributed import DistInfo
+    from sd_ds.ema import ShardedEMA
+    from sd_ds.logging import StepMetrics
+    from sd_ds.models import Components
+
+logger = logging.getLogger("sd_ds.validation")
+
+NUM_TIMESTEPS = 8
+
+
+def validation_timesteps(num_train_timesteps: int, count: int = NUM_TIMESTEPS) -> list[int]:
+    """``count`` evenly spaced timesteps, the centres of ``count`` equal bins of [0, T): 62, 187, ..., 937 for
+    T = 1000 (neither the all-signal end t=0 nor the all-noise end, whose losses say little)."""
+    return [int((k + 0.5) * num_train_timesteps / count) for k in range(count)]
+
+
+@dataclasses.dataclass
+class HeldOutSet:
+    """The fixed inputs, on the CPU: scaled latents [N,C,h,w] (one posterior draw each), token ids [N,L], noise
+    [N,8,C,h,w]."""
+
+    latents: torch.Tensor
+    input_ids: torch.Tensor
+    noise: torch.Tensor
+    keys: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _sample_generator(seed: int, index: int, what: int) -> torch.Generator:
+    # One CPU generator per (sample, draw): a sample's latent and noise do not depend on the batch it is in.
+    return torch.Generator().manual_seed(seed * 1_000_003 + index * 2 + what)
+
+
+@torch.no_grad()
+def load_held_out(cfg: "TrainConfig", components: "Components", device: torch.device) -> HeldOutSet:
+    """The first ``--validation_samples`` samples of ``--validation_shards`` in the (seeded, fixed) order the data
+    loader reads them, centre-cropped, captions never dropped. Every rank reads the same samples (a few hundred:
+    one pass over a few shards at start-up) and later evaluates only its own batches."""
+    from sd_ds.data import build_train_loader
+    from sd_ds.encode_latents import encode_moments, sample_latents
+
+    ev = cfg.evaluation
+    n = ev.validation_samples
+    data = dataclasses.replace(cfg.data, train_shards=list(ev.validation_shards), center_crop=True, random_flip=False,
+                               caption_dropout_prob=0.0, shuffle_buffer=1, samples_per_epoch=n, resample_shards=False,
+                               dataloader_num_workers=0)
+    # One sample per batch: an epoch is then exactly n samples (when the shards hold that many).
+    loader = build_train_loader(data, tokenizer=components.tokenizer, model_max_length=cfg.model.model_max_length,
+                                micro_batch_size=1, seed=ev.validation_seed, rank=0, world_size=1)
+    vae = components.vae
+    moments: list[torch.Tensor] = []
+    input_ids: list[torch.Tensor] = []
+    keys: list[str] = []
+    try:
+        for b in loader:
+            if loader.epoch > 0 or len(keys) == n:
+                break  # fewer samples than asked for: a second pass would only repeat them
+            if b["keys"][0] in keys:
+                continue
+            keys.append(b["keys"][0])
+            input_ids.append(b["input_ids"][0])
+            if "latent_moments" in b:
+                moments.append(b["latent_moments"][0].float())
+            elif vae.encoder is None:
+                raise ValueError("--validation_shards are image shards but training reads latent shards (the VAE "
+                                 "encoder is not loaded): encode them too (python -m sd_ds.encode_latents)")
+            else:
+                moments.append(encode_moments(vae, b["pixel_values"].to(device))[0].float().cpu())
+    finally:
+        loader.close()
+    if not keys:
+        raise ValueError(f"--validation_shards {ev.validation_shards}: no usable sample")
+    if len(keys) < n:
+        logger.warning("validation: %d samples in --validation_shards, fewer than --validation_samples %d",
+                       len(keys), n)
+    scaling = vae.config.scaling_factor
+    latents = torch.cat([sample_latents(m[None], _sample_generator(ev.validation_seed, i, 0), scaling)
+                         for i, m in enumerate(moments)])  # [N,C,h,w]
+    noise = torch.stack([torch.randn((NUM_TIMESTEPS, *latents.shape[1:]),
+                                     generator=_sample_generator(ev.validation_seed, i, 1))
+                         for i in range(len(keys))])  # [N,8,C,h,w]
+    return HeldOutSet(latents=latents, input_ids=torch.stack(input_ids), noise=noise, keys=keys)
+
+
+@torch.no_grad()
+def per_sample_losses(unet: torch.nn.Module, text_encoder: torch.nn.Module, noise_scheduler: Any, held_out: HeldOutSet,
+                      *, prediction_type: str, batch_size: int, rank: int, world_size: int,
+                      device: torch.device) -> torch.Tensor:
+    """[N, 8] float64 on the CPU: this rank's batches' losses (one MSE per sample and timestep), zeros elsewhere."""
+    timesteps = validation_timesteps(noise_scheduler.config.num_train_timesteps)
+    dtype = next(unet.parameters()).dtype
+    table = torch.zeros(len(held_out), len(timesteps), dtype=torch.float64, device=device)
+    for start in range(rank * batch_size, len(held_out), world_size * batch_size):
+        rows = slice(start, min(start + batch_size, len(held_out)))
+        latents = held_out.latents[rows].to(device)
+        hidden = text_encoder(held_out.input_ids[rows].to(device))[0].to(dtype)
+        for k, t in enumerate(timesteps):
+            t_batch = torch.full((latents.shape[0],), t, dtype=torch.long, device=device)
+            noise = held_out.noise[rows, k].to(device)
+            noisy = add_noise(noise_scheduler, latents, noise, t_batch)
+            target = prediction_target(noise_scheduler, latents, noise, t_batch, prediction_type)
+            pred = unet(noisy.to(dtype), t_batch, hidden).sample
+            table[rows, k] = torch.stack([diffusion_loss(p[None], y[None]) for p, y in zip(pred, target)]).double()
+    return table.cpu()  # one device → host copy per evaluation
+
+
+def ema_unet_on_every_rank(ema: "ShardedEMA", unet: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Collective: a copy of ``unet`` holding the EMA weights, on every rank (the EMA is gathered on rank 0, then
+    broadcast as device tensors on the default process group: the data plane, NCCL on GPUs)."""
+    state = ema.full_state_dict(unet)
+    copy_ = copy.deepcopy(unet)
+    copy_.load_state_dict(_broadcast_from_rank0(state, unet, device))
+    return copy_
+
+
+def _broadcast_from_rank0(state: Optional[dict[str, torch.Tensor]], like: torch.nn.Module,
+                          device: torch.device) -> dict[str, torch.Tensor]:
+    import torch.distributed as dist
+
+    reference = like.state_dict()
+    out = {}
+    for name, ref in reference.items():
+        t = (state[name].to(device=device, dtype=torch.float32) if state is not None
+             else torch.empty(ref.shape, dtype=torch.float32, device=device))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(t, src=0)
+        out[name] = t
+    return out
+
+
+class Validator:
+    """Runs the validation loss every ``--validation_steps`` steps (and at step 0 of a fresh run), logs it."""
+
+    def __init__(self, cfg: "TrainConfig", dist_info: "DistInfo", components: "Components",
+                 held_out: Optional[HeldOutSet], *, initial_step: int) -> None:
+        self.cfg, self.dist, self.components, self.held_out = cfg, dist_info, components, held_out
+        self.every = cfg.evaluation.validation_steps
+        self.initial_step = initial_step
+
+    def due(self, step: int) -> bool:
+        if self.held_out is None:
+            return False  # no --validation_shards
+        # At the step a resumed run starts from, the run that saved it has already logged the value.
+        return step % self.every == 0 and (step != self.initial_step or step == 0)
+
+    def losses(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, prediction_type: str) -> torch.Tensor:
+        """Collective. [N, 8] float64 per-sample losses of ``unet``, the same on every rank."""
+        was_training = unet.training
+        unet.eval()
+        try:
+            table = per_sample_losses(unet, text_encoder, self.components.noise_scheduler, self.held_out,
+                                      prediction_type=prediction_type,
+                                      batch_size=self.cfg.evaluation.validation_batch_size, rank=self.dist.rank,
+                                      world_size=self.dist.world_size, device=self.dist.device)
+        finally:
+            unet.train(was_training)
+        return self.dist.all_reduce(table)  # CPU table on the gloo control group; each row from one rank
+
+    def run(self, step: int, engine: Any, ema: Optional["ShardedEMA"], metrics: "StepMetrics") -> dict[str, float]:
+        """Collective: every rank calls it at the same steps. Returns (and logs) the scalars."""
+        module = engine.module
+        text_encoder = module.text_encoder if module.text_encoder is not None else self.components.text_encoder
+        values = self._scalars("validation/loss", self.losses(module.unet, text_encoder, module.prediction_type))
+        if ema is not None:
+            ema_unet = ema_unet_on_every_rank(ema, module.unet, self.dist.device)
+            values.update(self._scalars("validation/loss_ema",
+                                        self.losses(ema_unet, text_encoder, module.prediction_type)))
+            del ema_unet
+        if self.dist.is_main_process:
+            if metrics.writer is not None:
+                for tag, v in values.items():
+                    metrics.writer.add_scalar(tag, v, step)
+                metrics.writer.flush()
+            msg = f"step {step} validation loss {values['validation/loss']:.5f}" + (
+                f" (EMA {values['validation/loss_ema']:.5f})" if "validation/loss_ema" in values else "") + \
+                f" on {len(self.held_out)} held-out samples x {NUM_TIMESTEPS} timesteps"
+            (metrics.progress.write if metrics.progress is not None else logger.info)(msg)
+        return values
+
+    def maybe_run(self, step: int, engine: Any, ema: Optional["ShardedEMA"],
+                  metrics: "StepMetrics") -> Optional[dict[str, float]]:
+        return self.run(step, engine, ema, metrics) if self.due(step) else None
+
+    def _scalars(self, tag: str, table: torch.Tensor) -> dict[str, float]:
+        timesteps = validation_timesteps(self.components.noise_scheduler.config.num_train_timesteps)
+        out = {tag: float(table.mean())}
+        out.update({f"{tag}/t{t:04d}": float(v) for t, v in zip(timesteps, table.mean(dim=0).tolist())})
+        return out
+
+
+def build_validator(cfg: "TrainConfig", dist_info: "DistInfo", components: "Components", *,
+                    initial_step: int) -> Validator:
+    """Reads the held-out samples (call after the VAE is on its device); without ``--validation_shards`` a
+    validator that never runs."""
+    if not cfg.evaluation.validation_shards:
+        return Validator(cfg, dist_info, components, None, initial_step=initial_step)
+    held_out = load_held_out(cfg, components, dist_info.device)
+    timesteps = validation_timesteps(components.noise_scheduler.config.num_train_timesteps)
+    logger.info("validation: %d held-out samples x %d timesteps %s every %d steps, in batches of %d over %d rank(s)",
+                len(held_out), NUM_TIMESTEPS, timesteps, cfg.evaluation.validation_steps,
+                cfg.evaluation.validation_batch_size, dist_info.world_size)
+    return Validator(cfg, dist_info, components, held_out, initial_step=initial_step)
+
