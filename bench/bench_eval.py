@@ -10,7 +10,7 @@ Measured through the code the CLI runs (``sd_ds.pipeline.generate``, ``sd_ds.eva
 UNet (``sd_ds.init``'s config), VAE and CLIP ViT-L/14 text encoder, pytorch-fid's InceptionV3 and open_clip's
 ViT-H-14 (on CPU, ``--clip_model ViT-B-32``: ViT-H-14 takes seconds per image there). FLOPs come from
 ``torch.utils.flop_counter`` on the meta device (no weights allocated). Prints JSON; ``--write`` puts the section
-"## 10." into BENCHMARKS.md.
+"## 11." into BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 
 from benchmarks_md import publish
 
-SECTION = "## 10. Evaluation cost (FID and CLIP score, MLPerf protocol)"
+SECTION = "## 11. Evaluation cost (FID and CLIP score, MLPerf protocol)"
 PROMPTS, STEPS, GUIDANCE, GPUS = 30_000, 50, 8.0, 8
 # SD v1's VAE (AutoencoderKL, 4 blocks of 128-512 channels) and text encoder (CLIP ViT-L/14's text tower).
 SD_V1_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
