@@ -115,3 +115,17 @@ def test_a_latent_directory_on_s3(tmp_path, tokenizer, s3_server):  # noqa: F811
     assert read_latent_manifest([url]) == read_latent_manifest([str(latents)])
     kw = dict(center_crop=True, random_flip=False)
     same(take(loader(url, tokenizer, **kw), 3), take(loader(latents, tokenizer, **kw), 3))
+
+
+def test_index_command_writes_sizes_json_on_s3_once(tmp_path, tokenizer, s3_server):  # noqa: F811
+    from sd_ds import fileio
+    from sd_ds.data.index import main as index_main
+
+    write_photo_shards(tmp_path / "raw", [5, 7, 6], sizes_json=False)
+    url = s3_server.upload_dir(tmp_path / "raw", "unindexed", "x")
+    assert not fileio.exists(url + "/sizes.json")
+    assert index_main([url]) == 0
+    assert fileio.read_json(url + "/sizes.json") == {"00000.tar": 5, "00001.tar": 7, "00002.tar": 6}
+    s3_server.reset_counts()
+    data = loader(url, tokenizer)  # sizes from sizes.json: no shard is read to build the loader
+    assert data.batches_per_epoch == 4 and not [r for r in s3_server.requests if r[1].endswith(".tar")]
