@@ -55,7 +55,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 
 from sd_ds.convert.planning import first_difference
-from sd_ds.data import ImageTransform, ShardSource, SkipLog, SkipSample, parse_sources, read_latent_manifest, sizes_json_count
+from sd_ds.data import (ImageTransform, ShardSource, SkipLog, SkipSample, parse_sources, read_latent_manifest,
+                        sizes_json_count)
 # The manifest's format and the VAE record live with the trainer's reader of it (one home); re-exported here.
 from sd_ds.data.manifest import (FORMAT, LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MOMENTS,  # noqa: F401
                                  MOMENTS_FLIPPED, VERSION, check_latent_manifest, vae_fingerprint, vae_record)
