@@ -119,7 +119,8 @@ def main() -> None:
     lines = [
         SECTION, "",
         f"{datetime.date.today().isoformat()} · {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
-        f"(shared) · Python {platform.python_version()} · `python bench/bench_data_plan.py {cmd}`".rstrip(), "",
+        f"(shared) · Python {platform.python_version()} · `{' '.join(['python bench/bench_data_plan.py', cmd]).strip()}`",
+        "",
         f"Metadata only: {args.shards:,} shards of 9,000-10,000 samples ({before['samples']:,} samples), "
         f"{args.ranks} ranks x {args.workers} workers = {readers:,} readers, micro batch {args.micro_batch_size}.", "",
         "| split | duplicates / epoch | misses / epoch | notes |", "|---|---:|---:|---|",

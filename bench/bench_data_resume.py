@@ -48,8 +48,9 @@ def old_module(revision: str):
     return module
 
 
-def first_batch_after(build, position: int, micro_batch: int) -> tuple[float, dict]:
-    """Take position // micro_batch batches, save, resume in a new loader: (seconds to its first batch)."""
+def first_batch_after(build, position: int, micro_batch: int) -> tuple[float, int]:
+    """Take position // micro_batch batches, save, resume in a new loader: (seconds to its first batch, bytes
+    the process read() meanwhile)."""
     first = build()
     it = iter(first)
     for _ in range(position // micro_batch):
@@ -58,12 +59,12 @@ def first_batch_after(build, position: int, micro_batch: int) -> tuple[float, di
     it.close()
     resumed = build()
     resumed.load_state_dict(state)
-    t0 = time.perf_counter()
+    r0, t0 = rchar(), time.perf_counter()
     it = iter(resumed)
-    batch = next(it)
-    elapsed = time.perf_counter() - t0
+    next(it)
+    elapsed, read = time.perf_counter() - t0, rchar() - r0
     it.close()
-    return elapsed, batch
+    return elapsed, read
 
 
 def main() -> None:
@@ -102,9 +103,7 @@ def main() -> None:
                                               model_max_length=77, micro_batch_size=mb, seed=0)
 
             for position in args.positions:
-                r0 = rchar()
-                t_old, _ = first_batch_after(before, position, mb)  # the resumed loader's reads dominate
-                old_bytes = rchar() - r0
+                t_old, old_bytes = first_batch_after(before, position, mb)
                 http.reset_counts()
                 # Only the resumed loader's reads count: the first loader's are reset after it is saved.
                 first = new()
@@ -128,13 +127,13 @@ def main() -> None:
     lines = [
         "", "### Resume: bytes read and time to the first batch vs the position resumed from", "",
         f"{datetime.date.today().isoformat()} · {platform.machine()}, {os.cpu_count()} cores (shared) · "
-        f"`python bench/bench_data_resume.py {' '.join(sys.argv[1:])}`".rstrip(), "",
+        f"`{' '.join(['python bench/bench_data_resume.py', *sys.argv[1:]])}`", "",
         f"{args.shards} shards of {args.per_shard} photo samples (36-80 px JPEG/PNG/WebP, {shard_bytes / 1e3:.0f} kB a "
         f"shard), one reader, micro batch {mb}, shuffle buffer/block 100. Before: the loader of `{args.before}` "
-        f"(replays and skips every consumed raw sample; local files, bytes = the process's read() bytes, which "
-        f"include the first loader's reading before the save: the resumed loader reads as much again). After: "
+        f"(replays and skips every consumed raw sample; local files, bytes = what the process read() from "
+        f"iterating the resumed loader to its first batch, /proc/self/io). After: "
         f"the shards over HTTP, bytes = what the server sent to the resumed loader.", "",
-        "| resumed at sample | before: bytes read (whole process) | before: s to first batch | after: bytes from the "
+        "| resumed at sample | before: bytes read | before: s to first batch | after: bytes from the "
         "server | after: s to first batch |", "|---:|---:|---:|---:|---:|"]
     for position, old_bytes, t_old, new_bytes, t_new in rows:
         lines.append(f"| {position:,} | {old_bytes / 1e6:.1f} MB | {t_old:.2f} | {new_bytes / 1e6:.2f} MB | {t_new:.2f} |")

@@ -358,8 +358,11 @@ class Checkpointer:
             self.ema.load_state_dict(load_ema_shards(resume.path, self.ema, self.dist.rank, self.dist.world_size))
         state.load_state_dict(read_trainer_state(resume.path))
         def every_rank() -> list[dict]:
-            # An elastic data resume needs what every saved rank's readers consumed (small: a few numbers each).
-            return [load_rank_state(rank_state_path(resume.path, r))["data"] for r in range(resume.world_size)]
+            # Collective (every rank's loader asks, or none does): an elastic data resume needs what every saved
+            # rank's readers consumed, a few numbers each; the main process reads the files once for all.
+            states = ([load_rank_state(rank_state_path(resume.path, r))["data"] for r in range(resume.world_size)]
+                      if self.dist.is_main_process else None)
+            return self.dist.broadcast_object(states)
 
         if same_world:
             from sd_ds.distributed import set_rng_state
