@@ -48,9 +48,9 @@ def old_module(revision: str):
     return module
 
 
-def first_batch_after(build, position: int, micro_batch: int) -> tuple[float, int]:
+def first_batch_after(build, position: int, micro_batch: int, bytes_read) -> tuple[float, int]:
     """Take position // micro_batch batches, save, resume in a new loader: (seconds to its first batch, bytes
-    the process read() meanwhile)."""
+    read meanwhile according to ``bytes_read()``, a running count)."""
     first = build()
     it = iter(first)
     for _ in range(position // micro_batch):
@@ -59,10 +59,10 @@ def first_batch_after(build, position: int, micro_batch: int) -> tuple[float, in
     it.close()
     resumed = build()
     resumed.load_state_dict(state)
-    r0, t0 = rchar(), time.perf_counter()
+    r0, t0 = bytes_read(), time.perf_counter()
     it = iter(resumed)
     next(it)
-    elapsed, read = time.perf_counter() - t0, rchar() - r0
+    elapsed, read = time.perf_counter() - t0, bytes_read() - r0
     it.close()
     return elapsed, read
 
@@ -103,24 +103,9 @@ def main() -> None:
                                               model_max_length=77, micro_batch_size=mb, seed=0)
 
             for position in args.positions:
-                t_old, old_bytes = first_batch_after(before, position, mb)
-                http.reset_counts()
-                # Only the resumed loader's reads count: the first loader's are reset after it is saved.
-                first = new()
-                it = iter(first)
-                for _ in range(position // mb):
-                    next(it)
-                state = first.state_dict()
-                it.close()
-                resumed = new()
-                resumed.load_state_dict(state)
-                http.reset_counts()
-                t0 = time.perf_counter()
-                it = iter(resumed)
-                next(it)
-                t_new = time.perf_counter() - t0
-                it.close()
-                new_bytes = sum(n for _, path, n in http.requests if path.endswith(".tar"))
+                t_old, old_bytes = first_batch_after(before, position, mb, rchar)
+                t_new, new_bytes = first_batch_after(new, position, mb, lambda: sum(
+                    n for _, path, n in http.requests if path.endswith(".tar")))
                 rows.append((position, old_bytes, t_old, new_bytes, t_new))
                 print(f"position {position}: before {old_bytes / 1e6:.1f} MB {t_old:.2f} s; after "
                       f"{new_bytes / 1e6:.2f} MB {t_new:.2f} s", file=sys.stderr)
