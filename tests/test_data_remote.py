@@ -129,3 +129,39 @@ def test_index_command_writes_sizes_json_on_s3_once(tmp_path, tokenizer, s3_serv
     s3_server.reset_counts()
     data = loader(url, tokenizer)  # sizes from sizes.json: no shard is read to build the loader
     assert data.batches_per_epoch == 4 and not [r for r in s3_server.requests if r[1].endswith(".tar")]
+
+
+def _count_on_rank(rank: int, world_size: int, port: int, url: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from sd_ds.data.sources import count_missing, parse_sources, shared_counter
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+
+    def all_reduce(t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    sources, _ = count_missing(parse_sources([url]), shared_counter(rank, world_size, all_reduce))
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump([list(s.sizes) for s in sources], f)
+    dist.destroy_process_group()
+
+
+def test_shards_without_sizes_json_are_counted_once_per_run_not_per_rank(tmp_path, http_server_factory):  # noqa: F811
+    """Two real ranks (gloo) build their sources from HTTP shards without sizes.json: every shard is read once in
+    all, and both ranks get every count."""
+    import torch.multiprocessing as mp
+
+    from tests.helpers import free_port
+
+    write_photo_shards(tmp_path / "raw", [5, 7, 6, 4, 8], sizes_json=False)
+    http = http_server_factory(tmp_path / "raw")
+    out = str(tmp_path / "sizes")
+    mp.spawn(_count_on_rank, args=(2, free_port(), http.url(), out), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"sizes.{r}").read_text()) for r in (0, 1)]
+    assert results[0] == results[1] == [[5, 7, 6, 4, 8]]
+    shard_gets = [path for method, path, n in http.requests if path.endswith(".tar") and method == "GET"]
+    assert sorted(set(shard_gets)) == [f"/{i:05d}.tar" for i in range(5)]
+    assert len(shard_gets) == 5  # one read per shard, by one rank
