@@ -126,11 +126,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                     sample, epoch_pass = fetched[(s, k)]
                     if sample is None:
                         missing_in_a_row += 1
-                        if missing_in_a_row > span_len:
+                        if missing_in_a_row > span_len:  # a whole span without one readable sample
+                            shards = sorted({self.sources[s].shards[epoch_order.locate(s, k)[0]] for _, s, k in items})
                             raise RuntimeError(
                                 f"rank {self.rank} worker {worker}: no readable sample in the shards it was given "
-                                f"({log.counts['tar_errors']} tar errors), e.g. "
-                                f"{', '.join(sorted({self.sources[s].shards[epoch_order.locate(s, k)[0]] for _, s, k in items[:5]}))}")
+                                f"({log.counts['tar_errors']} tar errors), e.g. {', '.join(shards[:5])}")
                         continue
                     missing_in_a_row = 0
                     repeat = raw // span_len

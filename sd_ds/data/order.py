@@ -25,16 +25,33 @@ twice, none missed.
 
 from __future__ import annotations
 
-import bisect
-import functools
+import collections
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
 Intervals = list[tuple[int, int]]  # [start, end) global positions, in serving order
+T = TypeVar("T")
+
+
+class _Cache(collections.OrderedDict):
+    """A small LRU cache of one EpochOrder's blocks or passes (per instance: an epoch's order dies with it)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def get_or(self, key: object, make: Callable[[], T]) -> T:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = make()
+        if len(self) > self.size:
+            self.popitem(last=False)
+        return value
 
 
 def seeded(*parts: object) -> np.random.Generator:
@@ -71,6 +88,8 @@ class EpochOrder:
         # Block size: at least S(S-1)+1 so that the heaviest source's share of a block is never negative.
         self.block = max(int(block), len(sources) * (len(sources) - 1) + 1, 1)
         self._sizes = [np.asarray(s.sizes, dtype=np.int64) for s in sources]
+        self._blocks = _Cache(4)                     # a reader works through one block at a time
+        self._passes = _Cache(2 * len(sources) + 2)  # each source's current pass (and the next)
 
     # --- mixing -----------------------------------------------------------------------------------------
 
@@ -81,9 +100,11 @@ class EpochOrder:
         counts[self.heaviest] = p - (sum(counts) - counts[self.heaviest])
         return counts
 
-    @functools.lru_cache(maxsize=4)
     def block_items(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         """(source, k) of the M positions of block j, in their seeded order: two int64 arrays."""
+        return self._blocks.get_or(j, lambda: self._block_items(j))
+
+    def _block_items(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.taken_before(j), self.taken_before(j + 1)
         rng = seeded(self.seed, self.epoch, "block", j)
         r = self.length - j * self.block
@@ -113,9 +134,11 @@ class EpochOrder:
 
     # --- within a source --------------------------------------------------------------------------------
 
-    @functools.lru_cache(maxsize=8)
     def pass_order(self, s: int, epoch_pass: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard indices, cumulative sample counts) of source s's pass in this epoch."""
+        return self._passes.get_or((s, epoch_pass), lambda: self._pass_order(s, epoch_pass))
+
+    def _pass_order(self, s: int, epoch_pass: int) -> tuple[np.ndarray, np.ndarray]:
         sizes = self._sizes[s]
         rng = seeded(self.seed, self.epoch, self.sources[s].key, "shards", epoch_pass)
         if self.resample:
@@ -211,9 +234,3 @@ def remaining(intervals: Intervals, readers: int, span: int, consumed: dict[int,
 
 def batches_per_reader(intervals: Intervals, readers: int, micro_batch_size: int) -> int:
     return span_length(total(intervals), readers, micro_batch_size) // micro_batch_size
-
-
-def find_interval(intervals: Intervals, position: int) -> Optional[int]:
-    starts = [a for a, _ in intervals]
-    i = bisect.bisect_right(starts, position) - 1
-    return i if i >= 0 and position < intervals[i][1] else None
