@@ -5,7 +5,6 @@ most a shard per reader whatever the step; a latent directory works remotely too
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -74,7 +73,8 @@ def test_http_and_s3_give_the_local_batches(converted, tokenizer, http_server_fa
     same(take(loader(http.url(pattern), tokenizer), 3), take(loader(f"{converted}/{pattern}", tokenizer), 3))
 
 
-def test_resume_reads_a_bounded_number_of_bytes_whatever_the_step(tmp_path, tokenizer, http_server_factory):  # noqa: F811
+def test_resume_reads_a_bounded_number_of_bytes_whatever_the_step(tmp_path, tokenizer,
+                                                                   http_server_factory):  # noqa: F811
     """Bytes read from the server before the first resumed batch, early vs late in the epoch: the same bound (one
     shard and a block), not growing with the position; the resumed batches equal the uninterrupted ones."""
     root = tmp_path / "shards"
@@ -99,7 +99,7 @@ def test_resume_reads_a_bounded_number_of_bytes_whatever_the_step(tmp_path, toke
 
 def test_a_latent_directory_on_s3(tmp_path, tokenizer, s3_server):  # noqa: F811
     from sd_ds.data import read_latent_manifest
-    from tests.test_latents import encode_flags, encode_in_process, vae_dir  # noqa: F401
+    from tests.test_latents import encode_flags, encode_in_process
 
     images, latents = tmp_path / "images", tmp_path / "latents"
     write_photo_shards(images, [8, 8])

@@ -76,7 +76,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                  seed: int, rank: int, world_size: int, num_workers: int, resample: bool, epoch_length: int,
                  max_skips_in_a_row: int) -> None:
         self.sources, self.tokenizer, self.samples = sources, tokenizer, samples
-        self.metas = [order_lib.SourceMeta(s.seed_key(i), s.weight, tuple(s.sizes or ())) for i, s in enumerate(sources)]
+        self.metas = [order_lib.SourceMeta(s.seed_key(i), s.weight, tuple(s.sizes or ()))
+                      for i, s in enumerate(sources)]
         self.micro_batch_size, self.model_max_length = micro_batch_size, model_max_length
         self.caption_dropout_prob, self.shuffle_block = caption_dropout_prob, shuffle_block
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -134,7 +135,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                         continue
                     missing_in_a_row = 0
                     repeat = raw // span_len
-                    yield {**sample, "__index__": raw, "__repeat__": epoch_pass if not repeat else f"{epoch_pass}r{repeat}"}
+                    yield {**sample, "__index__": raw,
+                           "__repeat__": epoch_pass if not repeat else f"{epoch_pass}r{repeat}"}
         finally:
             for cursor in cursors:
                 cursor.close()

@@ -108,7 +108,9 @@ def count_samples(shard: str) -> int:
 
     keys = set()
     try:
-        with fileio.open_file(shard, "rb") as f, tarfile.open(fileobj=f, mode="r|" if fileio.is_url(shard) else "r") as tf:
+        # A URL is streamed (its headers are spread over the whole object); a local file seeks past member data.
+        mode = "r|" if fileio.is_url(shard) else "r"
+        with fileio.open_file(shard, "rb") as f, tarfile.open(fileobj=f, mode=mode) as tf:
             try:
                 for member in tf:
                     if member.isfile():
@@ -127,7 +129,8 @@ def _with_sizes(source: ShardSource) -> ShardSource:
     sizes = shard_sizes(source.shards)
     if len(sizes) == len(source.shards):
         per_shard = tuple(sizes[s] for s in source.shards)
-        return replace(source, sizes=per_shard, samples=source.samples if source.samples is not None else sum(per_shard))
+        samples = source.samples if source.samples is not None else sum(per_shard)
+        return replace(source, sizes=per_shard, samples=samples)
     return source
 
 
