@@ -71,7 +71,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=int, default=100)
     p.add_argument("--per_shard", type=int, default=100)
-    p.add_argument("--positions", type=int, nargs="+", default=[0, 2000, 5000, 9000])
+    p.add_argument("--positions", type=int, nargs="+", default=[0, 2060, 5080, 9040])
+    p.add_argument("--block", type=int, default=20, help="--shuffle_buffer (the shuffle block)")
     p.add_argument("--before", default="main", help="git revision of the replaying loader (sd_ds/data.py)")
     args = p.parse_args()
 
@@ -79,6 +80,7 @@ def main() -> None:
 
     from sd_ds.config import DataConfig
     from sd_ds.data import build_train_loader
+    from sd_ds.data.index import main as index_main
     from sd_ds.models import CLIP_TOKENIZER_DIR
     from sd_ds.testing import write_photo_shards
     from tests.object_stores import HTTPFileServer
@@ -92,7 +94,7 @@ def main() -> None:
         write_photo_shards(shards, [args.per_shard] * args.shards)
         total_bytes = sum(p.stat().st_size for p in shards.glob("*.tar"))
         shard_bytes = total_bytes / args.shards
-        cfg = dict(resolution=32, dataloader_num_workers=0, shuffle_buffer=100, caption_dropout_prob=0.0)
+        cfg = dict(resolution=32, dataloader_num_workers=0, shuffle_buffer=args.block, caption_dropout_prob=0.0)
         with HTTPFileServer(shards) as http:
             def new():
                 return build_train_loader(DataConfig(train_shards=[http.url()], **cfg), tokenizer=tokenizer,
@@ -102,29 +104,35 @@ def main() -> None:
                 return old.build_train_loader(DataConfig(train_shards=[str(shards)], **cfg), tokenizer=tokenizer,
                                               model_max_length=77, micro_batch_size=mb, seed=0)
 
+            served = lambda: sum(n for _, path, n in http.requests if path.endswith(".tar"))  # noqa: E731
             for position in args.positions:
                 t_old, old_bytes = first_batch_after(before, position, mb, rchar)
-                t_new, new_bytes = first_batch_after(new, position, mb, lambda: sum(
-                    n for _, path, n in http.requests if path.endswith(".tar")))
-                rows.append((position, old_bytes, t_old, new_bytes, t_new))
-                print(f"position {position}: before {old_bytes / 1e6:.1f} MB {t_old:.2f} s; after "
-                      f"{new_bytes / 1e6:.2f} MB {t_new:.2f} s", file=sys.stderr)
+                t_new, new_bytes = first_batch_after(new, position, mb, served)
+                rows.append([position, old_bytes, t_old, new_bytes, t_new])
+            index_main([str(shards)])  # member indexes: a reader seeks to its sample
+            for row in rows:
+                row += first_batch_after(new, row[0], mb, served)[::-1]
+                print(f"position {row[0]}: before {row[1] / 1e6:.1f} MB {row[2]:.2f} s; after {row[3] / 1e6:.2f} MB "
+                      f"{row[4]:.2f} s; indexed {row[5] / 1e6:.3f} MB {row[6]:.2f} s", file=sys.stderr)
     lines = [
         "", "### Resume: bytes read and time to the first batch vs the position resumed from", "",
         f"{datetime.date.today().isoformat()} · {platform.machine()}, {os.cpu_count()} cores (shared) · "
         f"`{' '.join(['python bench/bench_data_resume.py', *sys.argv[1:]])}`", "",
         f"{args.shards} shards of {args.per_shard} photo samples (36-80 px JPEG/PNG/WebP, {shard_bytes / 1e3:.0f} kB a "
-        f"shard), one reader, micro batch {mb}, shuffle buffer/block 100. Before: the loader of `{args.before}` "
+        f"shard), one reader, micro batch {mb}, shuffle block {args.block}. Before: the loader of `{args.before}` "
         f"(replays and skips every consumed raw sample; local files, bytes = what the process read() from "
-        f"iterating the resumed loader to its first batch, /proc/self/io). After: "
-        f"the shards over HTTP, bytes = what the server sent to the resumed loader.", "",
-        "| resumed at sample | before: bytes read | before: s to first batch | after: bytes from the "
-        "server | after: s to first batch |", "|---:|---:|---:|---:|---:|"]
-    for position, old_bytes, t_old, new_bytes, t_new in rows:
-        lines.append(f"| {position:,} | {old_bytes / 1e6:.1f} MB | {t_old:.2f} | {new_bytes / 1e6:.2f} MB | {t_new:.2f} |")
-    lines += ["", f"After: at most the shard holding the position (up to {shard_bytes / 1e6:.2f} MB here; the "
-              f"samples before it in that shard are read and dropped, ~half a shard on average) plus the block's "
-              f"samples, whatever the position."]
+        f"iterating the resumed loader to its first batch, /proc/self/io). After: the shards over HTTP, bytes = "
+        f"what the server sent to the resumed loader; then the same after `python -m sd_ds.data.index` wrote "
+        f"each shard's member index.", "",
+        "| resumed at sample | before: bytes read | before: s | after: bytes from the server | after: s | "
+        "after, with member index: bytes | with index: s |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for position, old_bytes, t_old, new_bytes, t_new, idx_bytes, t_idx in rows:
+        lines.append(f"| {position:,} | {old_bytes / 1e6:.1f} MB | {t_old:.2f} | {new_bytes / 1e6:.2f} MB | "
+                     f"{t_new:.2f} | {idx_bytes / 1e6:.3f} MB | {t_idx:.2f} |")
+    lines += ["", f"After: at most the shard holding the position ({shard_bytes / 1e6:.2f} MB here), whatever the "
+              f"position: without an index the samples before it in that shard are read and dropped; with one the "
+              f"reader seeks to the first sample its block needs (fsspec's 4 MiB readahead then fetches the rest of "
+              f"these small shards in the same request)."]
     print("\n".join(lines))  # the rows of BENCHMARKS.md section 10 (under bench_data_plan.py's table)
 
 if __name__ == "__main__":

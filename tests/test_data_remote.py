@@ -126,6 +126,7 @@ def test_index_command_writes_sizes_json_on_s3_once(tmp_path, tokenizer, s3_serv
     assert not fileio.exists(url + "/sizes.json")
     assert index_main([url]) == 0
     assert fileio.read_json(url + "/sizes.json") == {"00000.tar": 5, "00001.tar": 7, "00002.tar": 6}
+    assert fileio.exists(url + "/00001.tar.offsets")  # and a member index per shard
     s3_server.reset_counts()
     data = loader(url, tokenizer)  # sizes from sizes.json: no shard is read to build the loader
     assert data.batches_per_epoch == 4 and not [r for r in s3_server.requests if r[1].endswith(".tar")]
@@ -165,3 +166,26 @@ def test_shards_without_sizes_json_are_counted_once_per_run_not_per_rank(tmp_pat
     shard_gets = [path for method, path, n in http.requests if path.endswith(".tar") and method == "GET"]
     assert sorted(set(shard_gets)) == [f"/{i:05d}.tar" for i in range(5)]
     assert len(shard_gets) == 5  # one read per shard, by one rank
+
+
+def test_a_member_index_lets_a_reader_start_inside_a_shard_without_reading_its_start(tmp_path,
+                                                                                    http_server_factory):  # noqa: F811
+    from sd_ds.data.index import main as index_main
+    from sd_ds.data.reading import shard_samples
+
+    write_photo_shards(tmp_path, [40])
+    http = http_server_factory(tmp_path)
+    url, size = http.url("00000.tar"), (tmp_path / "00000.tar").stat().st_size
+    without = list(shard_samples(url, 30))
+    read_without = http.bytes_served
+    assert [i for i, _ in without] == list(range(30, 40)) and read_without >= size
+    assert index_main([str(tmp_path)]) == 0
+    http.reset_counts()
+    indexed = list(shard_samples(url, 30))
+    assert [(i, s["__key__"], s["txt"]) for i, s in indexed] == [(i, s["__key__"], s["txt"]) for i, s in without]
+    served = sum(n for _, path, n in http.requests if path.endswith(".tar"))
+    assert served < 0.4 * size  # samples 30..39 only (the index itself is 41 x 8 bytes)
+
+    # A shard rewritten after indexing: its stale index is ignored (the samples are still right).
+    write_photo_shards(tmp_path, [39])
+    assert [i for i, _ in shard_samples(url, 30)] == list(range(30, 39))

@@ -1,8 +1,10 @@
 """Reading samples out of tar shards on any storage: a shard opened at member k, and per-source cursors.
 
 A shard is streamed once from the start of the sample asked for: through ``sd_ds.fileio.open_file`` (a local
-file, or fsspec's buffered reader for s3://, gs://, http(s)://), with tarfile's stream mode. Opening at member k
-without an index reads (and drops) the k samples before it: at most one shard. A reader that asks for the next
+file, or fsspec's buffered reader for s3://, gs://, http(s)://), with tarfile's stream mode. Opening at sample k
+seeks to it when the shard has a member index (``NNNNN.tar.offsets`` beside it: little-endian int64, the shard's
+size in bytes, then the byte offset of each sample's first tar header; written by ``python -m sd_ds.data.index``,
+like webdataset's wids indexes; an index whose size does not match the shard is ignored); without one it reads (and drops) the k samples before it: at most one shard. A reader that asks for the next
 samples of the shard it is reading continues the open stream, so an epoch reads every byte once.
 """
 
@@ -18,6 +20,53 @@ from sd_ds import fileio
 logger = logging.getLogger("sd_ds.data")
 
 REMOTE_BLOCK = 4 << 20  # bytes per ranged read from object storage: a few samples' worth, sequential readahead
+OFFSETS_SUFFIX = ".offsets"  # the member index beside a shard
+
+
+def sample_offsets(url: str) -> list[int]:
+    """The byte offset of each sample's first tar header in a shard (local or URL), read from its headers."""
+    offsets, key = [], None
+    with fileio.open_file(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            base, _ = _base_plus_ext(member.name)
+            if base is not None and base != key:
+                offsets.append(member.offset)
+                key = base
+    return offsets
+
+
+def offsets_bytes(shard_size: int, offsets: list[int]) -> bytes:
+    """A member index file's bytes."""
+    import numpy as np
+
+    return np.asarray([shard_size, *offsets], dtype="<i8").tobytes()
+
+
+def read_offsets(url: str, shard_size: int) -> Optional[list[int]]:
+    """A shard's member index, or None when it has none or it was made for other bytes (a rewritten shard)."""
+    import numpy as np
+
+    try:
+        values = np.frombuffer(fileio.read_bytes(url + OFFSETS_SUFFIX), dtype="<i8").tolist()
+    except FileNotFoundError:
+        return None
+    if not values or values[0] != shard_size:
+        logger.warning("%s%s does not match the shard's size: ignored (run python -m sd_ds.data.index again)",
+                       url, OFFSETS_SUFFIX)
+        return None
+    return values[1:]
+
+
+def _size(f: Any) -> Optional[int]:
+    size = getattr(f, "size", None)  # fsspec files
+    if size is None:
+        try:
+            size = os.fstat(f.fileno()).st_size
+        except (OSError, AttributeError, ValueError):
+            return None
+    return int(size)
 
 
 def _base_plus_ext(name: str) -> tuple[Optional[str], Optional[str]]:
@@ -34,7 +83,13 @@ def shard_samples(url: str, start: int = 0, on_error: Optional[Callable[[Excepti
     index, current, key = 0, None, None
     try:
         kw: dict[str, Any] = {"block_size": REMOTE_BLOCK, "cache_type": "readahead"} if fileio.is_url(url) else {}
-        with fileio.open_file(url, "rb", **kw) as f, tarfile.open(fileobj=f, mode="r|") as tf:
+        with fileio.open_file(url, "rb", **kw) as f:
+            size = _size(f) if start > 0 else None
+            offsets = read_offsets(url, size) if size is not None else None
+            if offsets is not None and start < len(offsets):
+                f.seek(offsets[start])  # a tar stream can begin at any member's header
+                index = start
+            tf = tarfile.open(fileobj=f, mode="r|")
             for member in tf:
                 if not member.isfile():
                     continue
@@ -50,6 +105,7 @@ def shard_samples(url: str, start: int = 0, on_error: Optional[Callable[[Excepti
                 if index >= start:  # samples before the start are passed over: their data is not kept
                     data = tf.extractfile(member)
                     current[ext] = data.read() if data is not None else b""
+            tf.close()
         if current is not None and index >= start:
             yield index, current
     except (tarfile.TarError, OSError, ValueError, EOFError) as e:
