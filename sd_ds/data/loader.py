@@ -359,7 +359,9 @@ class TrainLoader:
         for s in states:
             for w, _, raw in s["workers"]:
                 consumed[int(s.get("rank", 0)) * max(1, int(s["num_workers"])) + int(w)] = int(raw)
-        left = order_lib.remaining(intervals, int(state["readers"]), int(state["span"]), consumed)
+        # (Nothing consumed yet, e.g. saved at an epoch's end: the whole segment, its tail included, is left.)
+        left = (order_lib.remaining(intervals, int(state["readers"]), int(state["span"]), consumed)
+                if any(consumed.values()) else intervals)
         served = order_lib.total(intervals) - order_lib.total(left)
         if not left:
             self.epoch += 1
