@@ -386,15 +386,25 @@ class Checkpointer:
 
             self.ema.load_state_dict(load_ema_shards(resume.path, self.ema, self.dist.rank, self.dist.world_size))
         state.load_state_dict(read_trainer_state(resume.path))
+        def every_rank() -> list[dict]:
+            # Collective (every rank's loader asks, or none does): an elastic data resume needs what every saved
+            # rank's readers consumed, a few numbers each; the main process reads the files once for all.
+            states = ([load_rank_state(rank_state_path(resume.path, r))["data"] for r in range(resume.world_size)]
+                      if self.dist.is_main_process else None)
+            return self.dist.broadcast_object(states)
+
         if same_world:
             from sd_ds.distributed import set_rng_state
 
             rank_state = load_rank_state(rank_state_path(resume.path, self.dist.rank))
-            self.loader.load_state_dict(rank_state["data"])
+            self.loader.load_state_dict(rank_state["data"], every_rank=every_rank)
             set_rng_state(rank_state["rng"])
             self.generator.set_state(rank_state["generator"])
         else:
-            logger.warning("checkpoint %s was written by %d ranks, this run has %d: the data epoch restarts",
-                           resume.path, resume.world_size, self.dist.world_size)
+            # Other ranks: the data epoch continues elastically (the loader says so); RNG states start anew.
+            logger.info("checkpoint %s was written by %d ranks, this run has %d", resume.path, resume.world_size,
+                        self.dist.world_size)
+            self.loader.load_state_dict(load_rank_state(rank_state_path(resume.path, 0))["data"],
+                                        every_rank=every_rank)
         logger.info("resumed from %s at step %d", resume.path, state.step)
         return state

@@ -85,10 +85,14 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_shards: list[str] = _f(
-        [], "Webdataset shards: URLs with brace patterns (dir/{00000..00099}.tar), directories (a converter "
-        "output dir mixes its sources by their filelist weights), globs, or URL::weight for mixtures. A directory "
-        "written by `python -m sd_ds.encode_latents` (latent shards, recognised by its latents.json) trains on "
-        "precomputed VAE moments instead of images; latent and image shards cannot be mixed in one run.",
+        [], "Webdataset shards: paths or URLs (s3://, gs://, http(s)://, any fsspec URL; credentials and endpoints "
+        "the store's standard way, e.g. AWS_* variables and AWS_ENDPOINT_URL) with brace patterns "
+        "(dir/{00000..00099}.tar), directories or URL prefixes (a converter output dir mixes its sources by their "
+        "filelist weights; its sizes.json and sources.json are read from the same place), globs, or URL::weight "
+        "for mixtures. A directory written by `python -m sd_ds.encode_latents` (latent shards, recognised by its "
+        "latents.json) trains on precomputed VAE moments instead of images; latent and image shards cannot be "
+        "mixed in one run. Shards no sizes.json lists are counted once per run (each by one rank), or once and "
+        "for all by `python -m sd_ds.data.index DIR_OR_URL`.",
         nargs="+")
     file_list: Optional[str] = _f(
         None, "The seed's train.filelist.list of raw LAION parts. Not read directly: convert it first with "
@@ -104,9 +108,15 @@ class DataConfig:
         0.1, "Probability a caption is replaced by \"\" (for classifier-free guidance). 0.1 is the seed's rate: "
         "ppdiffusers' examples/text_to_image_laion400m text_image_pair_dataset.py parse_line empties the caption "
         "when random.random() < 0.1.")
-    shuffle_buffer: int = _f(1000, "Samples in each worker's shuffle buffer.")
-    resample_shards: bool = _f(False, "Sample shards with replacement (allows fewer shards than ranks x workers).")
-    samples_per_epoch: Optional[int] = _f(None, "Samples per epoch over all ranks (default: all samples in the shards).")
+    shuffle_buffer: int = _f(
+        1000, "Shuffle block: the epoch's order is shuffled within consecutive blocks of this many samples (of all "
+        "sources, mixed by weight), the same on any number of ranks and workers; a reader holds one block at most.")
+    resample_shards: bool = _f(
+        False, "Draw each pass's shards with replacement instead of a shuffle. (Not needed for few shards: every "
+        "reader gets an exact share of the samples whatever the shard count.)")
+    samples_per_epoch: Optional[int] = _f(
+        None, "Samples per epoch over all ranks (default: all samples in the shards; a skipped corrupt sample "
+        "counts, its place in a batch is taken by a repeat).")
     dataloader_num_workers: Optional[int] = _f(
         None, "Data loader worker processes per rank. Default: on GPUs min(8, CPU cores per rank - 1): a worker "
         "decodes and crops ~150 256-px JPEGs/s, an H100 trains ~400-700 images/s at 256 px (latent shards need "

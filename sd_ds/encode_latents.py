@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import io
 import json
 import logging
@@ -61,10 +60,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 
 from sd_ds.convert.planning import first_difference
-from sd_ds.data import (LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MOMENTS, MOMENTS_FLIPPED, ImageTransform,
-                        ShardSource, SkipLog, SkipSample, parse_sources, read_latent_manifest,
+from sd_ds.data import (ImageTransform, ShardSource, SkipLog, SkipSample, parse_sources, read_latent_manifest,
                         sizes_json_count)
 from sd_ds.convert.storage import LocalStore, Store, open_store
+# The manifest's format and the VAE record live with the trainer's reader of it (one home); re-exported here.
+from sd_ds.data.manifest import (FORMAT, LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MOMENTS,  # noqa: F401
+                                 MOMENTS_FLIPPED, VERSION, check_latent_manifest, vae_fingerprint, vae_record)
 from sd_ds.lifecycle import pid_alive
 
 if TYPE_CHECKING:
@@ -72,8 +73,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("sd_ds.encode_latents")
 
-FORMAT = "sd-ds latent shards"
-VERSION = 1
 CLAIM_POLL_S = 1.0  # how often rank 0 looks whether the shards others claimed are done
 KILL_AT_ENV = "SD_DS_ENCODE_KILL_AT"
 """Test hook, ``point:n``: SIGKILL this process at the n-th ``batch`` (a batch written into a shard's temporary
@@ -103,59 +102,10 @@ def sample_latents(moments: torch.Tensor, generator: Optional[torch.Generator],
     return DiagonalGaussianDistribution(moments.float()).sample(generator) * scaling_factor
 
 
-def vae_fingerprint(vae: "AutoencoderKL") -> str:
-    """sha256 over the VAE's state dict (names, shapes, float32 values) as loaded: call it before casting."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(vae.state_dict().items()):
-        if tensor.is_floating_point() and tensor.dtype != torch.float32:
-            raise ValueError(f"vae_fingerprint: {name} is {tensor.dtype}; fingerprint the VAE as loaded (float32), "
-                             f"before it is cast to the training dtype")
-        data = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{tuple(data.shape)}:{data.dtype};".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()
-
-
-def _vae_config(vae: "AutoencoderKL") -> dict:
-    """The config that shapes the latents: diffusers' bookkeeping (``_...``) and scaling_factor left out."""
-    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_") and k != "scaling_factor"}
-    return json.loads(json.dumps(config, default=str))  # tuples → lists, as read back from JSON
-
-
-def vae_record(vae: "AutoencoderKL") -> dict:
-    return {"config": _vae_config(vae), "weights_sha256": vae_fingerprint(vae),
-            "scaling_factor": float(vae.config.scaling_factor)}
-
-
 def latent_shape(vae: "AutoencoderKL", resolution: int) -> list[int]:
     """[2C, R/f, R/f]: f = 2 per down block after the first (8 for SD's VAE, 4 for the tiny preset's)."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     return [2 * vae.config.latent_channels, resolution // factor, resolution // factor]
-
-
-def check_latent_manifest(manifest: dict, vae: "AutoencoderKL", resolution: int) -> None:
-    """A clear error when latent shards were made otherwise than this run would make its latents: another
-    resolution, VAE config, VAE weights or scaling_factor. Call with the VAE as loaded (float32, before casting)."""
-    where = f"latent shards ({manifest.get('output_dir', 'the --train_shards directory')})"
-    fix = ("encode the image shards again with this run's VAE and --resolution (python -m sd_ds.encode_latents), "
-           "or train with the VAE and resolution the shards were made with")
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"{where}: format {manifest.get('format')!r} version {manifest.get('version')!r}, this "
-                         f"trainer reads {FORMAT!r} version {VERSION}; encode them again")
-    if manifest["resolution"] != resolution:
-        raise ValueError(f"{where} were encoded at --resolution {manifest['resolution']}, this run trains at "
-                         f"{resolution}: {fix}")
-    saved, now = manifest["vae"], vae_record(vae)
-    if saved["scaling_factor"] != now["scaling_factor"]:
-        raise ValueError(f"{where} were encoded for a VAE with scaling_factor {saved['scaling_factor']}, this run's "
-                         f"VAE has {now['scaling_factor']}: {fix}")
-    if saved["config"] != now["config"]:
-        differ = sorted(k for k in set(saved["config"]) | set(now["config"])
-                        if saved["config"].get(k) != now["config"].get(k))
-        raise ValueError(f"{where} were encoded with another VAE config (differs in {', '.join(differ)}): {fix}")
-    if saved["weights_sha256"] != now["weights_sha256"]:
-        raise ValueError(f"{where} were encoded with other VAE weights (sha256 {saved['weights_sha256'][:12]}..., "
-                         f"this run's VAE {now['weights_sha256'][:12]}...): {fix}")
 
 
 # --- plan: what a run encodes, and what a rerun must match --------------------------------------------

@@ -1,4 +1,6 @@
-"""Atomic file writes: a reader (or a crash) sees the old file or the new one, never half of one.
+"""File I/O shared by the package: atomic writes, and reading local paths and URLs the same way.
+
+Atomic file writes: a reader (or a crash) sees the old file or the new one, never half of one.
 
 Every durable marker in sd-ds (checkpoint ``trainer_state.json`` and ``latest``, converter shards and stats,
 EMA shards, latent-shard manifests) is written through here: write to a temporary name in the same
@@ -151,3 +153,133 @@ def write_atomic_url(url: str, data: Union[bytes, str]) -> None:
 def write_json_atomic_url(url: str, obj: Any, *, indent: Optional[int] = 1) -> None:
     """``write_json_atomic`` (the same bytes) for a local path or any fsspec URL."""
     write_atomic_url(url, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+# --- reading: local paths and any fsspec URL (s3://, gs://, http(s)://, ...) --------------------------
+#
+# One set of functions for both, so that the data pipeline treats a converter output directory on S3 exactly as
+# one on local disk. Credentials and endpoints come the standard way of each store (for S3: the AWS_* variables,
+# profiles and AWS_ENDPOINT_URL, read by botocore under s3fs; for GCS: gcsfs's default credentials). A local
+# path never goes through fsspec, so plain runs need none of the optional packages.
+
+def is_url(path: Union[str, Path]) -> bool:
+    """True for ``scheme://...`` (not for ``file://``, which is read as a local path)."""
+    s = str(path)
+    return "://" in s and not s.startswith("file://")
+
+
+def _local(path: Union[str, Path]) -> str:
+    s = str(path)
+    return s[len("file://"):] if s.startswith("file://") else s
+
+
+def _fs(url: str) -> tuple[Any, str]:
+    try:
+        import fsspec
+    except ImportError:  # pragma: no cover - fsspec comes with the requirements
+        raise ImportError(f"{url}: reading URLs needs fsspec (pip install fsspec)") from None
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        extra = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp"}.get(
+            url.split("://", 1)[0], "the fsspec backend for it")
+        raise ImportError(f"{url}: reading this URL needs {extra} (pip install 'sd-ds[remote]' or "
+                          f"pip install {extra}): {e}") from None
+
+
+def join(base: Union[str, Path], name: str) -> str:
+    """``base/name`` for a local directory or a URL prefix."""
+    s = str(base)
+    if is_url(s):
+        return s.rstrip("/") + "/" + name
+    return str(Path(_local(s)) / name)
+
+
+def open_file(path: Union[str, Path], mode: str = "rb", **kwargs: Any) -> Any:
+    """A file object for a local path or a URL (read modes; fsspec's buffered random-access file for URLs)."""
+    if not is_url(path):
+        return open(_local(path), mode)
+    fs, p = _fs(str(path))
+    return fs.open(p, mode, **kwargs)
+
+
+def exists(path: Union[str, Path]) -> bool:
+    if not is_url(path):
+        return os.path.exists(_local(path))
+    fs, p = _fs(str(path))
+    return bool(fs.exists(p))
+
+
+def is_file(path: Union[str, Path]) -> bool:
+    if not is_url(path):
+        return os.path.isfile(_local(path))
+    fs, p = _fs(str(path))
+    try:
+        return bool(fs.isfile(p))
+    except (OSError, ValueError):
+        return False
+
+
+def is_dir(path: Union[str, Path]) -> bool:
+    """A local directory, or a URL prefix with objects under it (an HTTP URL ending in '/' that lists)."""
+    if not is_url(path):
+        return os.path.isdir(_local(path))
+    s = str(path)
+    if s.rsplit("/", 1)[-1].endswith(".tar") or any(ch in s for ch in "*?[{"):
+        return False
+    fs, p = _fs(s)
+    try:
+        return bool(fs.isdir(p))
+    except (OSError, ValueError):
+        return False
+
+
+def read_bytes(path: Union[str, Path]) -> bytes:
+    with open_file(path, "rb") as f:
+        return f.read()
+
+
+def read_json(path: Union[str, Path]) -> Any:
+    return json.loads(read_bytes(path).decode("utf-8"))
+
+
+def read_json_if_exists(path: Union[str, Path]) -> Optional[Any]:
+    """The JSON at ``path``, or None when there is no such file (a URL answering 404 included)."""
+    try:
+        return read_json(path)
+    except FileNotFoundError:
+        return None
+
+
+def list_files(directory: Union[str, Path], suffix: str) -> list[str]:
+    """Files directly in a directory (local or URL prefix) whose names end with ``suffix``, sorted by name, as
+    paths or URLs. HTTP: the links of the server's directory listing."""
+    if not is_url(directory):
+        return sorted(str(p) for p in Path(_local(directory)).glob(f"*{suffix}") if p.is_file())
+    fs, p = _fs(str(directory))
+    names = fs.ls(p, detail=False)
+    out = []
+    for name in names:
+        base = name.rstrip("/").rsplit("/", 1)[-1]
+        if base.endswith(suffix) and not base.startswith("."):
+            out.append(join(directory, base))
+    return sorted(set(out))
+
+
+def glob_urls(pattern: str) -> list[str]:
+    """Paths or URLs matching a glob (``*``, ``?``, ``[...]``), sorted; the protocol is kept on URLs."""
+    if not is_url(pattern):
+        import glob as globlib
+
+        return sorted(globlib.glob(_local(pattern)))
+    fs, p = _fs(pattern)
+    protocol = pattern.split("://", 1)[0]
+    return sorted(m if "://" in m else f"{protocol}://{m}" for m in fs.glob(p))
+
+
+def write_bytes_to(path: Union[str, Path], data: bytes) -> None:
+    """Write a small file (metadata) to a local path (atomically) or a URL (one PUT: objects appear whole)."""
+    if not is_url(path):
+        write_atomic(_local(path), data)
+        return
+    fs, p = _fs(str(path))
+    with fs.open(p, "wb") as f:
+        f.write(data)

@@ -16,8 +16,7 @@ import torch
 
 from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, TrainState, plan_resume
 from sd_ds.config import TrainConfig, parse_config
-from sd_ds.data import build_train_loader, raise_if_raw_parts, read_latent_manifest
-from sd_ds.encode_latents import check_latent_manifest
+from sd_ds.data import build_train_loader, check_latent_manifest, raise_if_raw_parts, read_latent_manifest
 from sd_ds.distributed import (DistInfo, close_distributed, default_loader_workers, init_distributed, rank_seed,
                                seed_everything)
 from sd_ds.engine import build_ema, build_engine, encode_batch, grad_norm, group_lrs, weight_dtype
@@ -92,7 +91,8 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
         cfg.data.dataloader_num_workers = default_loader_workers(device)
     loader = build_train_loader(cfg.data, tokenizer=components.tokenizer, model_max_length=cfg.model.model_max_length,
                                 micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, rank=dist_info.rank,
-                                world_size=dist_info.world_size, pin_memory=device.type == "cuda")
+                                world_size=dist_info.world_size, pin_memory=device.type == "cuda",
+                                all_reduce=dist_info.all_reduce)  # shards without sizes.json: one rank counts each
     # The generator behind every random draw of the objective (VAE sample, noise, timesteps); per rank.
     generator = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed, dist_info.rank))
     export = (partial(save_trained_models, engine, components, ema, is_main_process=dist_info.is_main_process)

@@ -28,12 +28,13 @@ import contextlib
 import http.server
 import os
 import re
-import socket
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
+
+from sd_ds.testing import free_port
 
 __all__ = ["HTTPFileServer", "S3Server", "http_server_factory", "s3_server"]
 
@@ -57,6 +58,47 @@ class _Counter:
         with self.lock:
             self.bytes = 0
             self.requests = []
+
+
+class _Served:
+    """What both servers share: the byte counts, and start/stop as a context manager."""
+
+    counter: _Counter
+    _server: Any
+    _thread: Optional[threading.Thread]
+
+    @property
+    def bytes_served(self) -> int:
+        return self.counter.bytes
+
+    @property
+    def requests(self) -> list[tuple[str, str, int]]:
+        return list(self.counter.requests)
+
+    def reset_counts(self) -> None:
+        self.counter.reset()
+
+    def _serve(self, name: str) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            close = getattr(self._server, "server_close", None)
+            if close is not None:
+                close()
+        if self._thread is not None:
+            self._thread.join()
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
 
 
 # --- HTTP ------------------------------------------------------------------------------------------------
@@ -121,7 +163,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.counter.add(self.command, self.path, sent)
 
 
-class HTTPFileServer:
+class HTTPFileServer(_Served):
     """A directory served over HTTP on 127.0.0.1 (a free port) from a thread; counts body bytes sent."""
 
     def __init__(self, root: str | os.PathLike) -> None:
@@ -141,42 +183,12 @@ class HTTPFileServer:
         """http://127.0.0.1:PORT/<path> (path relative to the served root)."""
         return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
 
-    @property
-    def bytes_served(self) -> int:
-        return self.counter.bytes
-
-    @property
-    def requests(self) -> list[tuple[str, str, int]]:
-        return list(self.counter.requests)
-
-    def reset_counts(self) -> None:
-        self.counter.reset()
-
     def start(self) -> "HTTPFileServer":
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http-file-server", daemon=True)
-        self._thread.start()
+        self._serve("http-file-server")
         return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join()
-
-    def __enter__(self) -> "HTTPFileServer":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
 
 # --- S3 (moto's standalone server) ------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class _CountingApp:
     """WSGI middleware: counts the bytes of the bodies of GET responses (object data, listings)."""
@@ -196,7 +208,7 @@ class _CountingApp:
                 self.counter.add(method, path, sent)
 
 
-class S3Server:
+class S3Server(_Served):
     """moto's S3 API on 127.0.0.1 (a free port) in a thread of this process, with dummy credentials.
 
     Clients find it the standard way: ``AWS_ENDPOINT_URL`` (botocore ≥ 1.31, hence s3fs), the access keys and
@@ -207,7 +219,7 @@ class S3Server:
 
     def __init__(self) -> None:
         self.counter = _Counter()
-        self.port = _free_port()
+        self.port = free_port()
         self._server: Any = None
         self._thread: Optional[threading.Thread] = None
 
@@ -235,17 +247,6 @@ class S3Server:
                 else:
                     os.environ[k] = v
             _clear_fsspec_cache()
-
-    @property
-    def bytes_served(self) -> int:
-        return self.counter.bytes
-
-    @property
-    def requests(self) -> list[tuple[str, str, int]]:
-        return list(self.counter.requests)
-
-    def reset_counts(self) -> None:
-        self.counter.reset()
 
     def client(self) -> Any:
         import boto3
@@ -280,21 +281,8 @@ class S3Server:
         # ThreadedMotoServer's own setup, with the counting middleware around the app.
         app = _CountingApp(DomainDispatcherApplication(create_backend_app), self.counter)
         self._server = make_server("127.0.0.1", self.port, app, threaded=True, request_handler=Quiet)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="moto-s3", daemon=True)
-        self._thread.start()
+        self._serve("moto-s3")
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-        if self._thread is not None:
-            self._thread.join()
-
-    def __enter__(self) -> "S3Server":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
 
 def _clear_fsspec_cache() -> None:

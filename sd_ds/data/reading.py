@@ -1,0 +1,175 @@
+"""Reading samples out of tar shards on any storage: a shard opened at member k, and per-source cursors.
+
+A shard is streamed once from the start of the sample asked for: through ``sd_ds.fileio.open_file`` (a local
+file, or fsspec's buffered reader for s3://, gs://, http(s)://), with tarfile's stream mode. Opening at sample k
+seeks to it when the shard has a member index (``NNNNN.tar.offsets`` beside it: little-endian int64, the shard's
+size in bytes, then the byte offset of each sample's first tar header; written by ``python -m sd_ds.data.index``,
+like webdataset's wids indexes; an index whose size does not match the shard is ignored); without one it reads (and drops) the k samples before it: at most one shard. A reader that asks for the next
+samples of the shard it is reading continues the open stream, so an epoch reads every byte once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+from typing import Any, Callable, Iterator, Optional
+
+from sd_ds import fileio
+
+logger = logging.getLogger("sd_ds.data")
+
+REMOTE_BLOCK = 4 << 20  # bytes per ranged read from object storage: a few samples' worth, sequential readahead
+OFFSETS_SUFFIX = ".offsets"  # the member index beside a shard
+
+
+def sample_offsets(url: str) -> list[int]:
+    """The byte offset of each sample's first tar header in a shard (local or URL), read from its headers."""
+    offsets, key = [], None
+    with fileio.open_file(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
+        for member in tf:
+            if not member.isfile():
+                continue
+            base, _ = _base_plus_ext(member.name)
+            if base is not None and base != key:
+                offsets.append(member.offset)
+                key = base
+    return offsets
+
+
+def offsets_bytes(shard_size: int, offsets: list[int]) -> bytes:
+    """A member index file's bytes."""
+    import numpy as np
+
+    return np.asarray([shard_size, *offsets], dtype="<i8").tobytes()
+
+
+def read_offsets(url: str, shard_size: int) -> Optional[list[int]]:
+    """A shard's member index, or None when it has none or it was made for other bytes (a rewritten shard)."""
+    import numpy as np
+
+    try:
+        values = np.frombuffer(fileio.read_bytes(url + OFFSETS_SUFFIX), dtype="<i8").tolist()
+    except FileNotFoundError:
+        return None
+    if not values or values[0] != shard_size:
+        logger.warning("%s%s does not match the shard's size: ignored (run python -m sd_ds.data.index again)",
+                       url, OFFSETS_SUFFIX)
+        return None
+    return values[1:]
+
+
+def _size(f: Any) -> Optional[int]:
+    size = getattr(f, "size", None)  # fsspec files
+    if size is None:
+        try:
+            size = os.fstat(f.fileno()).st_size
+        except (OSError, AttributeError, ValueError):
+            return None
+    return int(size)
+
+
+def _base_plus_ext(name: str) -> tuple[Optional[str], Optional[str]]:
+    import webdataset as wds
+
+    return wds.tariterators.base_plus_ext(name)
+
+
+def shard_samples(url: str, start: int = 0, on_error: Optional[Callable[[Exception], None]] = None
+                  ) -> Iterator[tuple[int, dict]]:
+    """(member index, sample) for the samples of a tar shard from the ``start``-th on (webdataset's grouping:
+    consecutive members with the same key make a sample; ``__key__`` and ``__url__`` set). A read error ends
+    the shard after ``on_error(exception)`` (default: raise)."""
+    index, current, key = 0, None, None
+    try:
+        kw: dict[str, Any] = {"block_size": REMOTE_BLOCK, "cache_type": "readahead"} if fileio.is_url(url) else {}
+        with fileio.open_file(url, "rb", **kw) as f:
+            size = _size(f) if start > 0 else None
+            offsets = read_offsets(url, size) if size is not None else None
+            if offsets is not None and start < len(offsets):
+                f.seek(offsets[start])  # a tar stream can begin at any member's header
+                index = start
+            tf = tarfile.open(fileobj=f, mode="r|")
+            for member in tf:
+                if not member.isfile():
+                    continue
+                base, ext = _base_plus_ext(member.name)
+                if base is None:
+                    continue
+                if base != key:
+                    if current is not None:
+                        if index >= start:
+                            yield index, current
+                        index += 1
+                    key, current = base, {"__key__": base, "__url__": url}
+                if index >= start:  # samples before the start are passed over: their data is not kept
+                    data = tf.extractfile(member)
+                    current[ext] = data.read() if data is not None else b""
+            tf.close()
+        if current is not None and index >= start:
+            yield index, current
+    except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+        if on_error is None:
+            raise
+        on_error(e)
+
+
+class SourceCursor:
+    """Sequential reads of one source's samples (by shard and member), continuing the open shard stream when
+    the next sample asked for is the next one in it."""
+
+    def __init__(self, shard_urls: tuple[str, ...], on_error: Callable[[Exception], None]) -> None:
+        self.shard_urls, self.on_error = shard_urls, on_error
+        self._shard: Optional[int] = None
+        self._stream: Optional[Iterator[tuple[int, dict]]] = None
+        self._next: Optional[tuple[int, dict]] = None  # read ahead by one
+        self._at = 0  # no member before this one can come from the open stream any more
+        self.opened = 0  # shards opened (for tests and logs)
+
+    def _open(self, shard: int, member: int) -> None:
+        self._close()
+        self._shard = shard
+        self._stream = shard_samples(self.shard_urls[shard], member, self._error)
+        self._next = None
+        self._at = member
+        self.opened += 1
+
+    def _error(self, exn: Exception) -> None:
+        self.on_error(RuntimeError(f"{self.shard_urls[self._shard]}: {type(exn).__name__}: {exn}"))
+
+    def _close(self) -> None:
+        if self._stream is not None:
+            close = getattr(self._stream, "close", None)
+            if close is not None:
+                close()
+        self._stream, self._next = None, None
+
+    def get(self, shard: int, member: int) -> Optional[dict]:
+        """The sample at ``member`` of ``shard``; None when the shard has no such sample (cut short, unreadable)."""
+        if self._shard != shard or self._stream is None or member < self._at:
+            self._open(shard, member)
+        self._at = member + 1
+        while True:
+            if self._next is None:
+                self._next = next(self._stream, None)  # type: ignore[arg-type]
+                if self._next is None:
+                    # The shard ended before this member (cut short, or fewer samples than sizes.json says):
+                    # counted once per opening, and the shard is not read again for its later members.
+                    self._stream = iter(())
+                    self.on_error(EOFError(f"{self.shard_urls[shard]} ended before its sample #{member}"))
+                    return None
+            index, sample = self._next
+            if index == member:
+                self._next = None
+                return sample
+            if index > member:
+                return None  # a member missing from the shard (a tar error in between)
+            self._next = None  # an earlier member (a repeat never asks for it): pass over it
+
+    def close(self) -> None:
+        self._close()
+        self._shard = None
+
+
+def basename(url: str) -> str:
+    return os.path.basename(url.split("?", 1)[0].rstrip("/"))

@@ -1,0 +1,286 @@
+"""``--train_shards`` → weighted sources of shards with their sample counts, from local paths or any URL.
+
+An entry is a directory or URL prefix (all its ``*.tar``; a converter output's ``sources.json`` or a latent
+directory's ``latents.json`` makes each of its sources a weighted source), a brace pattern, a glob, or a list of
+these, each optionally suffixed with ``::weight``. Metadata (sources.json, sizes.json, latents.json) is read from
+beside the shards, wherever they are: ``s3://bucket/shards/`` trains exactly as ``/data/shards/`` does.
+
+Sample counts come from sizes.json (the converter and the encoder write it). Shards it does not list are counted
+once per run from their tar headers, each by one rank (``count_missing``), or once and for all by
+``python -m sd_ds.data.index URL...``, which writes the sizes.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tarfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+from sd_ds import fileio
+from sd_ds.data.manifest import LATENT_COMPATIBLE, load_latent_manifest
+from sd_ds.data.reading import basename
+
+logger = logging.getLogger("sd_ds.data")
+
+SIZES_JSON = "sizes.json"
+SOURCES_JSON = "sources.json"
+
+
+@dataclass(frozen=True)
+class ShardSource:
+    """A set of shards drawn from with one mixture weight (one ``--train_shards`` entry, or one source of a
+    converter's ``sources.json`` / a latent manifest)."""
+
+    name: str  # for messages and the latent manifest (where the encoder read the source)
+    weight: float
+    shards: tuple[str, ...]
+    samples: Optional[int]  # from sources.json / sizes.json / the latent manifest; None until counted
+    sizes: Optional[tuple[int, ...]] = None  # per shard, when sizes.json (or counting) gave every one
+
+    def seed_key(self, index: int) -> str:
+        """What seeds this source's shuffles: its place in the run and its shards' names, not where they are
+        stored (a local and a remote copy train on the same order; a latent directory keeps its image shards'
+        names, hence their order)."""
+        names = hashlib.sha1("\n".join(basename(s) for s in self.shards).encode()).hexdigest()[:16]
+        return f"{index}:{names}"
+
+
+class UnreadableShardError(ValueError):
+    """A shard that is not a readable tar (zero bytes, not a tar, unreadable file)."""
+
+
+def split_weight(entry: str) -> tuple[str, float]:
+    """``URL::weight`` → (URL, weight); a plain URL has weight 1."""
+    url, weight = entry, 1.0
+    if "::" in entry:
+        url, w = entry.rsplit("::", 1)
+        try:
+            weight = float(w)
+        except ValueError:
+            raise ValueError(f"--train_shards {entry!r}: the weight after '::' must be a number") from None
+    if not weight > 0:
+        raise ValueError(f"--train_shards {entry!r}: mixture weights must be > 0")
+    return url, weight
+
+
+def expand(url: str) -> list[str]:
+    """Brace patterns and globs → shard paths/URLs (a glob on a URL lists the store)."""
+    import braceexpand
+
+    out: list[str] = []
+    for u in braceexpand.braceexpand(url):
+        out.extend(fileio.glob_urls(u) if any(ch in u for ch in "*?[") else [u])
+    return out
+
+
+def _parent(shard: str) -> str:
+    return shard.rsplit("/", 1)[0] if fileio.is_url(shard) else str(Path(shard).parent)
+
+
+def shard_sizes(shards: Iterable[str]) -> dict[str, int]:
+    """{shard: samples} for the shards listed in the sizes.json beside them (one read per directory)."""
+    tables: dict[str, dict] = {}
+    out = {}
+    for shard in shards:
+        d = _parent(shard)
+        if d not in tables:
+            tables[d] = fileio.read_json_if_exists(fileio.join(d, SIZES_JSON)) or {}
+        n = tables[d].get(basename(shard))
+        if n is not None:
+            out[shard] = int(n)
+    return out
+
+
+def sizes_json_count(shards: Iterable[str]) -> Optional[int]:
+    """Samples in the shards according to the sizes.json beside them; None if any shard is not listed."""
+    shards = list(shards)
+    sizes = shard_sizes(shards)
+    return sum(sizes.values()) if len(sizes) == len(shards) else None
+
+
+def count_samples(shard: str) -> int:
+    """Samples (distinct keys) in a tar shard (local or URL), read from its headers. UnreadableShardError (naming
+    the shard) when it is no tar at all; a tar cut short counts the samples before the cut."""
+    import webdataset as wds
+
+    keys = set()
+    try:
+        # A URL is streamed (its headers are spread over the whole object); a local file seeks past member data.
+        mode = "r|" if fileio.is_url(shard) else "r"
+        with fileio.open_file(shard, "rb") as f, tarfile.open(fileobj=f, mode=mode) as tf:
+            try:
+                for member in tf:
+                    if member.isfile():
+                        keys.add(wds.tariterators.base_plus_ext(member.name)[0])
+            except (tarfile.TarError, OSError) as e:  # cut short: the reader counts it as a tar error too
+                logger.warning("shard %s: %s: %s (counted the %d samples before it)", shard, type(e).__name__, e,
+                               len(keys))
+    except (tarfile.TarError, OSError) as e:
+        size = Path(shard).stat().st_size if not fileio.is_url(shard) and Path(shard).is_file() else None
+        raise UnreadableShardError(f"{shard}: not a readable tar ({'zero bytes' if size == 0 else e})") from None
+    keys.discard(None)
+    return len(keys)
+
+
+def _with_sizes(source: ShardSource) -> ShardSource:
+    sizes = shard_sizes(source.shards)
+    if len(sizes) == len(source.shards):
+        per_shard = tuple(sizes[s] for s in source.shards)
+        samples = source.samples if source.samples is not None else sum(per_shard)
+        return replace(source, sizes=per_shard, samples=samples)
+    return source
+
+
+def parse_sources(train_shards: list[str]) -> list[ShardSource]:
+    """``--train_shards`` entries → sources (see the module docstring), with per-shard sizes where sizes.json
+    gives them."""
+    sources: list[ShardSource] = []
+    for entry in train_shards:
+        url, weight = split_weight(entry)
+        is_dir = fileio.is_dir(url)
+        manifest = load_latent_manifest(url) if is_dir else None
+        if manifest is not None:
+            # Each source under the name the encoder gave it (its image source's).
+            sources.extend(_with_sizes(ShardSource(s["name"], float(s["weight"]) * weight,
+                                                   tuple(fileio.join(url, n) for n in s["shards"]), int(s["samples"])))
+                           for s in manifest["sources"] if s["shards"])
+            continue
+        listing = fileio.read_json_if_exists(fileio.join(url, SOURCES_JSON)) if is_dir else None
+        if listing is not None:
+            for s in listing["sources"]:
+                shards = tuple(fileio.join(url, n) for n in s["shards"])
+                if shards and float(s.get("weight", 1.0)) > 0:
+                    samples = s.get("samples")
+                    sources.append(_with_sizes(ShardSource(
+                        f"{url}:{s.get('name', len(sources))}", float(s.get("weight", 1.0)) * weight, shards,
+                        int(samples) if samples is not None else None)))
+            continue
+        shards = tuple(fileio.list_files(url, ".tar")) if is_dir else tuple(expand(url))
+        missing = [s for s in shards if not fileio.is_url(s) and not Path(s).is_file()]
+        if not shards or missing:
+            raise FileNotFoundError(f"--train_shards {entry!r}: no shards found"
+                                    + (f" (missing: {', '.join(missing[:3])})" if missing else ""))
+        sources.append(_with_sizes(ShardSource(url, weight, shards, None)))
+    if not sources:
+        raise ValueError("--train_shards: no sources (empty list, or sources.json lists no shards)")
+    return sources
+
+
+Counter = Callable[[list[str]], list[Optional[int]]]
+
+
+def count_here(shards: list[str]) -> list[Optional[int]]:
+    """Counts of the shards read by this process (None: unreadable), warning about each unreadable one."""
+    out: list[Optional[int]] = []
+    for shard in shards:
+        try:
+            out.append(count_samples(shard))
+        except UnreadableShardError as e:
+            logger.warning("%s", e)
+            out.append(None)
+    return out
+
+
+def count_missing(sources: list[ShardSource], counter: Counter = count_here
+                  ) -> tuple[list[ShardSource], dict[str, str]]:
+    """Sources with every shard's size: from sizes.json, else counted by ``counter`` (``count_here``, or the
+    trainer's ``shared_counter``: each shard by one rank). Shards that are no readable tar or hold no sample are
+    left out (→ (sources, {left-out shard: why})); a source left with no shard is an error naming its shards."""
+    todo = sorted({sh for s in sources if s.sizes is None for sh in s.shards} - set(shard_sizes(
+        sh for s in sources if s.sizes is None for sh in s.shards)))
+    counted = dict(zip(todo, counter(todo))) if todo else {}
+    out, left_out = [], {}
+    for s in sources:
+        if s.sizes is not None:
+            out.append(s)
+            continue
+        known = shard_sizes(s.shards)
+        sizes = {sh: known.get(sh, counted.get(sh)) for sh in s.shards}
+        for sh, n in sizes.items():
+            if not n:
+                left_out[sh] = f"{sh}: not a readable tar" if n is None else f"{sh}: no samples"
+        kept = tuple(sh for sh in s.shards if sizes[sh])
+        if not kept:
+            raise ValueError(f"source {s.name!r}: no shard with a readable sample: "
+                             + "; ".join(left_out.get(sh, f"{sh}: no samples") for sh in s.shards[:5])
+                             + (f"; ... ({len(s.shards)} shards)" if len(s.shards) > 5 else ""))
+        if len(kept) < len(s.shards):
+            logger.warning("source %r: skipping %d of %d shards: %s", s.name, len(s.shards) - len(kept),
+                           len(s.shards), "; ".join(left_out[sh] for sh in s.shards if sh not in kept))
+        per_shard = tuple(int(sizes[sh]) for sh in kept)
+        out.append(replace(s, shards=kept, sizes=per_shard, samples=sum(per_shard)))
+    return out, left_out
+
+
+def shared_counter(rank: int, world_size: int, all_reduce: Callable[[Any], Any]) -> Counter:
+    """A counter for ``count_missing`` that splits the shards over the ranks (shard i by rank i % world_size)
+    and sums the results over the ranks with ``all_reduce`` (the gloo control group: CPU tensors)."""
+    def count(shards: list[str]) -> list[Optional[int]]:
+        import torch
+
+        mine = count_here(shards[rank::world_size])
+        vector = torch.zeros(len(shards), dtype=torch.int64)
+        for i, n in zip(range(rank, len(shards), world_size), mine):
+            vector[i] = -1 if n is None else n + 1  # 0: not counted here
+        total = all_reduce(vector).tolist()
+        return [None if v < 0 else v - 1 for v in total]
+    return count
+
+
+def raise_if_raw_parts(path: str) -> None:
+    """The seed's ``--file_list`` (a list of filelists of raw base64 LAION parts) is not read by the trainer:
+    say how to convert it. A directory of tar shards passed by mistake is left for the caller to report."""
+    p = Path(path)
+    if p.suffix == ".tar" or (p.is_dir() and any(p.glob("*.tar"))):
+        return
+    raise SystemExit(
+        f"--file_list {path}: the trainer reads webdataset shards, not raw LAION parts. Convert them once "
+        f"(resumable, uses all cores):\n"
+        f"    python tools/convert_laion_to_wds.py --file_list {path} --output_dir SHARDS\n"
+        f"then train with\n"
+        f"    --train_shards SHARDS\n"
+        f"(the filelist weights are kept in SHARDS/sources.json and used to mix the sources).")
+
+
+# --- which entries are latent shards ---------------------------------------------------------------------
+
+def _latent_directory(url: str) -> Optional[str]:
+    """The latent directory an entry reads from: itself, or the directory of the shards it names."""
+    if fileio.is_dir(url):
+        return url if load_latent_manifest(url) is not None else None
+    parents = {_parent(s) for s in expand(url)}
+    latent = [p for p in sorted(parents) if load_latent_manifest(p) is not None]
+    if latent and len(latent) < len(parents):
+        raise ValueError(f"--train_shards {url!r} names latent shards ({latent[0]}) and image shards together")
+    return latent[0] if latent else None
+
+
+def read_latent_manifest(train_shards: list[str]) -> Optional[dict]:
+    """The latent manifest ``--train_shards`` trains on (that of the first latent directory; all of them must
+    agree on everything in LATENT_COMPATIBLE), or None for image shards. Mixing latent and image sources, or
+    latent directories made differently, is an error."""
+    manifests: dict[str, Optional[dict]] = {}
+    for entry in train_shards:
+        url, _ = split_weight(entry)
+        directory = _latent_directory(url)
+        manifests[entry] = load_latent_manifest(directory) if directory is not None else None
+    latent = [e for e, m in manifests.items() if m is not None]
+    images = [e for e, m in manifests.items() if m is None]
+    if not latent:
+        return None
+    if images:
+        raise ValueError(
+            f"--train_shards mixes latent shards ({', '.join(latent)}) with image shards ({', '.join(images)}): a run "
+            f"trains on one or the other. Encode the image shards too (python -m sd_ds.encode_latents --train_shards "
+            f"... --output_dir ..., with the same VAE and resolution) or train on the image shards only.")
+    first = manifests[latent[0]]
+    for entry in latent[1:]:
+        other = manifests[entry]
+        differ = [k for k in LATENT_COMPATIBLE if other.get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"--train_shards: the latent shards of {latent[0]!r} and {entry!r} were encoded "
+                             f"differently ({', '.join(differ)}); encode every source with the same settings")
+    return first
