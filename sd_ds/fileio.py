@@ -73,11 +73,8 @@ def is_fsspec_url(path: Union[str, Path]) -> bool:
 
 
 def url_fs(url: str) -> tuple[Any, str]:
-    """(fsspec filesystem, path within it) of a URL."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
+    """(fsspec filesystem, path within it) of a URL; a missing backend (s3fs, gcsfs, aiohttp) is one clear error."""
+    return _fs(url)
 
 
 class AtomicUpload:
@@ -276,10 +273,5 @@ def glob_urls(pattern: str) -> list[str]:
 
 
 def write_bytes_to(path: Union[str, Path], data: bytes) -> None:
-    """Write a small file (metadata) to a local path (atomically) or a URL (one PUT: objects appear whole)."""
-    if not is_url(path):
-        write_atomic(_local(path), data)
-        return
-    fs, p = _fs(str(path))
-    with fs.open(p, "wb") as f:
-        f.write(data)
+    """Write a small file (metadata) to a local path or a URL, whole or not at all (``write_atomic_url``)."""
+    write_atomic_url(str(path) if is_url(path) else _local(path), data)

@@ -23,7 +23,7 @@ from sd_ds.convert.image_header import PIL_MAX_IMAGE_PIXELS
 from sd_ds.convert.parts import LAYOUTS, _url_sizes, part_size, read_file_list_list, read_filelist, url_sizes
 from sd_ds.convert.tar_writing import PartSpan, ShardJob
 from sd_ds.convert.storage import LocalStore, Store
-from sd_ds.fileio import is_fsspec_url, url_fs
+from sd_ds.fileio import glob_urls, is_fsspec_url
 
 __all__ = ["ConvertOptions", "PartSource", "CollectedInputs", "collect_sources", "OutputDirError", "plan_record",
            "open_output", "Frontier", "SourceResult", "WORK_DIR"]
@@ -148,7 +148,7 @@ def collect_sources(file_lists: Iterable[str] = (), filelists: Iterable[str] = (
     loose: list[str] = []
     for pattern in inputs:
         if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern)) if not is_fsspec_url(pattern) else _url_glob(pattern)
+            matches = sorted(glob.glob(pattern)) if not is_fsspec_url(pattern) else glob_urls(pattern)
             loose.extend(matches)
             if not matches:
                 missing_inputs.append(pattern)
@@ -182,12 +182,6 @@ def _is_file(path: str) -> bool:
     if path not in _url_sizes:
         url_sizes([path])
     return _url_sizes[path] is not None
-
-
-def _url_glob(pattern: str) -> list[str]:
-    fs, path = url_fs(pattern)
-    protocol = pattern.split("://", 1)[0]
-    return sorted(match if "://" in match else f"{protocol}://{match}" for match in fs.glob(path))
 
 
 # --- the plan record and the output folder ------------------------------------------------------------
