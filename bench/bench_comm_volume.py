@@ -227,7 +227,8 @@ the others (n-1)/n × size); ideal = reduce-scatter of bf16 gradients + all-gath
 """ + "\n".join(rows) + f"""
 
 Fp32 master weights after {WARMUP + STEPS} steps, sd-ds's reduction against DeepSpeed's: """ + "; ".join(differences) + """ (with
-more than 2 ranks the ranks' bf16 gradients are summed in another order). The ratio is independent of the
+more than 2 ranks the ranks' bf16 gradients are summed in another order, and Adam's first steps move a weight by
+~lr whatever its gradient's size: a near-zero gradient whose sign the rounding flips moves it by up to 2 × lr). The ratio is independent of the
 model's size, so at SD v1 (860 M parameters, 8 ranks) DeepSpeed's all-reduce moves ~4.5 GB per rank per step
 where ~3.0 GB suffice (1.5 GB more per step; 1.7 GB at many ranks). sd-ds reduces each bucket's slices to the
 rank that owns them (one `reduce` per owner in the bucket, usually 1-3, queued on the reduction stream with no
