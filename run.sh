@@ -113,6 +113,11 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     launcher+=(--num_gpus "$NPROC_PER_NODE")  # with a hostfile: overrides its slots= on every node
   fi
   # Otherwise DeepSpeed picks: the hostfile's slots, INCLUDE/EXCLUDE, CUDA_VISIBLE_DEVICES, or all GPUs.
+  # Each rank's CPU work (CPU Adam with an offload config, pinned copies) gets its share of the cores: torch's
+  # default of one thread per core in every rank oversubscribes them N-fold.
+  gpus_here=${NPROC_PER_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}
+  [ "${gpus_here:-0}" -gt 0 ] || gpus_here=1
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / gpus_here > 0 ? $(nproc) / gpus_here : 1 ))}
 else
   export DS_ACCELERATOR=cpu
   ranks_here=${NPROC_PER_NODE:-${max_slots:-2}}

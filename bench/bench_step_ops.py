@@ -73,6 +73,28 @@ class OpCounter(TorchDispatchMode):
             self.phase = previous
 
 
+class SyncCounter:
+    """Counts ``accelerator.synchronize()`` calls (DeepSpeed's throughput timer, ZeRO's bucket syncs) as a CUDA
+    rank makes them. On CPU they are no-ops and ``resolves_data_dependency()`` answers True, which skips some of
+    them, so there it answers CUDA's False (streams need explicit waits) while the call stays a no-op."""
+
+    def __init__(self) -> None:
+        from deepspeed.accelerator import get_accelerator
+
+        self.calls = 0
+        self.counting = False
+        accelerator = get_accelerator()
+        original = accelerator.synchronize
+
+        def synchronize(*args, **kwargs):
+            self.calls += self.counting
+            return original(*args, **kwargs)
+
+        accelerator.synchronize = synchronize
+        if accelerator.device_name() == "cpu":
+            accelerator.resolves_data_dependency = lambda: False
+
+
 def fake_batch(batch_size: int, model_max_length: int, latent: int = 8) -> dict:
     g = torch.Generator().manual_seed(0)
     return {"latents": torch.randn(batch_size, 4, latent, latent, generator=g),
@@ -125,6 +147,7 @@ def sd_ds_engine(steps: int, batch_size: int, model_dir: Path) -> dict:
     components = build_components(cfg.model, seed=0)
     torch.manual_seed(0)
     components.unet = UNet2DConditionModel(**NARROW_SD_V1_UNET)
+    device_syncs = SyncCounter()
     engine = build_engine(cfg, components, dist_info)
     ema = build_ema(cfg, engine)
     metrics = StepMetrics(cfg.output_dir, dist_info, max_steps=steps + 1, initial_step=0, disable_tqdm=True)
@@ -136,6 +159,7 @@ def sd_ds_engine(steps: int, batch_size: int, model_dir: Path) -> dict:
     for step in range(steps + 1):
         if step == 1:
             counter.ops.clear(), counter.views.clear(), counter.syncs.clear(), counter.sync_names.clear()
+        device_syncs.counting = step >= 1
         with counter:
             with counter.counting("forward"):
                 loss = engine(latents, hidden, batch["input_ids"], generator)
@@ -150,7 +174,8 @@ def sd_ds_engine(steps: int, batch_size: int, model_dir: Path) -> dict:
                 metrics.step_done()
                 stop.agreed()
     metrics.close()
-    return {"params": len(list(engine.module.unet.parameters())), "counter": counter}
+    return {"params": len(list(engine.module.unet.parameters())), "counter": counter,
+            "device_syncs": device_syncs.calls}
 
 
 def main() -> None:
@@ -203,6 +228,10 @@ on a GPU), roughly the kernel launches of a GPU step; "syncs" = host reads of de
 
 sd-ds host syncs in a non-logging step, where they come from:
 {syncs or "- none"}
+
+Device syncs (`accelerator.synchronize()`, counted as a CUDA rank would make them; no-ops on CPU, so invisible
+to the dispatch mode): {engine['device_syncs'] / a.steps:.0f} per step. DeepSpeed's throughput timer made 2 a step
+(start in forward, stop in step) until `sd_ds.engine.build_deepspeed_config` turned it off (`timers.throughput`).
 
 Before `sd_ds.engine.streamline_zero_optimizer` (DeepSpeed 0.19's own ZeRO-2 step, measured with this script on
 2026-11-30): 15,158 ops in the optimizer step (a per-tensor inf/nan check, 6 ops × 686 tensors; a per-tensor norm,

@@ -29,7 +29,7 @@ if [ "${1:-}" = "--cpu" ]; then
 else
   export DS_ACCELERATOR=cuda
   SIZES=(--windows 3 --steps_per_window 10 --warmup 3)
-  RES=(256 512); STAGE_S=(120 180 150 90); CONTENDER_S=95
+  RES=(256 512); STAGE_S=(120 180 150 110); CONTENDER_S=95
   MB512=(--micro_batch_size 32)  # 4x the pixels of 256 px: micro batch 64 would need ~4x the activations
 fi
 
@@ -72,7 +72,7 @@ stage "${STAGE_S[1]}" "bench ${RES[0]} px" "$PYTHON" bench/bench_gpu_throughput.
 # 3. 512 px at micro batch 32, if the budget allows.
 if [ $((SECONDS + STAGE_S[3])) -le "$BUDGET_S" ] || [ "${1:-}" = "--cpu" ]; then
   stage "${STAGE_S[3]}" "bench ${RES[1]} px" "$PYTHON" bench/bench_gpu_throughput.py "${SIZES[@]}" \
-    ${MB512[@]+"${MB512[@]}"} --resolution "${RES[1]}" --contenders "diffusers loop,sd-ds" \
+    ${MB512[@]+"${MB512[@]}"} --resolution "${RES[1]}" --contenders "diffusers loop,sd-ds" --windows 2 \
     --timeout $((STAGE_S[3] / 2 - 5)) --trace "" --no-write --output "$OUT/bench_${RES[1]}.json"
 else
   echo "=== bench ${RES[1]} px skipped: ${SECONDS}s used of ${BUDGET_S}s"

@@ -156,7 +156,12 @@ class OptimConfig:
         "O1 (autocast over fp32 weights) is not offered by this trainer and is rejected.", choices=("O1", "O2"))
     deepspeed: Optional[str] = _f(
         None, "DeepSpeed JSON with engine settings only (ZeRO stage, offload, ...). Default: env DS_CONFIG, else "
-        "ds_configs/zero2_bf16.json (zero2_fp16.json with --fp16, zero2_fp32.json with --bf16 False).")
+        "ds_configs/zero2_bf16.json (zero2_fp16.json with --fp16, zero2_fp32.json with --bf16 False). "
+        "ds_configs/zero2_bf16_offload.json keeps the fp32 master weights and Adam state in host memory (12 bytes "
+        "per parameter off the GPU) at a cost: DeepSpeed's CPU Adam runs the update on the host, sd-ds's streamlined "
+        "step is off, and DeepSpeed reads the device from the host about twice per parameter tensor per step "
+        "(~1,400 syncs at SD v1). Use it only when the model does not fit otherwise; SD v1 at micro batch 64 fits "
+        "an 80 GB GPU without it.")
 
 
 @dataclass

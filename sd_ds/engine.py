@@ -237,8 +237,10 @@ def build_engine(cfg: TrainConfig, components: "Components", dist_info: "DistInf
 # What streamline_zero_optimizer replaces or reads on DeepSpeed's ZeRO-1/2 optimizer (requirements.txt pins it).
 TESTED_DEEPSPEED = "0.19.8"
 STREAMLINED_METHODS = ("has_overflow_partitioned_grads_serial", "get_grad_norm_direct", "unscale_and_clip_grads",
-                       "_update_model_bit16_weights", "step")
-STREAMLINED_ATTRIBUTES = ("averaged_gradients", "dp_process_group", "clip_grad", "loss_scale", "device")
+                       "_update_model_bit16_weights", "step", "allreduce_and_copy_with_multiple_ranks",
+                       "allreduce_bucket", "_add_to_grad_partition_buffer")
+STREAMLINED_ATTRIBUTES = ("averaged_gradients", "dp_process_group", "clip_grad", "loss_scale", "device",
+                          "overlap_comm", "unflatten")
 
 
 def streamline_zero_optimizer(optimizer: Any) -> bool:
@@ -329,6 +331,51 @@ def streamline_zero_optimizer(optimizer: Any) -> bool:
         finally:
             in_step[0] = False
 
+    # Gradient reduction. With reduce_scatter on, DeepSpeed slices each backward bucket by the rank that owns each
+    # piece (ZeRO-2 partitions) and then, by default (use_multi_rank_bucket_allreduce), all-reduces the whole
+    # bucket so that every rank receives every slice and keeps its own: 2(n-1)/n x the gradient bytes on the wire
+    # per rank, where a reduce-scatter needs (n-1)/n x (BENCHMARKS.md section 13). Its alternative path (one
+    # reduce per owner) synchronises the whole device before each reduce when overlap_comm is on. Here each
+    # bucket's slices are grouped by owner and reduced to it: one flat `reduce` per owner (a bucket spans 1-3 of
+    # the contiguous partitions), each queued on the current (reduction) stream without a host sync; only the
+    # owner copies the result back, exactly where DeepSpeed's all-reduce path copied it.
+    original_multi_rank = optimizer.allreduce_and_copy_with_multiple_ranks
+
+    def reduce_to_owners(small_bucket: list[torch.Tensor], communication_data_type: torch.dtype, log: Any = None,
+                         divide: bool = True, process_group: Any = None, bucket_ranks: Optional[list] = None,
+                         output_bucket: Optional[list] = None) -> None:
+        owners = [next(iter(r)) if isinstance(r, frozenset) and len(r) == 1 else r for r in bucket_ranks or []]
+        if len(owners) != len(small_bucket) or not all(isinstance(o, int) for o in owners):
+            # a slice several ranks consume (DeepSpeed's Muon split matrices): its all-reduce path
+            return original_multi_rank(small_bucket, communication_data_type, log=log, divide=divide,
+                                       process_group=process_group, bucket_ranks=bucket_ranks,
+                                       output_bucket=output_bucket)
+        from deepspeed import comm as ds_dist
+        from deepspeed.accelerator import get_accelerator
+
+        process_group = optimizer.dp_process_group if process_group is None else process_group
+        local_rank = ds_dist.get_rank(group=process_group)
+        outputs = output_bucket if output_bucket is not None else [None] * len(small_bucket)
+        by_owner: dict[int, list[int]] = {}
+        for index, owner in enumerate(owners):
+            by_owner.setdefault(owner, []).append(index)
+        record = optimizer.overlap_comm and not get_accelerator().resolves_data_dependency()
+        for owner, indices in by_owner.items():
+            grads = [small_bucket[i] for i in indices]
+            # flatten → (dtype cast) → divide → dist.reduce to the owner; the owner gets the cast-back sum
+            reduced = optimizer.allreduce_bucket(grads, communication_data_type, rank=owner, divide=divide,
+                                                 process_group=process_group)
+            if record:
+                reduced.record_stream(optimizer.reduction_stream)
+            if owner != local_rank:
+                continue
+            for i, synced in zip(indices, optimizer.unflatten(reduced, grads)):
+                optimizer._add_to_grad_partition_buffer(outputs[i], synced)
+                small_bucket[i].copy_(synced)
+                if record:
+                    small_bucket[i].record_stream(optimizer.reduction_stream)
+
+    optimizer.allreduce_and_copy_with_multiple_ranks = reduce_to_owners
     optimizer.has_overflow_partitioned_grads_serial = has_overflow_partitioned_grads_serial
     optimizer.get_grad_norm_direct = get_grad_norm_direct
     optimizer.unscale_and_clip_grads = unscale_and_clip_grads

@@ -36,6 +36,7 @@ class StopSignal:
     def __init__(self, dist_info: DistInfo) -> None:
         self.dist = dist_info
         self.requested = False
+        self._pending: Optional[tuple[Any, torch.Tensor]] = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -43,9 +44,32 @@ class StopSignal:
         self.requested = True
 
     def agreed(self) -> bool:
-        # All ranks must stop at the same step, or the checkpoint's collectives would hang. A CPU scalar on the
-        # gloo control group: no device sync.
-        return bool(self.dist.all_reduce(torch.tensor([int(self.requested)]), op="max").tolist()[0])
+        """True on every rank at the same call once any rank was signalled (one call after the signal is seen).
+
+        All ranks must stop at the same step, or the checkpoint's collectives would hang. The agreement is a
+        max-all-reduce of a CPU flag on the gloo control group (no device sync), started without waiting at
+        one step and read at the next: the cross-node round trip overlaps a whole training step instead of
+        stalling the host every step. Every rank reads the same completed reduction at the same call, so all
+        stop at the same step, one step after the signal."""
+        import torch.distributed as dist
+
+        if self.dist.control_group is None or self.dist.world_size == 1:
+            return self.requested
+        stop = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()  # issued a step ago on every rank: complete, or nearly, by now
+            stop = bool(flag[0])
+        flag = torch.tensor([int(self.requested)])
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dist.control_group,
+                                         async_op=True), flag)
+        return stop
+
+    def close(self) -> None:
+        """Complete the last agreement (every rank issued it) before the process group goes away."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -146,6 +170,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
             if stopping:
                 logger.info("stop requested: checkpoint saved at step %d, exiting", state.step)
                 break
+        stop.close()
     finally:
         metrics.close()
     skipped = loader.stats()

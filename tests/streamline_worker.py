@@ -14,29 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from bench_step_ops import OpCounter  # noqa: E402
-
-
-class SyncCounter:
-    """Counts ``accelerator.synchronize()`` calls (DeepSpeed's throughput timer, ZeRO's bucket syncs) as a CUDA
-    rank makes them. On CPU they are no-ops and ``resolves_data_dependency()`` answers True, which skips some of
-    them, so there it answers CUDA's False (streams need explicit waits) while the call stays a no-op."""
-
-    def __init__(self) -> None:
-        from deepspeed.accelerator import get_accelerator
-
-        self.calls = 0
-        self.counting = False
-        accelerator = get_accelerator()
-        original = accelerator.synchronize
-
-        def synchronize(*args, **kwargs):
-            self.calls += self.counting
-            return original(*args, **kwargs)
-
-        accelerator.synchronize = synchronize
-        if accelerator.device_name() == "cpu":
-            accelerator.resolves_data_dependency = lambda: False
+from bench_step_ops import OpCounter, SyncCounter  # noqa: E402
 
 
 def main() -> None:

@@ -48,3 +48,40 @@ def test_sd_ds_collectives_use_the_gloo_control_group(tmp_path):
             else:
                 assert group == "control", f"{n} x {op} from sd_ds/{where} on the {group} group"
         assert any(where == "ema.py" for _, where, _ in by_place), "the EMA gather for image logging was recorded"
+
+
+STOP_AGREEMENT = """
+import os, random, sys, time
+import torch.distributed as dist
+import torch
+from sd_ds.distributed import DistInfo
+from sd_ds.train import StopSignal
+
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo")
+stop = StopSignal(DistInfo(rank, 2, rank, torch.device("cpu"), dist.new_group(backend="gloo")))
+random.seed(rank)
+for step in range(1, 20):
+    time.sleep(random.random() * 0.05)  # the ranks run out of step with each other
+    if rank == 1 and step == int(os.environ["SIGNAL_AT"]):
+        stop.requested = True  # what SIGTERM's handler does, on one rank only
+    if stop.agreed():
+        break
+stop.close()
+print("STOPPED_AT", step)
+"""
+
+
+@pytest.mark.parametrize("signal_at", [1, 5])
+def test_stop_agreement_stops_every_rank_at_the_same_step(signal_at):
+    """The stop agreement is read one step after it is started (its gloo round trip overlaps a step): a signal
+    on one rank at step k stops every rank at step k+1, the same step everywhere."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", STOP_AGREEMENT], cwd=REPO_ROOT,
+                              env=subprocess_env({"RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                                  "MASTER_PORT": str(port), "SIGNAL_AT": str(signal_at)}),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    stopped = [int(log.split("STOPPED_AT ")[1].split()[0]) for log in logs]
+    assert stopped == [signal_at + 1, signal_at + 1], logs

@@ -98,14 +98,31 @@ def test_streamlining_refuses_a_deepspeed_without_a_replaced_method(monkeypatch)
     train on silently with half the replacements (here: 0.19.8's class with get_grad_norm_direct removed)."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from sd_ds.engine import streamline_zero_optimizer
+    from sd_ds.engine import STREAMLINED_ATTRIBUTES, streamline_zero_optimizer
 
     optimizer = object.__new__(DeepSpeedZeroOptimizer)  # no engine needed: the check runs before any patching
     optimizer.cpu_offload, optimizer.has_moe_layers = False, False
-    for name in ("averaged_gradients", "dp_process_group", "clip_grad", "device"):
-        setattr(optimizer, name, None)
+    for name in STREAMLINED_ATTRIBUTES:
+        if name != "loss_scale":
+            setattr(optimizer, name, None)
     optimizer.loss_scaler = types.SimpleNamespace(cur_scale=1.0)  # what the loss_scale property reads
     monkeypatch.delattr(DeepSpeedZeroOptimizer, "get_grad_norm_direct")
     with pytest.raises(RuntimeError, match=r"get_grad_norm_direct.*deepspeed==0\.19\.8"):
         streamline_zero_optimizer(optimizer)
     assert "get_grad_norm_direct" not in vars(optimizer)  # nothing was replaced
+
+
+def test_gradient_reduction_moves_the_ideal_zero2_bytes(tmp_path):
+    """Every collective's bytes recorded on 2 CPU ranks (bench/bench_comm_volume.py): DeepSpeed's bucket all-reduce
+    moves 1.5x ZeRO-2's ideal (reduce-scatter of the gradients + all-gather of the weights); sd-ds's reduction to
+    each slice's owner moves the ideal, and both train to the same weights."""
+    out = tmp_path / "comm.json"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_comm_volume.py"), "--world_sizes", "2",
+                           "--no-write", "--output", str(out)], cwd=tmp_path, env=subprocess_env({}),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    deepspeed, lean = (next(r for r in rows if r.get("mode") == mode) for mode in ("deepspeed", "sd-ds"))
+    assert deepspeed["x_ideal"] == pytest.approx(1.5, abs=0.02)
+    assert lean["x_ideal"] <= 1.1 and "all_reduce" not in {op for op, b in lean["by_op"].items() if b > 1024}
+    assert next(r for r in rows if "same_weights" in r)["same_weights"]  # 2 ranks: a + b either way, bit for bit

@@ -89,6 +89,9 @@ def test_single_node_gpu_selection(tmp_path):
     assert _value(got["args"], "--include") == "localhost:1,3" and "--num_gpus" not in got["args"]
     got = launch(tmp_path, {"NPROC_PER_NODE": "4"}, gpus=True)
     assert _value(got["args"], "--num_gpus") == "4"
+    # GPU ranks share the node's cores (CPU Adam with offload): OMP_NUM_THREADS = cores / ranks unless given.
+    got = launch(tmp_path, {"NPROC_PER_NODE": "4", "OMP_NUM_THREADS": ""}, gpus=True)
+    assert got["env"]["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 4))
     # CPU-only: CPU ranks are counted by --num_gpus (2 by default).
     got = launch(tmp_path, {})
     assert _value(got["args"], "--num_gpus") == "2" and got["env"]["DS_ACCELERATOR"] == "cpu"
