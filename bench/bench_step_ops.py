@@ -59,7 +59,8 @@ class OpCounter(TorchDispatchMode):
         self.ops[self.phase] += 1
         if func.is_view:  # metadata only (view, slice, detach, t): no kernel on a GPU
             self.views[self.phase] += 1
-        if name in SYNC_OPS:
+        # masked_fill with a tensor value reads that value to the host on CUDA (CPU ops see no sync there).
+        if name in SYNC_OPS or (name == "aten.masked_fill_" and len(args) > 2 and isinstance(args[2], torch.Tensor)):
             self.syncs[self.phase] += 1
             self.sync_names[f"{self.phase}: {name}"] += 1
         return func(*args, **(kwargs or {}))

@@ -31,7 +31,7 @@ logger = logging.getLogger("sd_ds.ema")
 
 # Checked against deepspeed 0.19.8 (round_robin_bit16_padding/offsets appeared with parameter_alignment);
 # other versions are accepted when they expose the same attributes, with a warning.
-SUPPORTED_DEEPSPEED = ">=0.19,<0.20"
+SUPPORTED_DEEPSPEED = "==0.19.8"  # requirements.txt pins what is tested
 REQUIRED_ATTRIBUTES = ("single_partition_of_fp32_groups", "round_robin_bit16_groups", "partition_size",
                        "param_names", "real_dp_process_group", "bit16_groups_flat")
 SHARD_FORMAT = "sd_ds.sharded_ema.v1"
@@ -72,8 +72,7 @@ def check_supported(optimizer: Any) -> None:
             f"{type(optimizer).__name__} (deepspeed {version}). Supported: deepspeed{SUPPORTED_DEEPSPEED} with "
             "zero_optimization.stage 1 or 2 (pass engine.optimizer); ZeRO-3 and the stage-0 BF16_Optimizer "
             "keep their master weights elsewhere.")
-    major_minor = tuple(int(x) for x in re.findall(r"\d+", version)[:2]) if version[:1].isdigit() else ()
-    if major_minor and major_minor != (0, 19):
+    if version[:1].isdigit() and version.split("+")[0] != SUPPORTED_DEEPSPEED.lstrip("="):
         logger.warning("sharded EMA verified on deepspeed%s, running on %s", SUPPORTED_DEEPSPEED, version)
 
 

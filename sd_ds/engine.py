@@ -255,7 +255,6 @@ def streamline_zero_optimizer(optimizer: Any) -> bool:
     in fp32 instead of fp64, summed in fp64), and the clip factor is computed on the device without a host read.
     Returns False (and changes nothing) for an optimizer this does not recognise, e.g. with CPU offload; raises
     when DeepSpeed's ZeRO optimizer lacks a method or attribute this relies on (another DeepSpeed version)."""
-    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload or optimizer.has_moe_layers:
@@ -296,8 +295,10 @@ def streamline_zero_optimizer(optimizer: Any) -> bool:
 
         ds_dist.all_reduce(total, op=ds_dist.ReduceOp.SUM, group=optimizer.dp_process_group)
         total = total.sqrt()
-        mask_nan_or_inf_with_val_inplace(total, device=optimizer.device)
-        return total
+        # DeepSpeed's -1 sentinel for an invalid norm, with a Python scalar: its mask_nan_or_inf_with_val_inplace
+        # fills from a device tensor, which on CUDA is a host-to-device copy plus a read back (2 syncs a step,
+        # seen in the H200 trace, BENCHMARKS section 5).
+        return total.masked_fill_(~torch.isfinite(total), -1.0)
 
     def unscale_and_clip_grads(grad_groups_flat: list[Any], total_norm: torch.Tensor) -> None:
         if optimizer.clip_grad == 0.0 and optimizer.loss_scale == 1.0:

@@ -61,3 +61,21 @@ def test_demo_quality_bench_probes_the_text_path(tmp_path):
     assert probe["shape_color"][str(shape_color_at)] == 100.0 and probe["shape_color"]["0"] < 50
     assert probe["background_color"][str(background_at)] == 100.0 and probe["background_color"][str(shape_color_at)] < 50
     assert "**The text path**" in proc.stdout and "**The whole model**" not in proc.stdout
+
+
+@pytest.mark.parametrize("kernels, busy", [
+    ([(0, 10), (5, 15), (20, 30)], 25.0),  # two streams overlapping: counted once
+    ([(0, 10), (2, 4), (10, 12)], 12.0),   # nested and touching
+])
+def test_gpu_busy_is_the_union_of_kernel_intervals(tmp_path, kernels, busy):
+    import gzip
+
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    from bench_gpu_throughput import gpu_busy_us
+
+    events = [{"ph": "X", "cat": "kernel", "ts": a, "dur": b - a, "name": "k"} for a, b in kernels]
+    events.append({"ph": "X", "cat": "cpu_op", "ts": 0, "dur": 100, "name": "aten::add"})  # host time: not GPU work
+    trace = tmp_path / "trace.json.gz"
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert gpu_busy_us(trace) == busy
