@@ -87,7 +87,8 @@ class DataConfig:
     train_shards: list[str] = _f(
         [], "Webdataset shards: paths or URLs (s3://, gs://, http(s)://, any fsspec URL; credentials and endpoints "
         "the store's standard way, e.g. AWS_* variables and AWS_ENDPOINT_URL) with brace patterns "
-        "(dir/{00000..00099}.tar), directories or URL prefixes (a converter output dir mixes its sources by their "
+        "(dir/{00000..00099}.tar), webdataset's pipe:COMMAND shards (read front to back; the shard a command names "
+        "gives its name and sizes.json), directories or URL prefixes (a converter output dir mixes its sources by their "
         "filelist weights; its sizes.json and sources.json are read from the same place), globs, or URL::weight "
         "for mixtures. A directory written by `python -m sd_ds.encode_latents` (latent shards, recognised by its "
         "latents.json) trains on precomputed VAE moments instead of images; latent and image shards cannot be "

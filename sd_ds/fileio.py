@@ -190,8 +190,46 @@ def join(base: Union[str, Path], name: str) -> str:
     return str(Path(_local(s)) / name)
 
 
+def is_pipe(path: Union[str, Path]) -> bool:
+    """webdataset's ``pipe:COMMAND`` shards: the shard is what COMMAND writes to stdout."""
+    return str(path).startswith("pipe:")
+
+
+class _PipeStream:
+    """A ``pipe:`` shard's stdout, read front to back; closing it ends and reaps the command (a reader that stops
+    early, e.g. at its span's end, must not leave the download running)."""
+
+    def __init__(self, command: str) -> None:
+        import subprocess
+
+        self.command = command
+        self.process = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, bufsize=1 << 20)
+
+    def read(self, n: int = -1) -> bytes:
+        return self.process.stdout.read(n)
+
+    def close(self) -> None:
+        import subprocess
+
+        self.process.stdout.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> "_PipeStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def open_file(path: Union[str, Path], mode: str = "rb", **kwargs: Any) -> Any:
-    """A file object for a local path or a URL (read modes; fsspec's buffered random-access file for URLs)."""
+    """A file object for a local path, a URL (read modes; fsspec's buffered random-access file for URLs) or a
+    ``pipe:COMMAND`` (its stdout, sequential only)."""
+    if is_pipe(path):
+        return _PipeStream(str(path)[len("pipe:"):])
     if not is_url(path):
         return open(_local(path), mode)
     fs, p = _fs(str(path))
@@ -199,6 +237,8 @@ def open_file(path: Union[str, Path], mode: str = "rb", **kwargs: Any) -> Any:
 
 
 def exists(path: Union[str, Path]) -> bool:
+    if is_pipe(path):
+        return True  # known only by running the command
     if not is_url(path):
         return os.path.exists(_local(path))
     fs, p = _fs(str(path))

@@ -189,3 +189,20 @@ def test_a_member_index_lets_a_reader_start_inside_a_shard_without_reading_its_s
     # A shard rewritten after indexing: its stale index is ignored (the samples are still right).
     write_photo_shards(tmp_path, [39])
     assert [i for i, _ in shard_samples(url, 30)] == list(range(30, 39))
+
+
+def test_pipe_shards_give_the_local_batches(converted, tokenizer):
+    """webdataset's ``pipe:COMMAND`` shards (e.g. ``pipe:aws s3 cp s3://bucket/{00000..00003}.tar -``) read as the
+    same files do: the command's target names the shard (its shuffle seed) and the sizes.json beside it."""
+    pattern = "{00000..00003}.tar"
+    local = take(loader(f"{converted}/{pattern}", tokenizer), 5)
+    same(take(loader(f"pipe:cat {converted}/{pattern}", tokenizer), 5), local)
+    # resumed inside the epoch: the same batches as the uninterrupted run from there on
+    first = loader(f"pipe:cat {converted}/{pattern}", tokenizer)
+    it = iter(first)
+    [next(it) for _ in range(3)]
+    state = first.state_dict()
+    it.close()
+    resumed = loader(f"pipe:cat {converted}/{pattern}", tokenizer)
+    resumed.load_state_dict(state)
+    same(take(resumed, 2), local[3:5])

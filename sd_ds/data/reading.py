@@ -172,4 +172,14 @@ class SourceCursor:
 
 
 def basename(url: str) -> str:
+    """The shard's file name (it seeds the shard's shuffle: a local and a remote copy read alike)."""
+    if fileio.is_pipe(url):
+        url = pipe_target(url)
     return os.path.basename(url.split("?", 1)[0].rstrip("/"))
+
+
+def pipe_target(url: str) -> str:
+    """The shard a ``pipe:`` command reads: its last argument naming a .tar (``pipe:aws s3 cp s3://b/00001.tar -``
+    -> ``s3://b/00001.tar``), else its last argument."""
+    words = url[len("pipe:"):].split()
+    return next((w for w in reversed(words) if ".tar" in w), words[-1] if words else url)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from sd_ds import fileio
 from sd_ds.data.manifest import LATENT_COMPATIBLE, load_latent_manifest
-from sd_ds.data.reading import basename
+from sd_ds.data.reading import basename, pipe_target
 
 logger = logging.getLogger("sd_ds.data")
 
@@ -72,11 +72,21 @@ def expand(url: str) -> list[str]:
 
     out: list[str] = []
     for u in braceexpand.braceexpand(url):
-        out.extend(fileio.glob_urls(u) if any(ch in u for ch in "*?[") else [u])
+        out.extend(fileio.glob_urls(u) if any(ch in u for ch in "*?[") and not fileio.is_pipe(u) else [u])
     return out
 
 
 def _parent(shard: str) -> str:
+    if fileio.is_pipe(shard):
+        # The metadata of a ``pipe:`` shard is looked for beside the file its command reads, where it can be read
+        # (a remote one needs its fsspec backend); else the shards are counted, once per run.
+        target = pipe_target(shard)
+        if fileio.is_url(target):
+            try:
+                fileio.url_fs(target)
+            except ImportError:
+                return "/nonexistent"
+        return _parent(target)
     return shard.rsplit("/", 1)[0] if fileio.is_url(shard) else str(Path(shard).parent)
 
 
@@ -159,7 +169,7 @@ def parse_sources(train_shards: list[str]) -> list[ShardSource]:
                         int(samples) if samples is not None else None)))
             continue
         shards = tuple(fileio.list_files(url, ".tar")) if is_dir else tuple(expand(url))
-        missing = [s for s in shards if not fileio.is_url(s) and not Path(s).is_file()]
+        missing = [s for s in shards if not fileio.is_url(s) and not fileio.is_pipe(s) and not Path(s).is_file()]
         if not shards or missing:
             raise FileNotFoundError(f"--train_shards {entry!r}: no shards found"
                                     + (f" (missing: {', '.join(missing[:3])})" if missing else ""))
