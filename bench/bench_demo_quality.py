@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -33,6 +34,7 @@ import platform
 import random
 import tempfile
 import time
+import typing
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,13 +59,27 @@ CHANGES = {  # what each UNET_CONFIGS entry changes, against which one
     "vae+vpred+lr": ("peak lr 1e-3 → 2e-3", "vae+vpred"),
     "demo": ("1100 → 1600 steps", "vae+vpred+lr"),
 }
+
+
+class UNetConfig(typing.NamedTuple):
+    vae: str  # VAE recipe: "before" or "demo"
+    prediction_type: str
+    steps: int
+    lr: float
+    batch_size: int = 64
+    snr_gamma: Optional[float] = None  # Min-SNR loss weighting (the trainer's --snr_gamma)
+    vae_steps: int = 500
+    unet_blocks: str = "tiny"  # "tiny": the preset's (cross-attention at 4x4 and 2x2); "attn8": at 8x8 too
+    ema_decay: float = 0.995
+
+
 UNET_CONFIGS = {
-    "before": ("before", "epsilon", 1100, 1e-3),
-    "vae": ("demo", "epsilon", 1100, 1e-3),
-    "vpred": ("before", "v_prediction", 1100, 1e-3),
-    "vae+vpred": ("demo", "v_prediction", 1100, 1e-3),
-    "vae+vpred+lr": ("demo", "v_prediction", 1100, 2e-3),
-    "demo": ("demo", "v_prediction", 1600, 2e-3),
+    "before": UNetConfig("before", "epsilon", 1100, 1e-3),
+    "vae": UNetConfig("demo", "epsilon", 1100, 1e-3),
+    "vpred": UNetConfig("before", "v_prediction", 1100, 1e-3),
+    "vae+vpred": UNetConfig("demo", "v_prediction", 1100, 1e-3),
+    "vae+vpred+lr": UNetConfig("demo", "v_prediction", 1100, 2e-3),
+    "demo": UNetConfig("demo", "v_prediction", 1600, 2e-3),
 }
 VAE_SEEDS = (0, 1, 2, 3)
 
@@ -97,7 +113,7 @@ def train_vae_before(model_dir: Path, images: list[Image.Image], *, steps: int, 
     return demo.save_trained_vae(vae, x_all, model_dir / "vae")
 
 
-def build_model(model_dir: Path, recipe: str, seed: int) -> dict:
+def build_model(model_dir: Path, recipe: str, seed: int, vae_steps: int = 500) -> dict:
     """A tiny model dir as the demo makes it (``sd_ds.init --preset tiny --seed 0``), its VAE trained with
     ``recipe`` ("before" or "demo") and training seed ``seed``, 500 steps of 16 as in the demo."""
     from sd_ds.init import init_model
@@ -106,9 +122,9 @@ def build_model(model_dir: Path, recipe: str, seed: int) -> dict:
     t0 = time.process_time()
     if recipe == "before":
         images = [Image.open(io.BytesIO(b)) for _, b in demo.demo_samples(2, 8, seed=7)]
-        mse = train_vae_before(model_dir, images, steps=500, resolution=32, batch_size=16, lr=1.5e-3, seed=seed)
+        mse = train_vae_before(model_dir, images, steps=vae_steps, resolution=32, batch_size=16, lr=1.5e-3, seed=seed)
     else:
-        mse = demo.train_vae(model_dir, demo.vae_training_images(), steps=500, resolution=32, batch_size=16,
+        mse = demo.train_vae(model_dir, demo.vae_training_images(), steps=vae_steps, resolution=32, batch_size=16,
                              lr=1.5e-3, seed=seed)
     return {"recipe": recipe, "seed": seed, "mse": mse, "cpu_s": time.process_time() - t0,
             **demo.vae_color_fidelity(model_dir / "vae")}
@@ -165,7 +181,7 @@ def demo_training_data() -> tuple[torch.Tensor, list[str]]:
 
 def train_unet(comp: Any, x: torch.Tensor, captions: list[str], *, prediction_type: str, steps: int,
                batch_size: int = 64, lr: float = 1e-3, ema_decay: float = 0.995, caption_dropout: float = 0.1,
-               seed: int = 0) -> tuple[torch.nn.Module, float]:
+               snr_gamma: Optional[float] = None, seed: int = 0) -> tuple[torch.nn.Module, float]:
     """The demo's run.sh flags, one process: returns the EMA UNet and the CPU seconds of the loop."""
     from diffusers.optimization import get_scheduler
 
@@ -190,7 +206,7 @@ def train_unet(comp: Any, x: torch.Tensor, captions: list[str], *, prediction_ty
         text = caption_index[idx].clone()
         text[torch.rand(batch_size, generator=g) < caption_dropout] = index[""]
         loss = training_loss(unet, latents, hidden[text], comp.noise_scheduler, prediction_type=prediction_type,
-                             generator=g)
+                             snr_gamma=snr_gamma, generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -203,21 +219,31 @@ def train_unet(comp: Any, x: torch.Tensor, captions: list[str], *, prediction_ty
     return ema, time.process_time() - t0
 
 
-def run_unet_config(name: str, work: Path, data: tuple[torch.Tensor, list[str]]) -> dict:
+def run_unet_config(name: str, work: Path, data: tuple[torch.Tensor, list[str]],
+                    configs: Optional[dict[str, UNetConfig]] = None) -> dict:
+    """Train ``configs[name]`` (default: UNET_CONFIGS) and score its EMA and its raw weights."""
     from sd_ds.models import load_components
     from sd_ds.pipeline import pipeline_from_components
 
-    recipe, prediction_type, steps, lr = UNET_CONFIGS[name]
-    model_dir = work / f"model_{recipe}"
-    if not (model_dir / "vae" / "config.json").is_file() or not (model_dir / ".vae_done").is_file():
-        build_model(model_dir, recipe, seed=0)
+    c = (configs or UNET_CONFIGS)[name]
+    model_dir = work / f"model_{c.vae}_{c.vae_steps}"
+    if not (model_dir / ".vae_done").is_file():
+        build_model(model_dir, c.vae, seed=0, vae_steps=c.vae_steps)
         (model_dir / ".vae_done").write_text("")
-    comp = load_components(str(model_dir), model_max_length=16, seed=0, prediction_type=prediction_type)
-    ema, cpu_s = train_unet(comp, *data, prediction_type=prediction_type, steps=steps, lr=lr)
+    comp = load_components(str(model_dir), model_max_length=16, seed=0, prediction_type=c.prediction_type)
+    if c.unet_blocks == "attn8":
+        from sd_ds.init import TINY_UNET
+        from sd_ds.models import build_unet
+
+        comp = dataclasses.replace(comp, unet=build_unet({**TINY_UNET, "down_block_types": ["CrossAttnDownBlock2D"] * 3,
+                                              "up_block_types": ["CrossAttnUpBlock2D"] * 3}, seed=0))
+    ema, cpu_s = train_unet(comp, *data, prediction_type=c.prediction_type, steps=c.steps, lr=c.lr,
+                            batch_size=c.batch_size, snr_gamma=c.snr_gamma, ema_decay=c.ema_decay)
     pipe = pipeline_from_components(comp.vae, comp.text_encoder, comp.tokenizer, ema, comp.noise_scheduler)
     scores = {str(gs): demo.score_model(pipe, seeds=8, steps=20, guidance_scale=gs) for gs in GUIDANCE_SCALES}
-    return {"config": name, "vae": recipe, "prediction_type": prediction_type, "steps": steps, "lr": lr,
-            "train_cpu_s": cpu_s, "scores": scores}
+    pipe.unet = comp.unet.eval()  # the trained weights themselves, without the EMA
+    scores_raw = {str(gs): demo.score_model(pipe, seeds=8, steps=20, guidance_scale=gs) for gs in GUIDANCE_SCALES}
+    return {"config": name, **c._asdict(), "train_cpu_s": cpu_s, "scores": scores, "scores_raw": scores_raw}
 
 
 # --- latent shards for the demo? ---------------------------------------------------------------
@@ -355,7 +381,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return result
 
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(os.environ.get("SD_DS_BENCH_WORK", tmp))
         if "vae" in a.parts:
             for recipe in a.vae_recipes:
                 for seed in a.vae_seeds:

@@ -12,14 +12,19 @@ few minutes and leaves a model whose samples follow their prompts:
    VAE is trained briefly (as a near-deterministic autoencoder, on the demo images and random-colour shapes),
    and its ``scaling_factor`` set so the latents have unit variance (what SD's 0.18215 does for its VAE; left
    at 0.18215 the tiny UNet barely learns from text);
-4. ``./run.sh`` trains the UNet (v-prediction) with DeepSpeed ZeRO-2 on every local device, with EMA and
-   image logging, and the validation loss on the held-out shards every few hundred steps;
-5. ``python -m sd_ds.export`` and a sample grid for prompt combinations held out of training;
-6. the prompt-following score (``python -m sd_ds.demo --score`` alone): are the prompt's shape colour,
+4. ``python -m sd_ds.encode_latents`` encodes the training and held-out shards once with that VAE (latent
+   shards: the training step then runs no VAE encoder and its loader decodes no image);
+5. ``./run.sh`` trains the UNet (v-prediction) on the latent shards with DeepSpeed ZeRO-2 on every local
+   device, with EMA, the validation loss on the held-out shards every few hundred steps, and a sample grid in
+   TensorBoard at the end;
+6. ``python -m sd_ds.export`` and a sample grid for prompt combinations held out of training;
+7. the prompt-following score (``python -m sd_ds.demo --score`` alone): are the prompt's shape colour,
    background colour and shape in the images, for held-out and trained combinations, printed beside the
    validation loss over training; then where everything is.
 
-Every stage is skipped when its output already exists, so a re-run reuses what is built.
+Every stage is skipped when its output already exists, so a re-run reuses what is built. The CLIs of stages
+4 and 6 run inside the demo's own process (the command is printed): it has torch loaded already, and a fresh
+interpreter importing torch, diffusers and DeepSpeed costs seconds a stage on two cores.
 """
 
 from __future__ import annotations
@@ -432,15 +437,17 @@ class DemoSettings:
     per_combination: int = _f(12, "drawn images per (colour, shape, background) combination")
     photo_crops: int = _f(12, "random crops per scikit-image photo")
     vae_steps: int = _f(500, "tiny-VAE training steps")
-    train_steps: int = _f(1600, "UNet optimizer steps")
-    learning_rate: float = _f(2e-3, "UNet peak learning rate (cosine schedule, 100 warm-up steps)")
-    micro_batch_size: int = _f(32, "per rank")
-    image_logging_steps: int = _f(800, "sample grids in TensorBoard every N steps")
+    train_steps: int = _f(800, "UNet optimizer steps")
+    learning_rate: float = _f(2e-3, "UNet peak learning rate (cosine schedule, 80 warm-up steps)")
+    micro_batch_size: int = _f(64, "per rank (2 CPU ranks: global batch 128; a larger micro batch uses a CPU core "
+                                   "better than a smaller one, and 800 steps of 128 train as well as 1,600 of 64)")
+    ema_decay: float = _f(0.995, "EMA decay (with warm-up); the EMA weights are exported and scored")
+    image_logging_steps: int = _f(0, "sample grids in TensorBoard every N steps (0: once, at the end)")
     sample_steps: int = _f(20, "DDIM steps for the grid and the score")
     guidance_scale: float = _f(5.0, "classifier-free guidance for the grid and the score")
     score_seeds: int = _f(8, "images per held-out combination in the score (half as many per trained one)")
     validation_samples: int = _f(128, "held-out samples (separate shards) in the validation loss")
-    validation_steps: int = _f(400, "validation loss every N steps (and at step 0)")
+    validation_steps: int = _f(200, "validation loss every N steps (and at step 0)")
     nproc: Optional[int] = _f(None, "ranks (default: run.sh's NPROC_PER_NODE default)")
 
 
@@ -453,6 +460,17 @@ def run(cmd: list[str], **kw) -> None:
     subprocess.run([str(c) for c in cmd], check=True, cwd=REPO, **kw)
 
 
+def run_here(module: str, argv: list[Any]) -> None:
+    """``python -m MODULE ARGV`` run in this process: the same ``main(argv)`` the command line runs."""
+    import importlib
+
+    argv = [str(a) for a in argv]
+    status(f"$ python -m {module} " + " ".join(argv) + "   (in this process)")
+    rc = importlib.import_module(module).main(argv)
+    if rc:
+        raise SystemExit(f"demo: python -m {module} failed (exit {rc})")
+
+
 def run_demo(s: DemoSettings) -> Path:
     t_start = time.time()
 
@@ -460,20 +478,21 @@ def run_demo(s: DemoSettings) -> Path:
         status(f"{msg}  [{time.time() - t_start:.0f} s]")
 
     out = s.output.resolve()
-    data_dir, shards, model_dir, train_dir, export_dir, val_shards = (
-        out / n for n in ("data", "shards", "model", "train", "export", "validation_shards"))
+    data_dir, shards, model_dir, train_dir, export_dir, val_shards, latents, val_latents = (
+        out / n for n in ("data", "shards", "model", "train", "export", "validation_shards", "latents",
+                          "validation_latents"))
 
     list_path = data_dir / "train.filelist.list"
     if list_path.is_file():
-        stage(f"1/6 demo parts: reusing {data_dir}")
+        stage(f"1/7 demo parts: reusing {data_dir}")
     else:
-        stage("1/6 building demo LAION parts (drawn shapes + scikit-image photos)")
+        stage("1/7 building demo LAION parts (drawn shapes + scikit-image photos)")
         write_demo_parts(data_dir, per_combination=s.per_combination, photo_crops=s.photo_crops)
 
     if (shards / "stats.json").is_file():
-        stage(f"2/6 shards: reusing {shards}")
+        stage(f"2/7 shards: reusing {shards}")
     else:
-        stage("2/6 converting parts to webdataset shards")
+        stage("2/7 converting parts to webdataset shards")
         run([sys.executable, "tools/convert_laion_to_wds.py", "--file_list", list_path, "--output_dir", shards,
              "--samples_per_shard", "64"])  # enough shards for every rank x worker
     if not (val_shards / "sizes.json").is_file():
@@ -481,9 +500,9 @@ def run_demo(s: DemoSettings) -> Path:
                                 photo_crops=max(1, s.validation_samples // 60))
 
     if (model_dir / "vae" / ".demo_trained").is_file():
-        stage(f"3/6 tiny model: reusing {model_dir}")
+        stage(f"3/7 tiny model: reusing {model_dir}")
     else:
-        stage("3/6 creating the tiny model, then training its VAE on the demo images")
+        stage("3/7 creating the tiny model, then training its VAE on the demo images")
         run([sys.executable, "-m", "sd_ds.init", "--output_dir", model_dir, "--preset", "tiny", "--seed", "0"])
         mse = train_vae(model_dir, vae_training_images(), steps=s.vae_steps, resolution=32, batch_size=16, lr=1.5e-3)
         fidelity = vae_color_fidelity(model_dir / "vae")
@@ -492,18 +511,28 @@ def run_demo(s: DemoSettings) -> Path:
                f"held-out combinations {fidelity['held_out']['both_colors_pct']:.0f} %, "
                f"trained {fidelity['trained']['both_colors_pct']:.0f} %")
 
+    if (latents / "latents.json").is_file() and (val_latents / "latents.json").is_file():
+        stage(f"4/7 latent shards: reusing {latents}")
+    else:
+        stage("4/7 encoding the training and held-out shards with the VAE: latent shards")
+        for source, target in ((shards, latents), (val_shards, val_latents)):
+            # No loader workers: forking this process, whose torch has run threads, is not safe.
+            run_here("sd_ds.encode_latents", [
+                "--train_shards", source, "--output_dir", target, "--pretrained_model_name_or_path", model_dir,
+                "--resolution", "32", "--min_size", "32", "--dataloader_num_workers", "0", "--disable_tqdm"])
+
     final = train_dir / f"checkpoint-{s.train_steps}"
     if (final / "trainer_state.json").is_file():
-        stage(f"4/6 training: reusing {final}")
+        stage(f"5/7 training: reusing {final}")
     else:
-        stage(f"4/6 training the UNet with DeepSpeed ZeRO-2 ({s.train_steps} steps, EMA, image logging)")
+        stage(f"5/7 training the UNet with DeepSpeed ZeRO-2 ({s.train_steps} steps, EMA, validation loss)")
         env = dict(os.environ)
         if s.nproc:
             env["NPROC_PER_NODE"] = str(s.nproc)
         env.setdefault("MASTER_PORT", str(29500 + os.getpid() % 500))
-        run(["./run.sh", "--output_dir", train_dir, "--train_shards", shards,
+        run(["./run.sh", "--output_dir", train_dir, "--train_shards", latents,
              "--pretrained_model_name_or_path", model_dir, "--resolution", "32", "--center_crop", "True",
-             "--min_size", "32", "--per_device_train_batch_size", s.micro_batch_size, "--learning_rate", s.learning_rate,
+             "--per_device_train_batch_size", s.micro_batch_size, "--learning_rate", s.learning_rate,
              # Demo captions are at most 14 tokens: a 16-token context halves the tiny UNet's cross-attention cost.
              "--model_max_length", "16",
              # v-prediction: at the noisiest steps, where the colours are decided, epsilon-prediction's image
@@ -511,26 +540,27 @@ def run_demo(s: DemoSettings) -> Path:
              # 31 % of trained-combination images, with v-prediction in 92 % (BENCHMARKS.md).
              "--prediction_type", "v_prediction",
              "--lr_scheduler_type", "cosine", "--warmup_steps", str(min(100, s.train_steps // 10)),
-             "--max_steps", s.train_steps, "--logging_steps", math.gcd(25, s.image_logging_steps), "--image_logging_steps", s.image_logging_steps,
+             "--max_steps", s.train_steps, "--logging_steps", math.gcd(25, s.train_steps),
+             "--image_logging_steps", s.image_logging_steps or s.train_steps,
              "--num_inference_steps", s.sample_steps, "--save_steps", s.train_steps, "--save_total_limit", "2",
-             "--use_ema", "--ema_decay", "0.995", "--ema_warmup", "True", "--dataloader_num_workers", "1",
+             "--use_ema", "--ema_decay", s.ema_decay, "--ema_warmup", "True", "--dataloader_num_workers", "1",
              "--shuffle_buffer", "500", "--seed", "0", "--max_grad_norm", "1.0", "--bf16", "True",
-             "--validation_shards", val_shards, "--validation_samples", s.validation_samples,
-             "--validation_steps", s.validation_steps, "--validation_batch_size", "32",
+             "--validation_shards", val_latents, "--validation_samples", s.validation_samples,
+             "--validation_steps", s.validation_steps, "--validation_batch_size", "64",
              "--validation_prompts", *[caption_of(*c) for c in HELD_OUT[:4]]], env=env)
 
     if (export_dir / "model_index.json").is_file():
-        stage(f"5/6 export: reusing {export_dir}")
+        stage(f"6/7 export: reusing {export_dir}")
     else:
-        stage("5/6 exporting the EMA weights to a diffusers folder")
-        run([sys.executable, "-m", "sd_ds.export", final, export_dir, "--ema"])
+        stage("6/7 exporting the EMA weights to a diffusers folder")
+        run_here("sd_ds.export", [final, export_dir, "--ema"])
     grid = out / "heldout_prompts.png"
     prompts = [caption_of(*c) for c in HELD_OUT]
-    run([sys.executable, "-m", "sd_ds.sample", "--model", export_dir, *sum([["--prompt", p] for p in prompts], []),
-         "--num_images", "4", "--steps", str(s.sample_steps), "--guidance_scale", str(s.guidance_scale), "--seed", "0",
-         "--output", grid])
+    run_here("sd_ds.sample", ["--model", export_dir, *sum([["--prompt", p] for p in prompts], []),
+                              "--num_images", "4", "--steps", s.sample_steps, "--guidance_scale", s.guidance_scale,
+                              "--seed", "0", "--device", "cpu", "--output", grid])
 
-    stage(f"6/6 scoring prompt following: {len(HELD_OUT)} held-out and {len(trained_combinations_scored())} trained "
+    stage(f"7/7 scoring prompt following: {len(HELD_OUT)} held-out and {len(trained_combinations_scored())} trained "
            f"combinations, seeds from {SCORE_SEED_BASE} (the grid's are 0-{4 * len(HELD_OUT) - 1})")
     score_path = write_score(export_dir, out / "prompt_following.json", seeds=s.score_seeds, steps=s.sample_steps,
                              guidance_scale=s.guidance_scale)
@@ -542,7 +572,8 @@ def run_demo(s: DemoSettings) -> Path:
   held-out prompts:    {grid}   (rows: {'; '.join(prompts)})
   prompt following:    {score_path}
   training samples:    {train_dir / 'samples'}
-  validation shards:   {val_shards}   (validation/loss in TensorBoard)
+  latent shards:       {latents}   (python -m sd_ds.encode_latents; image shards: {shards})
+  validation shards:   {val_shards}   (as latents: {val_latents}; validation/loss in TensorBoard)
   TensorBoard logs:    {train_dir / 'runs'}
   open TensorBoard:    .venv/bin/tensorboard --logdir {train_dir / 'runs'}
   sample again:        .venv/bin/python -m sd_ds.sample --model {export_dir} --prompt "a red circle on a blue background"

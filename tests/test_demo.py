@@ -103,7 +103,13 @@ def test_short_demo_end_to_end_then_rerun_reuses_everything(tmp_path):
     # 3. the tiny VAE was trained and its scaling factor set from the latents' spread
     vae_config = json.loads((out / "model" / "vae" / "config.json").read_text())
     assert vae_config["scaling_factor"] != 0.18215
-    # 4. trained with EMA and image logging
+    # 4. the training and held-out shards encoded once by that VAE; training read those latents
+    for name, source in (("latents", "shards"), ("validation_latents", "validation_shards")):
+        manifest = json.loads((out / name / "latents.json").read_text())
+        assert manifest["resolution"] == 32 and manifest["samples"] == sum(
+            json.loads((out / source / "sizes.json").read_text()).values())
+    assert "--train_shards " + str(out / "latents") in log
+    # 5. trained with EMA and image logging
     assert (out / "train" / "checkpoint-6" / "ema_rank_00001.pt").is_file()
     assert (out / "train" / "samples" / "step_00000006_validation_prompts.png").is_file()
     assert list((out / "train" / "runs").glob("events.out.tfevents.*"))
@@ -113,10 +119,10 @@ def test_short_demo_end_to_end_then_rerun_reuses_everything(tmp_path):
     curve = validation_curve(out / "train")
     assert [s for s, _ in curve["loss"]] == [0, 3, 6] and [s for s, _ in curve["loss_ema"]] == [0, 3, 6]
     assert "validation loss (16 held-out samples x 8 timesteps):" in log and "(step 6)" in log
-    # 5. exported, and a grid for the held-out prompts: 6 prompts x 4 images of 32 px
+    # 6. exported, and a grid for the held-out prompts: 6 prompts x 4 images of 32 px
     assert (out / "export" / "model_index.json").is_file()
     assert Image.open(out / "heldout_prompts.png").size == (4 * 32, len(HELD_OUT) * 32)
-    # 6. the prompt-following score: printed, and written for 6 held-out x 1 and 12 trained x 1 images
+    # 7. the prompt-following score: printed, and written for 6 held-out x 1 and 12 trained x 1 images
     score = json.loads((out / "prompt_following.json").read_text())
     assert (score["held_out"]["images"], score["trained"]["images"]) == (len(HELD_OUT), 12)
     assert 0 <= score["held_out"]["both_colors_pct"] <= 100 and "held-out combinations:" in log
@@ -131,6 +137,6 @@ def test_short_demo_end_to_end_then_rerun_reuses_everything(tmp_path):
     assert json.loads((out / "prompt_following.json").read_text())["held_out"] == score["held_out"]
 
     rerun = _demo(out)
-    for stage in ("1/6", "2/6", "3/6", "4/6", "5/6"):
+    for stage in ("1/7", "2/7", "3/7", "4/7", "5/7", "6/7"):
         assert any(line.startswith(f"[demo] {stage}") and "reusing" in line for line in rerun.splitlines()), (
             stage, rerun)

@@ -1,0 +1,141 @@
+"""Figure 14: the demo in six minutes — which cheaper recipes keep its prompt following, and where its time goes.
+
+    python bench/bench_demo_speed.py --parts unet [--unet_configs 800 b128x800 ...] [--write]
+    python bench/bench_demo_speed.py --demo_log LABEL=demo.log --write     # a real ./run.sh demo's stage times
+
+- unet: the demo's UNet training replicated in one process, one thread (``bench_demo_quality.train_unet``: the
+  demo's data, objective, AdamW, cosine schedule, EMA, caption dropout, 16-token context; fp32, VAE moments
+  computed once), for recipes that see fewer samples or take fewer optimizer steps than the 1,600 x 64 the demo
+  used, each scored by the demo's scorer (``sd_ds.demo.score_images``) at guidance 5, EMA and raw weights. CPU s:
+  this process's training loop; configurations compare with each other (run on the same day and machine), not
+  with the trainer's wall time.
+- demo_log: the stage times a real ``./run.sh`` printed (``[demo] N/7 ... [T s]``) and the score it wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from bench_demo_quality import UNetConfig, demo_training_data, run_unet_config
+from benchmarks_md import publish
+
+SECTION = "## 14. The demo in six minutes"
+V = "v_prediction"
+SPEED_CONFIGS = {  # name: what changes against the 1,600 x 64 recipe (lr 2e-3) the demo had
+    "1600x64": UNetConfig("demo", V, 1600, 2e-3),
+    "800": UNetConfig("demo", V, 800, 2e-3),
+    "800+lr3": UNetConfig("demo", V, 800, 3e-3),
+    "800+snr5": UNetConfig("demo", V, 800, 2e-3, snr_gamma=5.0),
+    "600+attn8": UNetConfig("demo", V, 600, 2e-3, unet_blocks="attn8"),
+    "800+attn8": UNetConfig("demo", V, 800, 2e-3, unet_blocks="attn8"),
+    "b32": UNetConfig("demo", V, 1600, 2e-3, batch_size=32),
+    "b128x600+ema99": UNetConfig("demo", V, 600, 2e-3, batch_size=128, ema_decay=0.99),
+    "b128x800": UNetConfig("demo", V, 800, 2e-3, batch_size=128),
+    "b128x800+ema99": UNetConfig("demo", V, 800, 2e-3, batch_size=128, ema_decay=0.99),
+    "b128x800+lr3": UNetConfig("demo", V, 800, 3e-3, batch_size=128),
+}
+GUIDANCE = "5.0"
+
+
+def _cells(s: dict) -> str:
+    return f"{s['shape_color_pct']:.0f} / {s['background_color_pct']:.0f} / {s['shape_pct']:.0f}"
+
+
+def stage_times(log: str) -> list[tuple[str, float]]:
+    """[(stage title, seconds it took)] from the ``[demo] N/7 title  [T s]`` lines and the final ``done in T s``."""
+    marks = [(m.group(1), float(m.group(2))) for m in re.finditer(r"^\[demo\] (\d/\d [^\[]*?)\s+\[(\d+) s\]$", log, re.M)]
+    done = re.search(r"^\[demo\] done in (\d+) s$", log, re.M)
+    if done:
+        marks.append(("end", float(done.group(1))))
+    return [(title, marks[i + 1][1] - t) for i, (title, t) in enumerate(marks[:-1])]
+
+
+def render(results: dict) -> str:
+    lines = [SECTION, "",
+             f"`python bench/bench_demo_speed.py --parts unet` ({dt.date.today()}, {platform.machine()}, "
+             f"{os.cpu_count()} cores, torch {torch.__version__}). The demo's UNet training replicated in one "
+             "process, one thread (see the script), for recipes cheaper than the 1,600 steps of 64 the demo had; "
+             "each scored by the demo's scorer at guidance 5 (held-out then trained combinations, shape colour / "
+             "background colour / shape in %, chance 13 / 17 / 33; 48 images per cell, one image is 2 points). "
+             "*attn8*: cross-attention at the 8x8 latent level too. *ema99*: EMA decay 0.99 instead of 0.995.", "",
+             "| recipe | steps | batch | samples | lr | other | held-out (EMA) | trained (EMA) | held-out (raw) | "
+             "trained (raw) | CPU s |", "| --- " * 11 + "|"]
+    for name in SPEED_CONFIGS:
+        r = results.get(f"unet_{name}")
+        if r is None:
+            continue
+        other = ", ".join(x for x in (f"snr_gamma {r['snr_gamma']:g}" if r.get("snr_gamma") else "",
+                                      r.get("unet_blocks", "tiny") if r.get("unet_blocks", "tiny") != "tiny" else "",
+                                      f"EMA {r['ema_decay']:g}" if r.get("ema_decay", 0.995) != 0.995 else "") if x)
+        raw = r.get("scores_raw", {}).get(GUIDANCE)
+        lines.append(f"| {name} | {r['steps']} | {r['batch_size']} | {r['steps'] * r['batch_size']:,} | "
+                     f"{r['lr']:g} | {other or '-'} | {_cells(r['scores'][GUIDANCE]['held_out'])} | "
+                     f"{_cells(r['scores'][GUIDANCE]['trained'])} | "
+                     f"{_cells(raw['held_out']) if raw else '-'} | {_cells(raw['trained']) if raw else '-'} | "
+                     f"{r['train_cpu_s']:.0f} |")
+    lines.append("")
+    for key, r in sorted(results.items()):
+        if not key.startswith("demo_"):
+            continue
+        lines += [f"**A real demo, `{r['label']}`** ({r['date']}): `./run.sh` on a fresh clone, stage by stage "
+                  f"(total {r['total_s']:.0f} s):", "", "| stage | s |", "| --- | ---: |"]
+        lines += [f"| {title} | {s:.0f} |" for title, s in r["stages"]]
+        if r.get("score"):
+            lines += ["", f"Its score: held-out {_cells(r['score']['held_out'])}, trained "
+                          f"{_cells(r['score']['trained'])}."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", nargs="*", default=[], choices=["unet"])
+    p.add_argument("--unet_configs", nargs="+", default=list(SPEED_CONFIGS), choices=list(SPEED_CONFIGS))
+    p.add_argument("--demo_log", action="append", default=[], metavar="LABEL=LOG",
+                   help="a real demo's console log (with prompt_following.json beside --demo_output); repeatable")
+    p.add_argument("--demo_output", type=Path, default=None, help="the demo's --output (for its score)")
+    p.add_argument("--results", type=Path, default=Path(tempfile.gettempdir()) / "sd_ds_bench_demo_speed",
+                   help="one JSON per measurement; reused unless --fresh")
+    p.add_argument("--fresh", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds comparable across runs)")
+    p.add_argument("--write", action="store_true", help="put the section into BENCHMARKS.md")
+    a = p.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    torch.set_num_threads(a.threads)
+    a.results.mkdir(parents=True, exist_ok=True)
+    if "unet" in a.parts:
+        data = demo_training_data()
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in a.unet_configs:
+                path = a.results / f"unet_{name}.json"
+                if path.is_file() and not a.fresh:
+                    continue
+                result = run_unet_config(name, Path(tmp), data, configs=SPEED_CONFIGS)
+                path.write_text(json.dumps(result, indent=1))
+                print(f"{name}: {json.dumps(result)[:300]}", flush=True)
+    for item in a.demo_log:
+        label, sep, log = item.partition("=")
+        if not sep:
+            p.error(f"--demo_log wants LABEL=LOG (got {item!r})")
+        text = Path(log).read_text(errors="replace")
+        stages = stage_times(text)
+        score_file = a.demo_output / "prompt_following.json" if a.demo_output else None
+        (a.results / f"demo_{label}.json").write_text(json.dumps({
+            "label": label, "date": str(dt.date.today()), "stages": stages, "total_s": sum(s for _, s in stages),
+            "score": json.loads(score_file.read_text()) if score_file and score_file.is_file() else None}, indent=1))
+    results = {f.stem: json.loads(f.read_text()) for f in sorted(a.results.glob("*.json"))}
+    publish(render(results), write=a.write)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
