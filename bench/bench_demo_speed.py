@@ -9,6 +9,9 @@
   used, each scored by the demo's scorer (``sd_ds.demo.score_images``) at guidance 5, EMA and raw weights. CPU s:
   this process's training loop; configurations compare with each other (run on the same day and machine), not
   with the trainer's wall time.
+- trainer_run: the real trainer's step time (``./run.sh`` on the demo's shards or latent shards, DeepSpeed ZeRO-2,
+  CPU ranks), read from each run's ``time_breakdown.json`` and ``trainer_state.json``: micro batch, ranks,
+  precision, images or latents, run one after the other on an otherwise idle machine.
 - demo_log: the stage times a real ``./run.sh`` printed (``[demo] N/7 ... [T s]``) and the score it wrote.
 """
 
@@ -83,6 +86,18 @@ def render(results: dict) -> str:
                      f"{_cells(raw['held_out']) if raw else '-'} | {_cells(raw['trained']) if raw else '-'} | "
                      f"{r['train_cpu_s']:.0f} |")
     lines.append("")
+    runs = sorted((r for k, r in results.items() if k.startswith("trainer_")), key=lambda r: r["order"])
+    if runs:
+        lines += ["**The trainer's step** at the demo's settings (tiny preset, 32 px, EMA, logging every 25 steps; "
+                  "`./run.sh` on the demo's shards, one run after another on the idle machine; threads = cores / "
+                  "ranks unless stated):", "",
+                  "| run | ranks | micro batch | global batch | data | precision | steps | s/step | images/s |",
+                  "| --- " * 9 + "|"]
+        for r in runs:
+            lines.append(f"| {r['label']} | {r['ranks']} | {r['micro_batch']} | {r['global_batch']} | {r['data']} | "
+                         f"{r['precision']} | {r['steps']} | {r['wall_s'] / r['steps']:.3f} | "
+                         f"{r['global_batch'] * r['steps'] / r['wall_s']:.0f} |")
+        lines.append("")
     for key, r in sorted(results.items()):
         if not key.startswith("demo_"):
             continue
@@ -102,6 +117,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--unet_configs", nargs="+", default=list(SPEED_CONFIGS), choices=list(SPEED_CONFIGS))
     p.add_argument("--demo_log", action="append", default=[], metavar="LABEL=LOG",
                    help="a real demo's console log (with prompt_following.json beside --demo_output); repeatable")
+    p.add_argument("--trainer_run", action="append", default=[], metavar="LABEL=OUTPUT_DIR",
+                   help="a finished trainer run to add to the step-time table; repeatable")
     p.add_argument("--demo_output", type=Path, default=None, help="the demo's --output (for its score)")
     p.add_argument("--results", type=Path, default=Path(tempfile.gettempdir()) / "sd_ds_bench_demo_speed",
                    help="one JSON per measurement; reused unless --fresh")
@@ -122,6 +139,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                 result = run_unet_config(name, Path(tmp), data, configs=SPEED_CONFIGS)
                 path.write_text(json.dumps(result, indent=1))
                 print(f"{name}: {json.dumps(result)[:300]}", flush=True)
+    for order, item in enumerate(a.trainer_run):
+        label, sep, run_dir = item.partition("=")
+        if not sep:
+            p.error(f"--trainer_run wants LABEL=OUTPUT_DIR (got {item!r})")
+        run_dir = Path(run_dir)
+        timing = json.loads((run_dir / "time_breakdown.json").read_text())
+        state = json.loads(sorted(run_dir.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
+        cfg = state["config"]
+        latents = any((Path(s) / "latents.json").is_file() for s in cfg["data"]["train_shards"])
+        (a.results / f"trainer_{label}.json").write_text(json.dumps({
+            "label": label, "order": order, "ranks": state["world_size"], "micro_batch": cfg["optim"]["per_device_train_batch_size"],
+            "global_batch": state["global_batch_size"], "data": "latents" if latents else "images",
+            "precision": "bf16" if cfg["optim"]["bf16"] else "fp32", "steps": timing["steps"],
+            "wall_s": timing["wall_s"]}, indent=1))
     for item in a.demo_log:
         label, sep, log = item.partition("=")
         if not sep:
