@@ -439,8 +439,9 @@ class DemoSettings:
     vae_steps: int = _f(500, "tiny-VAE training steps")
     train_steps: int = _f(800, "UNet optimizer steps")
     learning_rate: float = _f(2e-3, "UNet peak learning rate (cosine schedule, 80 warm-up steps)")
-    micro_batch_size: int = _f(64, "per rank (2 CPU ranks: global batch 128; a larger micro batch uses a CPU core "
-                                   "better than a smaller one, and 800 steps of 128 train as well as 1,600 of 64)")
+    micro_batch_size: int = _f(64, "per rank (2 CPU ranks: global batch 128; a micro batch of 64 uses a CPU core "
+                                   "better than 32: 369 instead of 265 images/s. 1,600 steps of 32 per rank learn "
+                                   "the held-out shapes better, in ~1.5x the training time: BENCHMARKS.md 14)")
     ema_decay: float = _f(0.995, "EMA decay (with warm-up); the EMA weights are exported and scored")
     image_logging_steps: int = _f(0, "sample grids in TensorBoard every N steps (0: once, at the end)")
     sample_steps: int = _f(20, "DDIM steps for the grid and the score")
