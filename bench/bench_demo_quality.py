@@ -35,6 +35,7 @@ import random
 import tempfile
 import time
 import typing
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -353,15 +354,10 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", nargs="*", default=[], choices=["vae", "text", "unet", "latents"])
-    p.add_argument("--unet_configs", nargs="+", default=list(UNET_CONFIGS), choices=list(UNET_CONFIGS))
-    p.add_argument("--vae_seeds", type=int, nargs="+", default=list(VAE_SEEDS))
-    p.add_argument("--vae_recipes", nargs="+", default=["before", "demo"], choices=["before", "demo"])
-    p.add_argument("--demo_run", action="append", default=[], metavar="LABEL=DIR",
-                   help="a real demo run to add: its --output (with prompt_following.json) and a label; repeatable")
-    p.add_argument("--results", type=Path, default=Path(tempfile.gettempdir()) / "sd_ds_bench_demo_quality",
+def parse_measurement_args(p: argparse.ArgumentParser, argv: Optional[list[str]], name: str) -> argparse.Namespace:
+    """The flags every demo bench shares (--results, --fresh, --threads, --write), parsed; threads set, the results
+    folder made."""
+    p.add_argument("--results", type=Path, default=Path(tempfile.gettempdir()) / name,
                    help="one JSON per measurement; reused unless --fresh")
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds comparable across runs)")
@@ -370,15 +366,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     torch.set_num_threads(a.threads)
     a.results.mkdir(parents=True, exist_ok=True)
+    return a
 
-    def measured(key: str, fn: Any) -> dict:
-        path = a.results / f"{key}.json"
-        if path.is_file() and not a.fresh:
-            return json.loads(path.read_text())
-        result = fn()
-        path.write_text(json.dumps(result, indent=1))
-        print(f"{key}: {json.dumps(result)[:300]}", flush=True)
-        return result
+
+def measure_once(a: argparse.Namespace, key: str, fn: Any) -> dict:
+    """``fn()``'s result, cached as a.results/KEY.json (measured again only with --fresh)."""
+    path = a.results / f"{key}.json"
+    if path.is_file() and not a.fresh:
+        return json.loads(path.read_text())
+    result = fn()
+    path.write_text(json.dumps(result, indent=1))
+    print(f"{key}: {json.dumps(result)[:300]}", flush=True)
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", nargs="*", default=[], choices=["vae", "text", "unet", "latents"])
+    p.add_argument("--unet_configs", nargs="+", default=list(UNET_CONFIGS), choices=list(UNET_CONFIGS))
+    p.add_argument("--vae_seeds", type=int, nargs="+", default=list(VAE_SEEDS))
+    p.add_argument("--vae_recipes", nargs="+", default=["before", "demo"], choices=["before", "demo"])
+    p.add_argument("--demo_run", action="append", default=[], metavar="LABEL=DIR",
+                   help="a real demo run to add: its --output (with prompt_following.json) and a label; repeatable")
+    a = parse_measurement_args(p, argv, "sd_ds_bench_demo_quality")
+    measured = partial(measure_once, a)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(os.environ.get("SD_DS_BENCH_WORK", tmp))

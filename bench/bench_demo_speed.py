@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from bench_demo_quality import UNetConfig, demo_training_data, run_unet_config
+from bench_demo_quality import (UNetConfig, demo_training_data, measure_once, parse_measurement_args,
+                                run_unet_config)
 from benchmarks_md import publish
 
 SECTION = "## 14. The demo in six minutes"
@@ -120,25 +121,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--trainer_run", action="append", default=[], metavar="LABEL=OUTPUT_DIR",
                    help="a finished trainer run to add to the step-time table; repeatable")
     p.add_argument("--demo_output", type=Path, default=None, help="the demo's --output (for its score)")
-    p.add_argument("--results", type=Path, default=Path(tempfile.gettempdir()) / "sd_ds_bench_demo_speed",
-                   help="one JSON per measurement; reused unless --fresh")
-    p.add_argument("--fresh", action="store_true")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds comparable across runs)")
-    p.add_argument("--write", action="store_true", help="put the section into BENCHMARKS.md")
-    a = p.parse_args(argv)
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    torch.set_num_threads(a.threads)
-    a.results.mkdir(parents=True, exist_ok=True)
+    a = parse_measurement_args(p, argv, "sd_ds_bench_demo_speed")
     if "unet" in a.parts:
         data = demo_training_data()
         with tempfile.TemporaryDirectory() as tmp:
             for name in a.unet_configs:
-                path = a.results / f"unet_{name}.json"
-                if path.is_file() and not a.fresh:
-                    continue
-                result = run_unet_config(name, Path(tmp), data, configs=SPEED_CONFIGS)
-                path.write_text(json.dumps(result, indent=1))
-                print(f"{name}: {json.dumps(result)[:300]}", flush=True)
+                measure_once(a, f"unet_{name}", lambda: run_unet_config(name, Path(tmp), data, configs=SPEED_CONFIGS))
     for order, item in enumerate(a.trainer_run):
         label, sep, run_dir = item.partition("=")
         if not sep:

@@ -559,7 +559,7 @@ def run_demo(s: DemoSettings) -> Path:
     prompts = [caption_of(*c) for c in HELD_OUT]
     run_here("sd_ds.sample", ["--model", export_dir, *sum([["--prompt", p] for p in prompts], []),
                               "--num_images", "4", "--steps", s.sample_steps, "--guidance_scale", s.guidance_scale,
-                              "--seed", "0", "--device", "cpu", "--output", grid])
+                              "--seed", "0", "--output", grid])
 
     stage(f"7/7 scoring prompt following: {len(HELD_OUT)} held-out and {len(trained_combinations_scored())} trained "
            f"combinations, seeds from {SCORE_SEED_BASE} (the grid's are 0-{4 * len(HELD_OUT) - 1})")
