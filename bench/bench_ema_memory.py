@@ -79,6 +79,7 @@ def worker(out: Path) -> None:
     if rank == 0:
         (out / f"rows_{world}.json").write_text(json.dumps(rows))
     dist.barrier()
+    dist.destroy_process_group()  # gloo threads left alive at exit can abort the process
 
 
 def launch(world: int, out: Path) -> list[dict]:

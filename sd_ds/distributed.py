@@ -11,6 +11,7 @@ Two kinds of collectives run in a training job:
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import random
@@ -89,6 +90,9 @@ def init_distributed() -> DistInfo:
     # Collective: every rank creates it, in the same order. On CPU the default group is gloo already, but a
     # separate group keeps our barriers from interleaving with DeepSpeed's own collectives.
     control_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+    # A process that exits with its gloo groups alive can abort in their threads' teardown ("terminate called
+    # without an active exception", status 134, seen in CI); main() closes them, this covers every other exit.
+    atexit.register(close_distributed)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, control_group)
 
 

@@ -197,6 +197,7 @@ def main():
         merged = {"ranks": results, **results[0]}
         (out / f"result_{a.mode}_{world}.json").write_text(json.dumps(merged, indent=1))
     dist.barrier()
+    dist.destroy_process_group()
 
 
 def full_masters_local(engine):
