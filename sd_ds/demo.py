@@ -434,19 +434,19 @@ class DemoSettings:
 
     output: Path = _f(Path(os.environ.get("SD_DS_DEMO_DIR", str(REPO / "demo_output"))),
                       "where everything is written (env SD_DS_DEMO_DIR)")
-    per_combination: int = _f(12, "drawn images per (colour, shape, background) combination")
+    per_combination: int = _f(36, "drawn images per (colour, shape, background) combination (36: 4,320 drawings; "
+                                   "with 12 the held-out shapes were lost at 800 steps, BENCHMARKS.md 15)")
     photo_crops: int = _f(12, "random crops per scikit-image photo")
     vae_steps: int = _f(500, "tiny-VAE training steps")
     train_steps: int = _f(800, "UNet optimizer steps")
     learning_rate: float = _f(2e-3, "UNet peak learning rate (cosine schedule, 80 warm-up steps)")
     micro_batch_size: int = _f(64, "per rank (2 CPU ranks: global batch 128; a micro batch of 64 uses a CPU core "
-                                   "better than 32: 369 instead of 265 images/s. 1,600 steps of 32 per rank learn "
-                                   "the held-out shapes better, in ~1.5x the training time: BENCHMARKS.md 14)")
+                                   "better than 32: 369 instead of 265 images/s; BENCHMARKS.md 14-15)")
     ema_decay: float = _f(0.995, "EMA decay (with warm-up); the EMA weights are exported and scored")
     image_logging_steps: int = _f(0, "sample grids in TensorBoard every N steps (0: once, at the end)")
     sample_steps: int = _f(20, "DDIM steps for the grid and the score")
     guidance_scale: float = _f(5.0, "classifier-free guidance for the grid and the score")
-    score_seeds: int = _f(8, "images per held-out combination in the score (half as many per trained one)")
+    score_seeds: int = _f(16, "images per held-out combination in the score (half as many per trained one)")
     validation_samples: int = _f(128, "held-out samples (separate shards) in the validation loss")
     validation_steps: int = _f(200, "validation loss every N steps (and at step 0)")
     nproc: Optional[int] = _f(None, "ranks (default: run.sh's NPROC_PER_NODE default)")
@@ -544,7 +544,9 @@ def run_demo(s: DemoSettings) -> Path:
              "--max_steps", s.train_steps, "--logging_steps", math.gcd(25, s.train_steps),
              "--image_logging_steps", s.image_logging_steps or s.train_steps,
              "--num_inference_steps", s.sample_steps, "--save_steps", s.train_steps, "--save_total_limit", "2",
-             "--use_ema", "--ema_decay", s.ema_decay, "--ema_warmup", "True", "--dataloader_num_workers", "1",
+             "--use_ema", "--ema_decay", s.ema_decay, "--ema_warmup", "True",
+             # Latents need no decoding: loader workers would only take CPU from the 2 ranks (5 % slower).
+             "--dataloader_num_workers", "0",
              "--shuffle_buffer", "500", "--seed", "0", "--max_grad_norm", "1.0", "--bf16", "True",
              "--validation_shards", val_latents, "--validation_samples", s.validation_samples,
              "--validation_steps", s.validation_steps, "--validation_batch_size", "64",
