@@ -504,7 +504,7 @@ def run_demo(s: DemoSettings) -> Path:
         stage(f"3/7 tiny model: reusing {model_dir}")
     else:
         stage("3/7 creating the tiny model, then training its VAE on the demo images")
-        run([sys.executable, "-m", "sd_ds.init", "--output_dir", model_dir, "--preset", "tiny", "--seed", "0"])
+        run_here("sd_ds.init", ["--output_dir", model_dir, "--preset", "tiny", "--seed", "0"])
         mse = train_vae(model_dir, vae_training_images(), steps=s.vae_steps, resolution=32, batch_size=16, lr=1.5e-3)
         fidelity = vae_color_fidelity(model_dir / "vae")
         (model_dir / "vae" / ".demo_trained").write_text(json.dumps({"reconstruction_mse": mse, **fidelity}))
@@ -560,7 +560,7 @@ def run_demo(s: DemoSettings) -> Path:
     grid = out / "heldout_prompts.png"
     prompts = [caption_of(*c) for c in HELD_OUT]
     run_here("sd_ds.sample", ["--model", export_dir, *sum([["--prompt", p] for p in prompts], []),
-                              "--num_images", "4", "--steps", s.sample_steps, "--guidance_scale", s.guidance_scale,
+                              "--num_images", "4", "--batch_size", "24", "--steps", s.sample_steps, "--guidance_scale", s.guidance_scale,
                               "--seed", "0", "--output", grid])
 
     stage(f"7/7 scoring prompt following: {len(HELD_OUT)} held-out and {len(trained_combinations_scored())} trained "

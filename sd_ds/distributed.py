@@ -85,6 +85,8 @@ def init_distributed() -> DistInfo:
         # Before the process group: NCCL binds each rank's communicator to the current device.
         accelerator.set_device(local_rank)
         device = torch.device(accelerator.device_name(local_rank))
+    if on_cpu:
+        skip_shm_inference_op()
     # On CPU the default group is gloo and also carries DeepSpeed's collectives: one (long) timeout for both.
     deepspeed.init_distributed(dist_backend=backend, timeout=COLLECTIVE_TIMEOUT if on_cpu else DATA_PLANE_TIMEOUT)
     # Collective: every rank creates it, in the same order. On CPU the default group is gloo already, but a
@@ -94,6 +96,22 @@ def init_distributed() -> DistInfo:
     # without an active exception", status 134, seen in CI); main() closes them, this covers every other exit.
     atexit.register(close_distributed)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, control_group)
+
+
+def skip_shm_inference_op() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce op as the group starts.
+
+    That op serves only ``inference_all_reduce`` (tensor-parallel inference); ZeRO training's collectives go
+    through torch.distributed (gloo here). Building it costs ~28 s of g++ on 2 cores at the first launch after
+    every new install (the build is keyed by the sources' absolute paths, so each fresh clone's venv rebuilds it):
+    a third of the demo's training-stage start-up. Without the op DeepSpeed falls back to torch.distributed.
+    """
+    import importlib
+
+    # Not `import deepspeed.comm.torch as m`: that binds deepspeed.comm's attribute `torch`, which is torch itself.
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    if callable(getattr(ds_torch_comm, "build_shm_op", None)):  # absent in another DeepSpeed: nothing to skip
+        ds_torch_comm.build_shm_op = lambda: None
 
 
 def default_loader_workers(device: torch.device) -> int:

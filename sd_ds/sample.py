@@ -29,6 +29,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same images")
+    p.add_argument("--batch_size", type=int, default=4,
+                   help="images drawn together (one UNet call per step for all of them): faster, more memory; "
+                        "each image has its own seed, so the images do not depend on it")
     p.add_argument("--width", type=int, default=None,
                    help="image width (default: the training resolution recorded at export, else the UNet's size)")
     p.add_argument("--height", type=int, default=None,
@@ -42,7 +45,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     width, height = args.width or trained_at, args.height or trained_at
     prompts = [pr for pr in args.prompt for _ in range(args.num_images)]
     images = generate(pipe, prompts, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-                      width=width, height=height)
+                      batch_size=args.batch_size, width=width, height=height)
     out = image_grid(images, cols=args.num_images if len(args.prompt) > 1 else None)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     out.save(args.output)

@@ -27,7 +27,8 @@ def test_sd_ds_collectives_use_the_gloo_control_group(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-m", "tests.collective_recorder", *flags], cwd=REPO_ROOT,
                               env=subprocess_env({"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
                                                   "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                                  "MASTER_PORT": str(port), "SD_DS_COLLECTIVES_OUT": str(out)}),
+                                                  "MASTER_PORT": str(port), "SD_DS_COLLECTIVES_OUT": str(out),
+                                                  "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions")}),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
@@ -48,6 +49,10 @@ def test_sd_ds_collectives_use_the_gloo_control_group(tmp_path):
             else:
                 assert group == "control", f"{n} x {op} from sd_ds/{where} on the {group} group"
         assert any(where == "ema.py" for _, where, _ in by_place), "the EMA gather for image logging was recorded"
+    # DeepSpeed's shared-memory inference all-reduce op is not compiled for training ranks (~28 s of g++ at the
+    # first launch of every install; sd_ds.distributed.skip_shm_inference_op).
+    built = [p.name for p in (tmp_path / "torch_extensions").rglob("*shm*")]
+    assert not built, built
 
 
 STOP_AGREEMENT = """
