@@ -26,6 +26,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param  
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sd_ds.ema  # noqa: E402
 from sd_ds.ema import ShardedEMA, consolidate_ema, load_ema_shards, save_ema_shard  # noqa: E402
+from sd_ds.distributed import skip_shm_inference_op  # noqa: E402
 
 # Gather in chunks of a few values (uneven last chunk included) so the chunked path runs on this tiny model.
 sd_ds.ema.GATHER_CHUNK_BYTES = 36
@@ -56,7 +57,9 @@ def build(param_alignment: bool):
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
            "zero_optimization": {"stage": 2, "parameter_alignment": param_alignment},
            "bf16": {"enabled": True, "check_grad_overflow": True}, "gradient_clipping": 0.0,
-           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}}, "steps_per_print": 10**9}
+           # torch's AdamW, as the trainer's: DeepSpeed's own JIT-builds its CPU FusedAdam (~45 s of g++ per new venv)
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01, "torch_adam": True}},
+           "steps_per_print": 10**9}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=cfg)
     return engine
 
@@ -110,6 +113,7 @@ def main():
     ap.add_argument("--param_alignment", action="store_true")
     ap.add_argument("--local_rank", type=int, default=0)
     a = ap.parse_args()
+    skip_shm_inference_op()  # as the trainer's ranks on CPU: no ~30 s build of an op ZeRO training never calls
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(a.out)
