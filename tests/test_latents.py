@@ -262,8 +262,8 @@ def test_one_and_two_encoding_ranks_give_the_same_bytes(tmp_path, encoded, image
     assert [code for code, _ in results] == [0, 0], results
     # Which rank encodes which shard is a race (in CI rank 1 once finished two before rank 0 had loaded its VAE);
     # what must hold is that the two encode the three shards between them, each once.
-    encoded_by = [int(re.search(r"rank \d: encoded \d+ images from (\d+) shard\(s\)", out_).group(1))
-                  for _, out_ in results]
+    encoded_by = [int(re.search(r"rank \d: encoded \d+ images from (\d+) shard\(s\)", log).group(1))
+                  for _, log in results]
     assert sum(encoded_by) == 3, results
     assert "latents.json written" in results[0][1] and "latents.json written" not in results[1][1]  # once
     assert files(out) == files(encoded)
