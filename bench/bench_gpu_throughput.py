@@ -306,7 +306,7 @@ def run_contender(a: argparse.Namespace, name: str, device: torch.device) -> dic
         configure_unet(components.unet, recompute=cfg.model.recompute, xformers=False, compile=cfg.model.torch_compile)
         moments = None
         if latent:
-            from sd_ds.encode_latents import encode_moments
+            from sd_ds.latents import encode_moments
 
             with torch.no_grad():
                 moments = encode_moments(components.vae, pixels).to(torch.float16)  # as latent shards store them
