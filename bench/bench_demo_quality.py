@@ -3,7 +3,7 @@
     python bench/bench_demo_quality.py --parts vae text unet [--unet_configs before demo ...] [--write]
     python bench/bench_demo_quality.py --demo_run fresh_clone=demo_output --write   # add a real demo run
 
-Every figure is the demo's own scorer (``sd_ds.demo.score_images``: the median colour of the centre patch vs the
+Every figure is the demo's own scorer (``sd_ds.shapes.score_images``: the median colour of the centre patch vs the
 prompt's shape colour, of the border ring vs its background colour, nearest in the demo's palette) over the 6
 held-out and 12 trained combinations, on seeds the demo's grid does not use. Parts (each result is cached as JSON
 under ``--results``, so parts can run in separate processes and ``--write`` assembles what is there):
@@ -44,7 +44,7 @@ import torch
 from benchmarks_md import publish
 from PIL import Image
 
-from sd_ds import demo
+from sd_ds import demo, shapes
 from sd_ds.data import ImageTransform
 from sd_ds.diffusion import training_loss
 from sd_ds.ema import ema_decay as warmed_up_decay
@@ -141,17 +141,17 @@ def text_probe(model_dir: Path) -> dict:
 
     init_model(model_dir, preset="tiny", seed=0)  # the text encoder the demo uses (never trained)
     comp = load_components(str(model_dir), model_max_length=16, seed=0)
-    colors = list(demo.COLORS)
+    colors = list(shapes.COLORS)
 
     def hidden(combos: list) -> torch.Tensor:
-        ids = comp.tokenizer([demo.caption_of(*c) for c in combos], padding="max_length", max_length=16,
+        ids = comp.tokenizer([shapes.caption_of(*c) for c in combos], padding="max_length", max_length=16,
                              truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
             return comp.text_encoder(ids)[0]  # [N, 16, D]
 
-    train, held = demo.training_combinations(), list(demo.HELD_OUT)
+    train, held = shapes.training_combinations(), list(shapes.HELD_OUT)
     h_train, h_held = hidden(train), hidden(held)
-    tokens = comp.tokenizer.convert_ids_to_tokens(comp.tokenizer(demo.caption_of(*held[0])).input_ids)
+    tokens = comp.tokenizer.convert_ids_to_tokens(comp.tokenizer(shapes.caption_of(*held[0])).input_ids)
 
     def probe(x_tr: torch.Tensor, y_tr: list[int], x_te: torch.Tensor, y_te: list[int]) -> float:
         add_bias = lambda x: torch.cat([x, torch.ones(len(x), 1)], 1)  # noqa: E731
