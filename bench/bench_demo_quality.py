@@ -117,7 +117,7 @@ def train_vae_before(model_dir: Path, images: list[Image.Image], *, steps: int, 
 def build_model(model_dir: Path, recipe: str, seed: int, vae_steps: int = 500) -> dict:
     """A tiny model dir as the demo makes it (``sd_ds.init --preset tiny --seed 0``), its VAE trained with
     ``recipe`` ("before" or "demo") and training seed ``seed``, 500 steps of 16 as in the demo."""
-    from sd_ds.init import init_model
+    from sd_ds.presets import init_model
 
     init_model(model_dir, preset="tiny", seed=0)
     t0 = time.process_time()
@@ -136,7 +136,7 @@ def build_model(model_dir: Path, recipe: str, seed: int, vae_steps: int = 500) -
 def text_probe(model_dir: Path) -> dict:
     """Ridge probes (fitted on the trained captions, tested on the held-out ones) for the shape colour and the
     background colour, from one token position of the frozen text encoder's hidden states at a time."""
-    from sd_ds.init import init_model
+    from sd_ds.presets import init_model
     from sd_ds.models import load_components
 
     init_model(model_dir, preset="tiny", seed=0)  # the text encoder the demo uses (never trained)
@@ -233,7 +233,7 @@ def run_unet_config(name: str, work: Path, data: tuple[torch.Tensor, list[str]],
         (model_dir / ".vae_done").write_text("")
     comp = load_components(str(model_dir), model_max_length=16, seed=0, prediction_type=c.prediction_type)
     if c.unet_blocks == "attn8":
-        from sd_ds.init import TINY_UNET
+        from sd_ds.presets import TINY_UNET
         from sd_ds.models import build_unet
 
         comp = dataclasses.replace(comp, unet=build_unet({**TINY_UNET, "down_block_types": ["CrossAttnDownBlock2D"] * 3,

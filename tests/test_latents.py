@@ -47,7 +47,7 @@ def tokenizer():
 def vae_dir(tmp_path_factory) -> Path:
     from diffusers import AutoencoderKL
 
-    from sd_ds.init import TINY_VAE
+    from sd_ds.presets import TINY_VAE
 
     out = tmp_path_factory.mktemp("vae")
     with torch.random.fork_rng(devices=[]):
