@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from sd_ds.shapes import COLORS, SHAPES, caption_of, draw_shape, image_bytes
+
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout (sd_ds/..)
 
 
@@ -28,8 +30,6 @@ def write_tiny_shards(out_dir: Path, *, num_shards: int = 4, samples_per_shard: 
                       seed: int = 0) -> Path:
     """Converter-layout shards of drawn shapes (PNG) with captions, plus sizes.json."""
     import webdataset as wds
-
-    from sd_ds.demo import COLORS, SHAPES, caption_of, draw_shape, encode
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -45,7 +45,7 @@ def write_tiny_shards(out_dir: Path, *, num_shards: int = 4, samples_per_shard: 
                 img = draw_shape(c, s, b, rng, size=size)
                 cap = caption_of(c, s, b)
                 k = f"{shard:05d}{i:04d}"
-                sink.write({"__key__": k, "png": encode(img, "PNG"), "txt": cap,
+                sink.write({"__key__": k, "png": image_bytes(img, "PNG"), "txt": cap,
                             "json": json.dumps({"key": k, "caption": cap, "width": size, "height": size})})
                 key += 1
         sizes[name] = samples_per_shard
