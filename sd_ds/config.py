@@ -57,6 +57,9 @@ class ModelConfig:
     vae_name_or_path: Optional[str] = _f(None, "VAE override (path or hub id); frozen.")
     text_encoder_name_or_path: Optional[str] = _f(None, "CLIP text encoder override (path or hub id); frozen unless --train_text_encoder.")
     tokenizer_name: Optional[str] = _f(None, "Tokenizer override (path or hub id).")
+    text_encoder_2_name_or_path: Optional[str] = _f(
+        None, "SDXL's second text encoder (OpenCLIP-bigG, CLIPTextModelWithProjection) override (path or hub id).")
+    tokenizer_2_name: Optional[str] = _f(None, "SDXL's second tokenizer override (path or hub id).")
     model_max_length: int = _f(77, "Token length captions are padded/truncated to.")
     prediction_type: Optional[str] = _f(
         None, "epsilon | v_prediction. Default: the noise scheduler config's.", choices=PREDICTION_TYPES)
