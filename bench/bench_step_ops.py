@@ -139,7 +139,7 @@ def sd_ds_engine(steps: int, batch_size: int, model_dir: Path) -> dict:
     from sd_ds.engine import build_ema, build_engine
     from sd_ds.logging import StepMetrics
     from sd_ds.models import build_components
-    from sd_ds.train import StopSignal
+    from sd_ds.distributed import StopSignal
 
     cfg = parse_config(["--pretrained_model_name_or_path", str(model_dir), "--per_device_train_batch_size",
                         str(batch_size), "--use_ema", "--model_max_length", "16", "--output_dir",

@@ -6,19 +6,18 @@ Launch with ``./run.sh [flags]`` (the deepspeed launcher) or ``python -m sd_ds.t
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import time
 from functools import partial
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, TrainState, plan_resume
 from sd_ds.config import TrainConfig, parse_config
 from sd_ds.data import build_train_loader, check_latent_manifest, raise_if_raw_parts, read_latent_manifest
-from sd_ds.distributed import (DistInfo, close_distributed, default_loader_workers, init_distributed, rank_seed,
-                               seed_everything)
+from sd_ds.distributed import (DistInfo, StopSignal, close_distributed, default_loader_workers, init_distributed,
+                               rank_seed, seed_everything)
 from sd_ds.engine import build_ema, build_engine, encode_batch, grad_norm, group_lrs, weight_dtype
 from sd_ds.evaluate import build_training_evaluation
 from sd_ds.diffusers_export import save_base_components, save_trained_models
@@ -28,48 +27,6 @@ from sd_ds.logging import StepMetrics, setup_console_logging
 from sd_ds.models import build_components
 
 logger = logging.getLogger("sd_ds.train")
-
-
-class StopSignal:
-    """SIGTERM/SIGINT ask for a checkpoint at the end of the current step, then a clean exit (status 0)."""
-
-    def __init__(self, dist_info: DistInfo) -> None:
-        self.dist = dist_info
-        self.requested = False
-        self._pending: Optional[tuple[Any, torch.Tensor]] = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """True on every rank at the same call once any rank was signalled (one call after the signal is seen).
-
-        All ranks must stop at the same step, or the checkpoint's collectives would hang. The agreement is a
-        max-all-reduce of a CPU flag on the gloo control group (no device sync), started without waiting at
-        one step and read at the next: the cross-node round trip overlaps a whole training step instead of
-        stalling the host every step. Every rank reads the same completed reduction at the same call, so all
-        stop at the same step, one step after the signal."""
-        import torch.distributed as dist
-
-        if self.dist.control_group is None or self.dist.world_size == 1:
-            return self.requested
-        stop = False
-        if self._pending is not None:
-            work, flag = self._pending
-            work.wait()  # issued a step ago on every rank: complete, or nearly, by now
-            stop = bool(flag[0])
-        flag = torch.tensor([int(self.requested)])
-        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dist.control_group,
-                                         async_op=True), flag)
-        return stop
-
-    def close(self) -> None:
-        """Complete the last agreement (every rank issued it) before the process group goes away."""
-        if self._pending is not None:
-            self._pending[0].wait()
-            self._pending = None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
