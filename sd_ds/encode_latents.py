@@ -66,6 +66,7 @@ from sd_ds.data.manifest import (FORMAT, LATENT_DTYPES, LATENT_MANIFEST, LATENT_
                                  VERSION, vae_record)
 from sd_ds.latents import encode_moments, latent_shape
 from sd_ds.lifecycle import pid_alive
+from sd_ds.models import from_pretrained
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -342,9 +343,7 @@ def _raw(t: torch.Tensor) -> bytes:
 # --- the run -----------------------------------------------------------------------------------------
 
 def load_vae(pretrained_model_name_or_path: Optional[str], vae_name_or_path: Optional[str]) -> "AutoencoderKL":
-    from diffusers import AutoencoderKL
-
-    from sd_ds.models import from_pretrained
+    from diffusers import AutoencoderKL  # lazy: seconds of import that `--help` does not need
 
     if vae_name_or_path:
         return from_pretrained(AutoencoderKL, "VAE", vae_name_or_path)

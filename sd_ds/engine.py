@@ -18,14 +18,14 @@ import torch
 
 from sd_ds.config import TrainConfig
 from sd_ds.diffusion import training_loss
+from sd_ds.distributed import DistInfo
+from sd_ds.ema import ShardedEMA
+from sd_ds.latents import encode_moments, sample_latents
+from sd_ds.models import Components
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # deepspeed and diffusers are imported where used: seconds that `--help` does not need
     from deepspeed import DeepSpeedEngine
     from diffusers import DDPMScheduler
-
-    from sd_ds.distributed import DistInfo
-    from sd_ds.ema import ShardedEMA
-    from sd_ds.models import Components
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 # ZeRO-2 gradient buckets, in elements. DeepSpeed's default (5e8) allocates 1 GB bf16 buffers per bucket (two
@@ -78,8 +78,6 @@ def encode_batch(batch: dict, components: "Components", *, train_text_encoder: b
     Pixels travel host→device as uint8 (a quarter of fp32's bytes) and are normalised on the device; latent
     shards carry the VAE posterior's moments instead. Either way a fresh latent is drawn from the moments with
     the run's generator (``sample_latents``: one code path for both)."""
-    from sd_ds.latents import encode_moments, sample_latents
-
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     vae = components.vae
     if "latent_moments" in batch:
@@ -388,8 +386,6 @@ def streamline_zero_optimizer(optimizer: Any) -> bool:
 def build_ema(cfg: TrainConfig, engine: "DeepSpeedEngine") -> Optional["ShardedEMA"]:
     if not cfg.ema.use_ema:
         return None
-    from sd_ds.ema import ShardedEMA
-
     return ShardedEMA(engine, decay=cfg.ema.ema_decay, warmup=cfg.ema.ema_warmup, start_step=cfg.ema.ema_start_step)
 
 

@@ -8,19 +8,17 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 from PIL import Image
 
+from sd_ds.config import TrainConfig
+from sd_ds.distributed import DistInfo
+from sd_ds.ema import ShardedEMA
+from sd_ds.logging import StepMetrics
+from sd_ds.models import Components
 from sd_ds.pipeline import generate, image_grid, pipeline_from_components, to_pil
-
-if TYPE_CHECKING:
-    from sd_ds.config import TrainConfig
-    from sd_ds.distributed import DistInfo
-    from sd_ds.ema import ShardedEMA
-    from sd_ds.logging import StepMetrics
-    from sd_ds.models import Components
 
 logger = logging.getLogger("sd_ds.image_logging")
 

@@ -13,16 +13,13 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
-from sd_ds.distributed import device_memory_stats
-
-if TYPE_CHECKING:
-    from sd_ds.distributed import DistInfo
+from sd_ds.distributed import DistInfo, device_memory_stats
 
 logger = logging.getLogger("sd_ds")
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
+from sd_ds.config import ModelConfig
+
 if TYPE_CHECKING:  # imported lazily below: diffusers/transformers take seconds to import
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
-
-    from sd_ds.config import ModelConfig
 
 logger = logging.getLogger("sd_ds.models")
 

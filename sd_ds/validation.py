@@ -18,18 +18,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 
+from sd_ds.config import TrainConfig
+from sd_ds.data import build_train_loader
 from sd_ds.diffusion import add_noise, diffusion_loss, prediction_target
-
-if TYPE_CHECKING:
-    from sd_ds.config import TrainConfig
-    from sd_ds.distributed import DistInfo
-    from sd_ds.ema import ShardedEMA
-    from sd_ds.logging import StepMetrics
-    from sd_ds.models import Components
+from sd_ds.distributed import DistInfo
+from sd_ds.ema import ShardedEMA
+from sd_ds.latents import encode_moments, sample_latents
+from sd_ds.logging import StepMetrics
+from sd_ds.models import Components
 
 logger = logging.getLogger("sd_ds.validation")
 
@@ -66,9 +66,6 @@ def load_held_out(cfg: "TrainConfig", components: "Components", device: torch.de
     """The first ``--validation_samples`` samples of ``--validation_shards`` in the (seeded, fixed) order the data
     loader reads them, centre-cropped, captions never dropped. Every rank reads the same samples (a few hundred:
     one pass over a few shards at start-up) and later evaluates only its own batches."""
-    from sd_ds.data import build_train_loader
-    from sd_ds.latents import encode_moments, sample_latents
-
     ev = cfg.evaluation
     n = ev.validation_samples
     data = dataclasses.replace(cfg.data, train_shards=list(ev.validation_shards), center_crop=True, random_flip=False,

@@ -28,18 +28,17 @@ import multiprocessing.util
 import os
 import random
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
+from sd_ds.config import DataConfig
 from sd_ds.data import order as order_lib
 from sd_ds.data.reading import SourceCursor, basename
 from sd_ds.data.sources import (ShardSource, count_here, count_missing, parse_sources, read_latent_manifest,
                                 shared_counter)
 from sd_ds.data.transforms import ImageSamples, ImageTransform, LatentSamples, SkipLog, SkipSample
-
-if TYPE_CHECKING:
-    from sd_ds.config import DataConfig
+from sd_ds.models import tokenize
 
 logger = logging.getLogger("sd_ds.data")
 
@@ -172,8 +171,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         batch_numbers = itertools.count(batches_done + 1)
 
         def collate(samples: list[dict]) -> dict:
-            from sd_ds.models import tokenize
-
             captions = [s["caption"] for s in samples]
             return {
                 self.samples.batch_key: self.samples.collate([s["data"] for s in samples]),
