@@ -137,7 +137,7 @@ def sd_ds_engine(steps: int, batch_size: int, model_dir: Path) -> dict:
     from sd_ds.config import parse_config
     from sd_ds.distributed import init_distributed
     from sd_ds.engine import build_ema, build_engine
-    from sd_ds.logging import StepMetrics
+    from sd_ds.metrics import StepMetrics
     from sd_ds.models import build_components
     from sd_ds.distributed import StopSignal
 

@@ -4,7 +4,7 @@
 
 Runs the real trainer through ``run.sh`` (DeepSpeed ZeRO-2, bf16, CPU ranks over gloo) on generated shards with
 the tiny preset, twice, and reads the run's own time accounting (``output_dir/time_breakdown.json``, written by
-``sd_ds.logging.StepMetrics``; the trainer measures it on every run):
+``sd_ds.metrics.StepMetrics``; the trainer measures it on every run):
 - compute: frozen VAE/text encoders, UNet forward, backward, optimizer step (ends at ``loss.item()``);
 - data wait: time blocked on the data loader;
 - other: everything else in the loop — EMA update, scalar logging, checkpoints, bookkeeping.

@@ -16,7 +16,7 @@ from PIL import Image
 from sd_ds.config import TrainConfig
 from sd_ds.distributed import DistInfo
 from sd_ds.ema import ShardedEMA
-from sd_ds.logging import StepMetrics
+from sd_ds.metrics import StepMetrics
 from sd_ds.models import Components
 from sd_ds.pipeline import generate, image_grid, pipeline_from_components, to_pil
 

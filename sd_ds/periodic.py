@@ -14,7 +14,7 @@ from sd_ds.config import TrainConfig
 from sd_ds.distributed import DistInfo
 from sd_ds.fid_clip import (Scorers, evaluate_generated, load_clip, load_fid_inception, parse_metrics, read_prompts,
                             reference_statistics)
-from sd_ds.logging import StepMetrics
+from sd_ds.metrics import StepMetrics
 from sd_ds.models import Components
 from sd_ds.pipeline import pipeline_from_components
 from sd_ds.validation import build_validator, ema_unet_on_every_rank

@@ -22,7 +22,7 @@ from sd_ds.engine import build_ema, build_engine, encode_batch, grad_norm, group
 from sd_ds.diffusers_export import save_base_components, save_trained_models
 from sd_ds.image_logging import log_training_images
 from sd_ds.lifecycle import SkipGuard, TrainingDiverged, fault_point, hold_output_dir, start_parent_watchdog
-from sd_ds.logging import StepMetrics, setup_console_logging
+from sd_ds.metrics import StepMetrics, setup_console_logging
 from sd_ds.models import build_components
 from sd_ds.periodic import build_training_evaluation
 

@@ -28,7 +28,7 @@ from sd_ds.diffusion import add_noise, diffusion_loss, prediction_target
 from sd_ds.distributed import DistInfo
 from sd_ds.ema import ShardedEMA
 from sd_ds.latents import encode_moments, sample_latents
-from sd_ds.logging import StepMetrics
+from sd_ds.metrics import StepMetrics
 from sd_ds.models import Components
 
 logger = logging.getLogger("sd_ds.validation")

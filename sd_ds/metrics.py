@@ -1,4 +1,4 @@
-"""Training metrics: TensorBoard scalars and images, a console line, and the progress bar.
+"""Training metrics: TensorBoard scalars and images, a console line, and the progress bar (``StepMetrics``).
 
 Only the main process writes; every rank contributes to the reduced values (loss, throughput), so
 ``StepMetrics.log`` must be called on all ranks at the same steps. Between logging steps the loss is summed
