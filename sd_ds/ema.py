@@ -244,26 +244,33 @@ class ShardedEMA:
 
     @contextmanager
     def swapped_into(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """Collective: inside the block every parameter the optimizer trains holds the EMA weights (in its own
-        dtype) on every rank; the training weights come back on exit, exactly.
+        """Collective: inside the block every parameter the optimizer trains in ``module`` holds the EMA weights
+        (in its own dtype) on every rank; the training weights come back on exit, exactly.
 
         The module's trained parameters are views into DeepSpeed's flat low-precision buffers, so the EMA is
-        all-gathered straight into them: no full fp32 copy, and only this rank's slice is backed up."""
-        names = self.optimizer.param_names
-        if not any(p in names for p in module.parameters()):
+        all-gathered straight into them: no full fp32 copy, and only this rank's slice is backed up. Whole
+        parameter groups are swapped: those holding ``module``'s parameters (the engine's module: all of them;
+        its UNet: the UNet's group, while a trained text encoder keeps its training weights)."""
+        mine = {id(p) for p in module.parameters()}
+        groups = [g for g, params in enumerate(self.optimizer.round_robin_bit16_groups)
+                  if any(id(p) in mine for p in params)]
+        if not groups:
             raise ValueError("swapped_into needs the engine's module (or a submodule): none of its parameters are "
                              "held by this optimizer")
+        shared = [g for g in groups if not all(id(p) in mine for p in self.optimizer.round_robin_bit16_groups[g])]
+        if shared:
+            raise ValueError(f"swapped_into swaps whole parameter groups, and group(s) {shared} also hold parameters "
+                             "outside this module: pass the module that holds them all")
         flats = self.optimizer.bit16_groups_flat
-        own = [self._own_slice(flat, g) for g, flat in enumerate(flats)]
-        backups = [s.clone() for s in own]
+        backups = {g: self._own_slice(flats[g], g).clone() for g in groups}
         try:
             with torch.no_grad():
-                for g, part in enumerate(self.partitions):
-                    self._all_gather_into(flats[g], part, g)
+                for g in groups:
+                    self._all_gather_into(flats[g], self.partitions[g], g)
             yield module
         finally:
             with torch.no_grad():
-                for g, backup in enumerate(backups):
+                for g, backup in backups.items():
                     self._all_gather_into(flats[g], backup, g)
 
     def _gather_to_rank0(self, part: torch.Tensor, g: int) -> Optional[torch.Tensor]:

@@ -1,5 +1,6 @@
 """The DeepSpeed engine and what it trains: the objective module, parameter groups, LR schedule, the
-engine config derived from flags, the sharded EMA on its partitions, and the frozen encoders' step.
+engine config derived from flags, the sharded EMA on its partitions, the frozen encoders' step, and the weights
+the periodic tasks evaluate with (``evaluation_unet``, ``conditioning_text_encoder``).
 
 The JSON files in ``ds_configs/`` carry engine settings only (ZeRO stage, offload, loss-scale policy).
 Batch sizes, accumulation, clipping, precision and the optimizer are written here from the trainer's flags
@@ -9,10 +10,11 @@ Model and loss code (``sd_ds.models``, ``sd_ds.diffusion``) never import DeepSpe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
@@ -387,6 +389,29 @@ def build_ema(cfg: TrainConfig, engine: "DeepSpeedEngine") -> Optional["ShardedE
     if not cfg.ema.use_ema:
         return None
     return ShardedEMA(engine, decay=cfg.ema.ema_decay, warmup=cfg.ema.ema_warmup, start_step=cfg.ema.ema_start_step)
+
+
+def conditioning_text_encoder(engine: "DeepSpeedEngine", components: Components) -> torch.nn.Module:
+    """The text encoder whose hidden states condition the UNet: the engine's when it is trained
+    (--train_text_encoder), else the frozen one."""
+    trained = engine.module.text_encoder
+    return trained if trained is not None else components.text_encoder
+
+
+@contextlib.contextmanager
+def evaluation_unet(engine: "DeepSpeedEngine", ema: Optional[ShardedEMA]) -> Iterator[torch.nn.Module]:
+    """The engine's UNet in eval mode for a block: with ``ema``, holding the EMA weights on every rank (collective:
+    ``ShardedEMA.swapped_into`` all-gathers them into the training weights' own buffers, no copy of the UNet, and
+    gives the training weights back exactly on exit); without, the training weights. Every periodic task that
+    evaluates or draws goes through here."""
+    unet = engine.module.unet
+    with ema.swapped_into(unet) if ema is not None else contextlib.nullcontext(unet):
+        was_training = unet.training
+        unet.eval()
+        try:
+            yield unet
+        finally:
+            unet.train(was_training)
 
 
 def group_lrs(engine: "DeepSpeedEngine") -> dict[str, float]:

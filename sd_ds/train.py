@@ -20,11 +20,10 @@ from sd_ds.distributed import (DistInfo, StopSignal, close_distributed, default_
                                rank_seed, seed_everything)
 from sd_ds.engine import build_ema, build_engine, encode_batch, grad_norm, group_lrs, weight_dtype
 from sd_ds.diffusers_export import save_base_components, save_trained_models
-from sd_ds.image_logging import log_training_images
 from sd_ds.lifecycle import SkipGuard, TrainingDiverged, fault_point, hold_output_dir, start_parent_watchdog
 from sd_ds.metrics import StepMetrics, setup_console_logging
 from sd_ds.models import build_components
-from sd_ds.periodic import build_training_evaluation
+from sd_ds.periodic import build_periodic_tasks
 
 logger = logging.getLogger("sd_ds.train")
 
@@ -81,7 +80,8 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     checkpointer = Checkpointer(cfg, dist_info, engine=engine, loader=loader, generator=generator, ema=ema,
                                 export_models=export, fault_point=fault_point)
     state = checkpointer.load(resume)
-    evaluation = build_training_evaluation(cfg, dist_info, components, initial_step=state.step)  # validation, FID
+    # image logging, validation loss, FID / CLIP score: one call a step
+    periodic = build_periodic_tasks(cfg, dist_info, components, initial_step=state.step)
     skip_guard = SkipGuard(cfg.optim.max_consecutive_skipped_steps, skipped_total_at_start=engine.skipped_steps)
 
     metrics = StepMetrics(cfg.output_dir, dist_info, max_steps=cfg.max_steps, initial_step=state.step,
@@ -93,7 +93,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
                 dist_info.world_size, cfg.precision)
     batches = iter(loader)
     try:
-        evaluation.maybe_run(state.step, engine, ema, metrics)  # the starting point of a fresh run
+        periodic.maybe_run(state.step, engine, ema, metrics)  # the starting point of a fresh run
         while state.step < cfg.max_steps:
             for _ in range(cfg.optim.gradient_accumulation_steps):
                 t0 = time.perf_counter()
@@ -118,9 +118,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
                 metrics.log(state.step, lrs=group_lrs(engine), grad_norm=grad_norm(engine),
                             samples_seen=state.samples_seen, skipped_steps=state.skipped_steps,
                             extra={f"data/{k}": float(v) for k, v in loader.stats().items()})
-            if cfg.logging.image_logging_steps and state.step % cfg.logging.image_logging_steps == 0:
-                log_training_images(cfg, dist_info, engine, components, ema, batch, metrics, state.step)
-            evaluation.maybe_run(state.step, engine, ema, metrics)
+            periodic.maybe_run(state.step, engine, ema, metrics, batch)
             stopping = stop.agreed()
             if stopping or state.step % cfg.checkpoint.save_steps == 0 or state.step == cfg.max_steps:
                 checkpointer.save(state)
