@@ -16,11 +16,12 @@ import torch
 from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, TrainState, plan_resume
 from sd_ds.config import TrainConfig, parse_config
 from sd_ds.data import build_train_loader, check_latent_manifest, raise_if_raw_parts, read_latent_manifest
+from sd_ds.diffusers_export import save_base_components, save_trained_models
 from sd_ds.distributed import (DistInfo, StopSignal, close_distributed, default_loader_workers, init_distributed,
                                rank_seed, seed_everything)
 from sd_ds.engine import build_ema, build_engine, encode_batch, grad_norm, group_lrs, weight_dtype
-from sd_ds.diffusers_export import save_base_components, save_trained_models
-from sd_ds.lifecycle import SkipGuard, TrainingDiverged, fault_point, hold_output_dir, start_parent_watchdog
+from sd_ds.faults import fault_point
+from sd_ds.lifecycle import SkipGuard, TrainingDiverged, hold_output_dir, start_parent_watchdog
 from sd_ds.metrics import StepMetrics, setup_console_logging
 from sd_ds.models import build_components
 from sd_ds.periodic import build_periodic_tasks

@@ -24,7 +24,8 @@ from sd_ds.config import DataConfig
 from sd_ds.data import (LATENT_MANIFEST, ImageTransform, build_train_loader, check_latent_manifest,
                         load_latent_manifest, read_latent_manifest)
 from sd_ds.data.manifest import vae_fingerprint
-from sd_ds.encode_latents import KILL_AT_ENV, main
+from sd_ds.encode_latents import main
+from sd_ds.faults import FAULT_ENV
 from sd_ds.latents import encode_moments, sample_latents
 from tests.helpers import REPO_ROOT, photo_sample, subprocess_env, write_photo_shards
 
@@ -242,11 +243,11 @@ def test_kill_9_mid_encode_then_rerun_gives_the_uninterrupted_bytes(tmp_path, en
     out = tmp_path / "dst"
     flags = encode_flags(images, out, vae_dir, "--flip_variants")
     # Killed right after shard 00000.tar was renamed into place, before it was recorded: redone.
-    code, output = finish(encode_subprocess(flags, {KILL_AT_ENV: "shard:1"}))
+    code, output = finish(encode_subprocess(flags, {FAULT_ENV: "shard:count=1"}))
     assert code == -9, output
     assert (out / "00000.tar").is_file() and not (out / ".encode" / "00000.tar.json").exists()
     # Killed mid-way through a shard (its second batch written to the temporary file).
-    code, output = finish(encode_subprocess(flags, {KILL_AT_ENV: "batch:5"}))
+    code, output = finish(encode_subprocess(flags, {FAULT_ENV: "batch:count=5"}))
     assert code == -9, output
     assert list(out.glob(".*.tar.tmp.*")) and not (out / LATENT_MANIFEST).exists()
     code, output = finish(encode_subprocess(flags))
@@ -276,7 +277,7 @@ def test_a_dead_ranks_shard_is_encoded_by_another_rank(tmp_path, encoded, images
     out = tmp_path / "dst"
     flags = encode_flags(images, out, vae_dir, "--flip_variants")
     two = {"WORLD_SIZE": "2"}
-    code, output = finish(encode_subprocess(flags, {**two, "RANK": "1", "LOCAL_RANK": "1", KILL_AT_ENV: "batch:1"}))
+    code, output = finish(encode_subprocess(flags, {**two, "RANK": "1", "LOCAL_RANK": "1", FAULT_ENV: "batch"}))
     assert code == -9, output
     assert [p.name for p in (out / ".encode" / "claims").iterdir()] == ["00001.tar.json"]  # its claim, left
     code, output = finish(encode_subprocess(flags, {**two, "RANK": "0", "LOCAL_RANK": "0"}))
