@@ -18,7 +18,6 @@ rank r holds ``[r * partition_size[g], (r + 1) * partition_size[g])``. Each shar
 from __future__ import annotations
 
 import logging
-import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+
+from sd_ds.fileio import save_atomic
 
 logger = logging.getLogger("sd_ds.ema")
 
@@ -337,12 +338,10 @@ def shard_path(path_dir: str | Path, rank: int) -> Path:
 
 
 def save_ema_shard(ema: ShardedEMA, path_dir: str | Path, rank: int) -> Path:
-    """Write this rank's EMA shard (atomically: a crash never leaves a truncated shard under the final name)."""
-    path = shard_path(path_dir, rank)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ema.state_dict(), tmp)
-    os.replace(tmp, path)
-    return path
+    """Write this rank's EMA shard (atomically and durably: a crash or power loss never leaves a truncated shard
+    under the final name)."""
+    state = ema.state_dict()
+    return save_atomic(shard_path(path_dir, rank), lambda tmp: torch.save(state, tmp))
 
 
 def _load(path: Path) -> dict:

@@ -45,12 +45,19 @@ def write_json_atomic(path: Union[str, Path], obj: Any, *, indent: Optional[int]
     return write_atomic(path, text)
 
 
-def save_atomic(path: Union[str, Path], writer: Callable[[Path], None]) -> Path:
-    """``writer(tmp)`` writes the file (e.g. ``torch.save`` or ``safetensors.save_file``); then it is renamed."""
+def save_atomic(path: Union[str, Path], writer: Callable[[Path], None], *, fsync: bool = True) -> Path:
+    """``writer(tmp)`` writes the file (e.g. ``torch.save`` or ``safetensors.save_file``); then it is flushed to
+    disk (``fsync``, as ``write_atomic``) and renamed."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
         writer(tmp)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
