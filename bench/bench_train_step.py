@@ -43,7 +43,7 @@ def run_setting(name: str, work: Path, shards: Path, model: Path, steps: int, np
     extra.setdefault("logging_steps", steps)
     extra.setdefault("save_steps", steps)
     flags = train_flags(out, shards, model, max_steps=steps, per_device_train_batch_size=micro_batch,
-                        dataloader_num_workers=1, shuffle_buffer=64, **extra)
+                        dataloader_num_workers=1, shuffle_block=64, **extra)
     t0 = time.perf_counter()
     run_sh(flags, nproc=nproc, timeout=3600)
     launch_s = time.perf_counter() - t0

@@ -413,7 +413,7 @@ def run_demo(s: DemoSettings) -> Path:
              "--use_ema", "--ema_decay", s.ema_decay, "--ema_warmup", "True",
              # Latents need no decoding: loader workers would only take CPU from the 2 ranks (5 % slower).
              "--dataloader_num_workers", "0",
-             "--shuffle_buffer", "500", "--seed", "0", "--max_grad_norm", "1.0", "--bf16", "True",
+             "--shuffle_block", "500", "--seed", "0", "--max_grad_norm", "1.0", "--bf16", "True",
              "--validation_shards", val_latents, "--validation_samples", s.validation_samples,
              "--validation_steps", s.validation_steps, "--validation_batch_size", "64",
              "--validation_prompts", *[caption_of(*c) for c in HELD_OUT[:4]]], env=env)

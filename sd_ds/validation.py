@@ -70,7 +70,7 @@ def load_held_out(cfg: TrainConfig, components: Components, device: torch.device
     ev = cfg.evaluation
     n = ev.validation_samples
     data = dataclasses.replace(cfg.data, train_shards=list(ev.validation_shards), center_crop=True, random_flip=False,
-                               caption_dropout_prob=0.0, shuffle_buffer=1, samples_per_epoch=n, resample_shards=False,
+                               caption_dropout_prob=0.0, shuffle_block=1, samples_per_epoch=n, resample_shards=False,
                                dataloader_num_workers=0)
     # One sample per batch: an epoch is then exactly n samples (when the shards hold that many).
     loader = build_train_loader(data, tokenizer=components.tokenizer, model_max_length=cfg.model.model_max_length,

@@ -39,7 +39,7 @@ def converted(tmp_path_factory):
 
 
 def loader(url, tokenizer, **fields):
-    base = dict(resolution=RES, dataloader_num_workers=0, shuffle_buffer=8, random_flip=True, caption_dropout_prob=0.2)
+    base = dict(resolution=RES, dataloader_num_workers=0, shuffle_block=8, random_flip=True, caption_dropout_prob=0.2)
     base.update(fields)
     return build_train_loader(DataConfig(train_shards=[str(url)], **base), tokenizer=tokenizer, model_max_length=77,
                               micro_batch_size=4, seed=3)
@@ -81,13 +81,13 @@ def test_resume_reads_a_bounded_number_of_bytes_whatever_the_step(tmp_path, toke
     write_photo_shards(root, [40] * 10)  # 400 samples, one reader: 100 batches
     http = http_server_factory(root)
     shard_bytes = max(p.stat().st_size for p in root.glob("*.tar"))
-    everything = take(loader(http.url(), tokenizer, shuffle_buffer=16), 90)
+    everything = take(loader(http.url(), tokenizer, shuffle_block=16), 90)
     read = {}
     for step in (5, 85):
-        first = loader(http.url(), tokenizer, shuffle_buffer=16)
+        first = loader(http.url(), tokenizer, shuffle_block=16)
         take(first, step)
         state = json.loads(json.dumps(first.state_dict()))
-        resumed = loader(http.url(), tokenizer, shuffle_buffer=16)
+        resumed = loader(http.url(), tokenizer, shuffle_block=16)
         resumed.load_state_dict(state)
         http.reset_counts()
         batch = take(resumed, 1)

@@ -136,7 +136,7 @@ def stored_moments(latents: Path, member: str = "moments") -> dict[str, torch.Te
 
 
 def data_config(shards: list, **fields) -> DataConfig:
-    base = dict(resolution=RES, center_crop=True, random_flip=False, caption_dropout_prob=0.0, shuffle_buffer=8,
+    base = dict(resolution=RES, center_crop=True, random_flip=False, caption_dropout_prob=0.0, shuffle_block=8,
                 dataloader_num_workers=0)
     base.update(fields)
     return DataConfig(train_shards=[str(s) for s in shards], **base)
@@ -338,7 +338,7 @@ def test_corrupt_latent_members_are_skipped_and_counted(tmp_path, encoded, token
     rewrite_member(latents / "00000.tar", "000000000.moments", b"\x00" * 100)  # cut short
     rewrite_member(latents / "00002.tar", "000020000.moments", b"\x00\x7e" * 512)  # NaN
     # One source, samples in shard order: 12 good samples need all three shards, each read from its first sample.
-    data = loader([f"{latents}/{{00000..00002}}.tar"], tokenizer, shuffle_buffer=1)
+    data = loader([f"{latents}/{{00000..00002}}.tar"], tokenizer, shuffle_block=1)
     keys = [k for b in take(data, 3) for k in b["keys"]]
     assert len(set(keys)) == 12 and not {"000000000", "000020000"} & set(keys)
     assert data.stats() == {"corrupt_latent": 2}

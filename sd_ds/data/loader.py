@@ -405,7 +405,7 @@ def build_train_loader(data: "DataConfig", *, tokenizer: Any, model_max_length: 
     dataset = ShardStream(
         sources, tokenizer=tokenizer, samples=samples, micro_batch_size=micro_batch_size,
         model_max_length=model_max_length, caption_dropout_prob=data.caption_dropout_prob,
-        shuffle_block=data.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
+        shuffle_block=data.shuffle_block, seed=seed, rank=rank, world_size=world_size,
         num_workers=data.dataloader_num_workers, resample=data.resample_shards, epoch_length=total,
         # About two passes over a worker's share with nothing usable: broken data, not bad luck.
         max_skips_in_a_row=2 * math.ceil(total / (world_size * workers)) + 1000)
@@ -413,7 +413,7 @@ def build_train_loader(data: "DataConfig", *, tokenizer: Any, model_max_length: 
         # Tokenising happens in the workers; a Rust tokenizer's own thread pool there only oversubscribes.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     fingerprint = {"sources": [[m.key, s.weight, len(s.shards), s.samples] for m, s in zip(dataset.metas, sources)],
-                   "seed": seed, "shuffle_block": data.shuffle_buffer, "resample_shards": data.resample_shards,
+                   "seed": seed, "shuffle_block": data.shuffle_block, "resample_shards": data.resample_shards,
                    "epoch_length": total}
     if manifest is not None:
         # Latent shards lack the samples the encoder skipped: a position in an image run's stream means
