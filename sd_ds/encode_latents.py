@@ -59,7 +59,7 @@ import torch
 
 from sd_ds.convert.planning import first_difference
 from sd_ds.convert.storage import LocalStore, Store, open_store
-from sd_ds.data import (ImageTransform, ShardSource, SkipLog, SkipSample, parse_sources, read_latent_manifest,
+from sd_ds.data import (ImageTransform, ShardSource, SkipLog, SkipSample, latent_manifest_of_shards, parse_sources,
                         sizes_json_count)
 from sd_ds.data.manifest import (FORMAT, LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MOMENTS, MOMENTS_FLIPPED,
                                  VERSION, vae_record)
@@ -348,7 +348,7 @@ def encode(args: argparse.Namespace) -> int:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     out = open_store(args.output_dir)
-    if read_latent_manifest(list(args.train_shards)) is not None:
+    if latent_manifest_of_shards(list(args.train_shards)) is not None:
         raise EncodeError("--train_shards names latent shards: the encoder reads image shards")
     sources = parse_sources(list(args.train_shards))
     vae = load_vae(args.pretrained_model_name_or_path, args.vae_name_or_path)

@@ -15,7 +15,7 @@ import torch
 
 from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, TrainState, plan_resume
 from sd_ds.config import TrainConfig, parse_config
-from sd_ds.data import build_train_loader, check_latent_manifest, raise_if_raw_parts, read_latent_manifest
+from sd_ds.data import build_train_loader, check_latent_manifest, latent_manifest_of_shards, raise_if_raw_parts
 from sd_ds.diffusers_export import save_base_components, save_trained_models
 from sd_ds.distributed import (DistInfo, StopSignal, close_distributed, default_loader_workers, init_distributed,
                                rank_seed, seed_everything)
@@ -58,7 +58,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     components = build_components(cfg.model, seed=cfg.seed)
     if dist_info.is_main_process:
         save_base_components(components, cfg.output_dir)  # so export never depends on the original model path
-    latent_manifest = read_latent_manifest(cfg.data.train_shards)
+    latent_manifest = latent_manifest_of_shards(cfg.data.train_shards)
     if latent_manifest is not None:
         check_latent_manifest(latent_manifest, components.vae, cfg.data.resolution)  # before the VAE is cast
         components.vae.encoder = None  # latent shards: only the decoder runs (image logging)

@@ -98,7 +98,7 @@ def test_resume_reads_a_bounded_number_of_bytes_whatever_the_step(tmp_path, toke
 
 
 def test_a_latent_directory_on_s3(tmp_path, tokenizer, s3_server):  # noqa: F811
-    from sd_ds.data import read_latent_manifest
+    from sd_ds.data import latent_manifest_of_shards
     from tests.test_latents import encode_flags, encode_in_process
 
     images, latents = tmp_path / "images", tmp_path / "latents"
@@ -112,7 +112,7 @@ def test_a_latent_directory_on_s3(tmp_path, tokenizer, s3_server):  # noqa: F811
         AutoencoderKL(**TINY_VAE).save_pretrained(tmp_path / "vae")
     assert encode_in_process(encode_flags(images, latents, tmp_path / "vae")) == 0
     url = s3_server.upload_dir(latents, "latents", "run1")
-    assert read_latent_manifest([url]) == read_latent_manifest([str(latents)])
+    assert latent_manifest_of_shards([url]) == latent_manifest_of_shards([str(latents)])
     kw = dict(center_crop=True, random_flip=False)
     same(take(loader(url, tokenizer, **kw), 3), take(loader(latents, tokenizer, **kw), 3))
 

@@ -22,7 +22,7 @@ import torch
 
 from sd_ds.config import DataConfig
 from sd_ds.data import (LATENT_MANIFEST, ImageTransform, build_train_loader, check_latent_manifest,
-                        load_latent_manifest, read_latent_manifest)
+                        latent_manifest_in_dir, latent_manifest_of_shards)
 from sd_ds.data.manifest import vae_fingerprint
 from sd_ds.encode_latents import main
 from sd_ds.faults import FAULT_ENV
@@ -125,7 +125,7 @@ def source_samples(images: Path) -> dict[str, dict[str, bytes]]:
 
 
 def stored_moments(latents: Path, member: str = "moments") -> dict[str, torch.Tensor]:
-    manifest = load_latent_manifest(latents)
+    manifest = latent_manifest_in_dir(latents)
     out = {}
     for shard in sorted(latents.glob("*.tar")):
         for name, data in tar_members(shard).items():
@@ -221,7 +221,7 @@ def test_the_loader_gives_the_image_runs_samples_as_moments(tmp_path, vae_dir, t
     latents = tmp_path / "latents"
     assert encode_in_process(encode_flags(images, latents, vae_dir)) == 0
     vae = load_vae(vae_dir)
-    check_latent_manifest(read_latent_manifest([str(latents)]), vae, RES)
+    check_latent_manifest(latent_manifest_of_shards([str(latents)]), vae, RES)
     from_images, from_latents = take(loader([images], tokenizer), 3), take(loader([latents], tokenizer), 3)
     for image_batch, latent_batch in zip(from_images, from_latents):
         assert image_batch["keys"] == latent_batch["keys"] and image_batch["captions"] == latent_batch["captions"]
@@ -362,7 +362,7 @@ def test_random_flip_picks_the_flipped_moments_and_needs_them(tmp_path, encoded,
 
 
 def test_vae_resolution_and_scaling_factor_mismatches_are_rejected(encoded, vae_dir):
-    manifest = read_latent_manifest([str(encoded)])
+    manifest = latent_manifest_of_shards([str(encoded)])
     vae = load_vae(vae_dir)
     check_latent_manifest(manifest, vae, RES)  # the VAE it was made with: fine
     with pytest.raises(ValueError, match="--resolution 32, this run trains at 64"):
@@ -385,13 +385,13 @@ def test_vae_resolution_and_scaling_factor_mismatches_are_rejected(encoded, vae_
 
 
 def test_mixed_and_unfinished_sources_are_rejected(tmp_path, encoded, images, tokenizer):
-    assert read_latent_manifest([str(images)]) is None
+    assert latent_manifest_of_shards([str(images)]) is None
     with pytest.raises(ValueError, match="mixes latent shards .* with image shards"):
-        read_latent_manifest([str(encoded), f"{images}::2"])
+        latent_manifest_of_shards([str(encoded), f"{images}::2"])
     with pytest.raises(ValueError, match="mixes latent shards"):
         loader([encoded, images], tokenizer)
     with pytest.raises(ValueError, match="names latent shards .* and image shards together"):
-        read_latent_manifest([f"{{{encoded},{images}}}/00000.tar"])
+        latent_manifest_of_shards([f"{{{encoded},{images}}}/00000.tar"])
     unfinished = tmp_path / "unfinished"
     shutil.copytree(encoded, unfinished)
     (unfinished / LATENT_MANIFEST).unlink()

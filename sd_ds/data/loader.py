@@ -35,7 +35,7 @@ import torch
 from sd_ds.config import DataConfig
 from sd_ds.data import order as order_lib
 from sd_ds.data.reading import SourceCursor, basename
-from sd_ds.data.sources import (ShardSource, count_here, count_missing, parse_sources, read_latent_manifest,
+from sd_ds.data.sources import (ShardSource, count_here, count_missing, latent_manifest_of_shards, parse_sources,
                                 shared_counter)
 from sd_ds.data.transforms import ImageSamples, ImageTransform, LatentSamples, SkipLog, SkipSample
 from sd_ds.models import tokenize
@@ -380,10 +380,10 @@ def build_train_loader(data: "DataConfig", *, tokenizer: Any, model_max_length: 
                        seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
                        all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> TrainLoader:
     """This rank's loader for the ``--train_shards`` in ``data``: image shards, or latent shards when their
-    directory holds an encoder manifest (``read_latent_manifest``). ``all_reduce`` (a sum over the ranks on
+    directory holds an encoder manifest (``latent_manifest_of_shards``). ``all_reduce`` (a sum over the ranks on
     CPU tensors, the trainer's control group) shares the counting of shards that no sizes.json lists: each is
     read by one rank."""
-    manifest = read_latent_manifest(list(data.train_shards))
+    manifest = latent_manifest_of_shards(list(data.train_shards))
     sources = parse_sources(list(data.train_shards))
     counter = shared_counter(rank, world_size, all_reduce) if all_reduce is not None and world_size > 1 else count_here
     sources, unreadable = count_missing(sources, counter)
