@@ -76,7 +76,7 @@ def _location(override: Optional[str], base: Optional[str], subfolder: str, what
 
 
 @contextlib.contextmanager
-def seeded(seed: Optional[int]) -> Iterator[None]:
+def seeded_torch_rng(seed: Optional[int]) -> Iterator[None]:
     """Seed the CPU RNG for a block and restore the caller's state afterwards: the trainer has already given
     each rank its own RNG stream (noise, timesteps) and must get it back unchanged after a seeded init."""
     if seed is None:
@@ -151,7 +151,7 @@ def build_unet(config: dict[str, Any], seed: Optional[int] = None) -> UNet2DCond
     are the same on every rank and every run, and the caller's RNG state is left as it was."""
     from diffusers import UNet2DConditionModel
 
-    with seeded(seed):
+    with seeded_torch_rng(seed):
         unet = UNet2DConditionModel.from_config(config)
     zero_output_projections(unet)
     return unet

@@ -16,7 +16,8 @@ from typing import Optional
 
 import torch
 
-from sd_ds.models import CLIP_TOKENIZER_DIR, build_unet, from_pretrained, load_tokenizer, save_tokenizer, seeded
+from sd_ds.models import (CLIP_TOKENIZER_DIR, build_unet, from_pretrained, load_tokenizer, save_tokenizer,
+                          seeded_torch_rng)
 
 SD_V1_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
@@ -74,7 +75,8 @@ def init_model(output_dir: str | Path, *, preset: str = "sd-v1", source: Optiona
     out.mkdir(parents=True, exist_ok=True)
     unet_config = TINY_UNET if preset == "tiny" else SD_V1_UNET
     if preset == "tiny" and source is None:
-        with seeded(seed + 1):  # not the UNet's stream: the same seed gives the same UNet in every preset
+        # Not the UNet's stream: the same seed gives the same UNet in every preset.
+        with seeded_torch_rng(seed + 1):
             vae = AutoencoderKL(**TINY_VAE)
             text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER))
         vae.save_pretrained(out / "vae", safe_serialization=True)
