@@ -73,6 +73,16 @@ def test_http_and_s3_give_the_local_batches(converted, tokenizer, http_server_fa
     same(take(loader(http.url(pattern), tokenizer), 3), take(loader(f"{converted}/{pattern}", tokenizer), 3))
 
 
+def test_a_file_url_is_a_url_and_gives_the_local_batches(converted, tokenizer):
+    """One definition of a URL (sd_ds.fileio.is_url): file:// is one, read through fsspec, and gives the plain
+    path's batches; the converter and the trainer agree on it."""
+    from sd_ds.fileio import is_url
+
+    assert is_url(f"file://{converted}") and is_url("s3://bucket/x") and is_url("https://host/x.tar")
+    assert not is_url(converted) and not is_url(str(converted)) and not is_url("pipe:cat 00000.tar")
+    same(take(loader(f"file://{converted}", tokenizer), 14), take(loader(converted, tokenizer), 14))
+
+
 def test_resume_reads_a_bounded_number_of_bytes_whatever_the_step(tmp_path, tokenizer,
                                                                    http_server_factory):  # noqa: F811
     """Bytes read from the server before the first resumed batch, early vs late in the epoch: the same bound (one
