@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from sd_ds.families import Family
+from sd_ds.models import Components, tokenize
 
 # Batch keys of the token ids, one per tokenizer in the family's order.
 TOKEN_KEYS = ("input_ids", "input_ids_2")
@@ -74,11 +75,13 @@ class PromptEncoder:
         self.family, self.tokenizers, self.text_encoders = family, list(tokenizers), list(text_encoders)
         self.max_length = max_length
 
+    @classmethod
+    def for_components(cls, components: Components, max_length: int) -> "PromptEncoder":
+        return cls(components.family, components.tokenizers, components.text_encoders, max_length=max_length)
+
     def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """{input_ids[, input_ids_2]: [B, max_length]} plus [B] bool ``empty_caption`` (picklable tensors: this runs
         in the data loader's workers)."""
-        from sd_ds.models import tokenize
-
         out = {key: tokenize(tok, captions, self.max_length) for key, tok in zip(TOKEN_KEYS, self.tokenizers)}
         out[EMPTY_CAPTION_KEY] = torch.tensor([c == "" for c in captions], dtype=torch.bool)
         return out

@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
+from sd_ds.config import ModelConfig
 from sd_ds.families import SD_V1, Family, check_components, family_of_unet
 
 if TYPE_CHECKING:  # imported lazily below: diffusers/transformers take seconds to import
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from sd_ds.conditioning import PromptEncoder
-    from sd_ds.config import ModelConfig
 
 logger = logging.getLogger("sd_ds.models")
 
@@ -57,11 +56,6 @@ class Components:
     @property
     def tokenizers(self) -> list[Any]:
         return [self.tokenizer] + ([self.tokenizer_2] if self.tokenizer_2 is not None else [])
-
-    def prompt_encoder(self, max_length: int) -> "PromptEncoder":
-        from sd_ds.conditioning import PromptEncoder
-
-        return PromptEncoder(self.family, self.tokenizers, self.text_encoders, max_length=max_length)
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -97,7 +91,7 @@ def _location(override: Optional[str], base: Optional[str], subfolder: str, what
 
 
 @contextlib.contextmanager
-def seeded(seed: Optional[int]) -> Iterator[None]:
+def seeded_torch_rng(seed: Optional[int]) -> Iterator[None]:
     """Seed the CPU RNG for a block and restore the caller's state afterwards: the trainer has already given
     each rank its own RNG stream (noise, timesteps) and must get it back unchanged after a seeded init."""
     if seed is None:
@@ -172,7 +166,7 @@ def build_unet(config: dict[str, Any], seed: Optional[int] = None) -> UNet2DCond
     are the same on every rank and every run, and the caller's RNG state is left as it was."""
     from diffusers import UNet2DConditionModel
 
-    with seeded(seed):
+    with seeded_torch_rng(seed):
         unet = UNet2DConditionModel.from_config(config)
     zero_output_projections(unet)
     return unet

@@ -20,7 +20,7 @@ import torch
 from sd_ds.families import (SD_V1, SDXL, Family, FamilyMismatchError, check_components, check_pipeline_index,
                             family_of_unet)
 from sd_ds.models import (CLIP_TOKENIZER_DIR, ModelNotFoundError, build_unet, from_pretrained, load_tokenizer,
-                          model_not_found, save_tokenizer, seeded)
+                          model_not_found, save_tokenizer, seeded_torch_rng)
 
 SD_V1_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
@@ -212,7 +212,8 @@ def _build_tiny_parts(tiny: TinyParts, out: Path, seed: int) -> list[str]:
     from transformers import CLIPTextConfig
 
     written = []
-    with seeded(seed + 1):  # not the UNet's stream: the same seed gives the same UNet in every preset
+    # Not the UNet's stream: the same seed gives the same UNet in every preset.
+    with seeded_torch_rng(seed + 1):
         vae = AutoencoderKL(**tiny.vae)
         encoders = [(sub, getattr(transformers, cls)(CLIPTextConfig(**config))) for sub, cls, config in tiny.text_encoders]
     vae.save_pretrained(out / "vae", safe_serialization=True)

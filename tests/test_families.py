@@ -175,7 +175,7 @@ def test_prompt_encoder_equals_the_pipelines_encode_prompt(tiny, preset):
     from sd_ds.models import load_components
 
     components = load_components(str(tiny[preset]))
-    encoder = components.prompt_encoder(max_length=77)
+    encoder = PromptEncoder.for_components(components, max_length=77)
     assert isinstance(encoder, PromptEncoder) and encoder.family.name == {"tiny-sd2": "sd-v2", "tiny-sdxl": "sdxl"}[preset]
     geometry = {"original_size": torch.tensor([[40, 64], [64, 40], [512, 1023]]),
                 "crop_top_left": torch.tensor([[0, 5], [3, 0], [0, 0]]),
