@@ -240,7 +240,7 @@ def run_unet_config(name: str, work: Path, data: tuple[torch.Tensor, list[str]],
                                               "up_block_types": ["CrossAttnUpBlock2D"] * 3}, seed=0))
     ema, cpu_s = train_unet(comp, *data, prediction_type=c.prediction_type, steps=c.steps, lr=c.lr,
                             batch_size=c.batch_size, snr_gamma=c.snr_gamma, ema_decay=c.ema_decay)
-    pipe = pipeline_from_components(comp.vae, comp.text_encoder, comp.tokenizer, ema, comp.noise_scheduler)
+    pipe = pipeline_from_components(comp, ema)
     scores = {str(gs): demo.score_model(pipe, seeds=8, steps=20, guidance_scale=gs) for gs in GUIDANCE_SCALES}
     pipe.unet = comp.unet.eval()  # the trained weights themselves, without the EMA
     scores_raw = {str(gs): demo.score_model(pipe, seeds=8, steps=20, guidance_scale=gs) for gs in GUIDANCE_SCALES}

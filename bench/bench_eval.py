@@ -118,6 +118,7 @@ def measure(preset: str, resolution: int, images: int, batch_size: int, clip_mod
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from sd_ds.fid_clip import ClipModel, clip_scores, inception_features
+    from sd_ds.models import Components
     from sd_ds.presets import SD_V1_UNET, TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE
     from sd_ds.pipeline import generate, pipeline_from_components
 
@@ -130,7 +131,7 @@ def measure(preset: str, resolution: int, images: int, batch_size: int, clip_mod
     tokenizer = CLIPTokenizer.from_pretrained(str(Path(__file__).resolve().parents[1] / "sd_ds" / "assets" /
                                                   "clip_tokenizer"))
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    pipe = pipeline_from_components(vae, text, tokenizer, unet, scheduler).to(dev, dtype)
+    pipe = pipeline_from_components(Components(unet, vae, text, tokenizer, scheduler), unet).to(dev, dtype)
     prompts = [f"a photo of object number {i} on a table" for i in range(images)]
 
     def timed(fn: Any) -> float:

@@ -259,10 +259,12 @@ def sd_ds_loop(cfg: Any, dist_info: Any, components: Any, pixels: torch.Tensor, 
     batch = {"input_ids": ids, **({"latent_moments": moments} if moments is not None else {"pixel_values": pixels})}
     step_count = [0]
 
+    prompt_encoder = engine.module.prompt_encoder
+
     def step() -> None:
-        latents, hidden, input_ids = encode_batch(batch, components, train_text_encoder=False, device=pixels.device,
-                                                  dtype=torch.bfloat16, generator=generator)
-        loss = engine(latents, hidden, input_ids, generator)
+        latents, conditioning = encode_batch(batch, components, prompt_encoder, train_text_encoder=False,
+                                             device=pixels.device, dtype=torch.bfloat16, generator=generator)
+        loss = engine(latents, conditioning, generator)
         engine.backward(loss)
         engine.step()
         metrics.add_micro_batch(loss, latents.shape[0], 0.0, 0.0)

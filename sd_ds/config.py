@@ -142,6 +142,9 @@ class OptimConfig:
     learning_rate: float = _f(1e-4, "Peak learning rate (default for every parameter group).")
     unet_learning_rate: Optional[float] = _f(None, "UNet learning rate (default: --learning_rate).")
     text_encoder_learning_rate: Optional[float] = _f(None, "Text encoder learning rate (default: --learning_rate).")
+    text_encoder_2_learning_rate: Optional[float] = _f(
+        None, "SDXL's second text encoder's learning rate with --train_text_encoder (default: "
+        "--text_encoder_learning_rate, else --learning_rate).")
     weight_decay: float = _f(0.01, "AdamW weight decay.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
@@ -326,6 +329,8 @@ class TrainConfig:
              f"--unet_learning_rate must be > 0 (got {o.unet_learning_rate})"),
             (o.text_encoder_learning_rate is None or o.text_encoder_learning_rate > 0,
              f"--text_encoder_learning_rate must be > 0 (got {o.text_encoder_learning_rate})"),
+            (o.text_encoder_2_learning_rate is None or o.text_encoder_2_learning_rate > 0,
+             f"--text_encoder_2_learning_rate must be > 0 (got {o.text_encoder_2_learning_rate})"),
             (o.warmup_steps >= 0, f"--warmup_steps must be >= 0 (got {o.warmup_steps})"),
             (o.weight_decay >= 0, f"--weight_decay must be >= 0 (got {o.weight_decay})"),
             (0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1,

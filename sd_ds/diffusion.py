@@ -100,12 +100,14 @@ def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, *, timesteps:
 
 def training_loss(unet: Any, latents: torch.Tensor, encoder_hidden_states: torch.Tensor, noise_scheduler: Any, *,
                   prediction_type: str = "epsilon", noise_offset: float = 0.0, input_perturbation: float = 0.0,
-                  snr_gamma: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  snr_gamma: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                  added_cond_kwargs: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
     """The objective of one micro batch: noise, uniform timesteps, noised input, UNet forward, (weighted) MSE.
 
-    latents [B,4,h,w] (already scaled by the VAE's scaling factor), encoder_hidden_states [B,77,D]. Every random
-    draw comes from ``generator`` (on the latents' device), in this order: noise, timesteps, offset, perturbation.
-    The UNet runs in its own dtype; the loss is fp32.
+    latents [B,4,h,w] (already scaled by the VAE's scaling factor), encoder_hidden_states [B,77,D]; SDXL also
+    ``added_cond_kwargs`` (text_embeds [B,P] and time_ids [B,6], sd_ds.conditioning). Every random draw comes from
+    ``generator`` (on the latents' device), in this order: noise, timesteps, offset, perturbation. The UNet runs in
+    its own dtype (time_ids stay float32: the UNet embeds them in float32); the loss is fp32.
     """
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=torch.float32)
     timesteps = sample_timesteps(latents.shape[0], noise_scheduler.config.num_train_timesteps, generator=generator,
@@ -114,6 +116,9 @@ def training_loss(unet: Any, latents: torch.Tensor, encoder_hidden_states: torch
                                       input_perturbation=input_perturbation, generator=generator)
     target = prediction_target(noise_scheduler, latents, noise, timesteps, prediction_type)
     dtype = next(unet.parameters()).dtype
-    model_pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states.to(dtype)).sample
+    extra = {}
+    if added_cond_kwargs is not None:
+        extra["added_cond_kwargs"] = {k: v if k == "time_ids" else v.to(dtype) for k, v in added_cond_kwargs.items()}
+    model_pred = unet(noisy.to(dtype), timesteps, encoder_hidden_states.to(dtype), **extra).sample
     return diffusion_loss(model_pred, target, timesteps=timesteps, noise_scheduler=noise_scheduler,
                           snr_gamma=snr_gamma, prediction_type=prediction_type)

@@ -1,6 +1,6 @@
 """The DeepSpeed engine and what it trains: the objective module, parameter groups, LR schedule, the
 engine config derived from flags, the sharded EMA on its partitions, the frozen encoders' step, and the weights
-the periodic tasks evaluate with (``evaluation_unet``, ``conditioning_text_encoder``).
+the periodic tasks evaluate with (``evaluation_unet``, ``conditioning_text_encoders``).
 
 The JSON files in ``ds_configs/`` carry engine settings only (ZeRO stage, offload, loss-scale policy).
 Batch sizes, accumulation, clipping, precision and the optimizer are written here from the trainer's flags
@@ -11,6 +11,7 @@ Model and loss code (``sd_ds.models``, ``sd_ds.diffusion``) never import DeepSpe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
+from sd_ds.conditioning import EMPTY_CAPTION_KEY, GEOMETRY_KEYS, TOKEN_KEYS, Conditioning, PromptEncoder
 from sd_ds.config import TrainConfig
 from sd_ds.diffusion import training_loss
 from sd_ds.distributed import DistInfo
@@ -41,18 +43,30 @@ def weight_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+@dataclasses.dataclass
+class TextInputs:
+    """What trained text encoders read inside the engine's forward (--train_text_encoder): the batch's token ids
+    (and empty-caption flags) and, for SDXL, its micro-conditioning geometry."""
+
+    tokens: dict[str, torch.Tensor]
+    geometry: dict[str, torch.Tensor]
+
+
 class DiffusionModule(torch.nn.Module):
-    """What the DeepSpeed engine owns: the UNet, plus the text encoder when it is trained too.
+    """What the DeepSpeed engine owns: the UNet, plus the text encoder(s) when they are trained too
+    (``text_encoder``, and SDXL's ``text_encoder_2``: parameter names as in the diffusers folder).
 
     Its forward is the whole training objective, so the engine's bf16 casting, activation checkpointing and
-    gradient partitioning cover exactly the trained weights; the frozen VAE/text encoder stay outside.
+    gradient partitioning cover exactly the trained weights; the frozen VAE/text encoders stay outside.
     """
 
-    def __init__(self, unet: torch.nn.Module, text_encoder: Optional[torch.nn.Module],
-                 noise_scheduler: "DDPMScheduler", cfg: TrainConfig) -> None:
+    def __init__(self, unet: torch.nn.Module, trained_text_encoders: list[torch.nn.Module],
+                 prompt_encoder: PromptEncoder, noise_scheduler: "DDPMScheduler", cfg: TrainConfig) -> None:
         super().__init__()
         self.unet = unet
-        self.text_encoder = text_encoder
+        self.text_encoder = trained_text_encoders[0] if trained_text_encoders else None
+        self.text_encoder_2 = trained_text_encoders[1] if len(trained_text_encoders) > 1 else None
+        self.prompt_encoder = prompt_encoder  # a plain object: its frozen encoders are not the engine's parameters
         self.noise_scheduler = noise_scheduler
         self.prediction_type = cfg.model.prediction_type or noise_scheduler.config.prediction_type
         self.diffusion = cfg.diffusion
@@ -60,36 +74,44 @@ class DiffusionModule(torch.nn.Module):
         # the activations' layout: cuDNN then runs NHWC kernels, converting the weights as it reads them.
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
 
-    def forward(self, latents: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor],
-                input_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self.text_encoder is not None:
-            encoder_hidden_states = self.text_encoder(input_ids)[0]
+    @property
+    def trained_text_encoders(self) -> list[torch.nn.Module]:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+
+    def forward(self, latents: torch.Tensor, conditioning: "Conditioning | TextInputs",
+                generator: torch.Generator) -> torch.Tensor:
+        if isinstance(conditioning, TextInputs):
+            conditioning = self.prompt_encoder.encode(conditioning.tokens, conditioning.geometry,
+                                                      text_encoders=self.trained_text_encoders)
         latents = latents.contiguous(memory_format=self.memory_format)
         return training_loss(
-            self.unet, latents, encoder_hidden_states, self.noise_scheduler,
+            self.unet, latents, conditioning.encoder_hidden_states, self.noise_scheduler,
             prediction_type=self.prediction_type, noise_offset=self.diffusion.noise_offset,
             input_perturbation=self.diffusion.input_perturbation, snr_gamma=self.diffusion.snr_gamma,
-            generator=generator)
+            generator=generator, added_cond_kwargs=conditioning.added_cond_kwargs)
 
 
 @torch.no_grad()
-def encode_batch(batch: dict, components: "Components", *, train_text_encoder: bool, device: torch.device,
-                 dtype: torch.dtype, generator: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """The frozen encoders' part of a step → (scaled latents [B,4,h,w], CLIP hidden states [B,L,D] or None when
-    the text encoder is trained, token ids [B,L] on the device).
+def encode_batch(batch: dict, components: "Components", prompt_encoder: PromptEncoder, *, train_text_encoder: bool,
+                 device: torch.device, dtype: torch.dtype,
+                 generator: torch.Generator) -> tuple[torch.Tensor, "Conditioning | TextInputs"]:
+    """The frozen encoders' part of a step → (scaled latents [B,4,h,w], the UNet's conditioning, or the text inputs
+    the engine's trained text encoders read).
 
     Pixels travel host→device as uint8 (a quarter of fp32's bytes) and are normalised on the device; latent
     shards carry the VAE posterior's moments instead. Either way a fresh latent is drawn from the moments with
     the run's generator (``sample_latents``: one code path for both)."""
-    input_ids = batch["input_ids"].to(device, non_blocking=True)
+    tokens = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in TOKEN_KEYS or k == EMPTY_CAPTION_KEY}
+    geometry = {k: batch[k].to(device, non_blocking=True) for k in GEOMETRY_KEYS if k in batch}
     vae = components.vae
     if "latent_moments" in batch:
         moments = batch["latent_moments"].to(device, non_blocking=True)
     else:
         moments = encode_moments(vae, batch["pixel_values"].to(device, non_blocking=True))
     latents = sample_latents(moments, generator, vae.config.scaling_factor).to(dtype)
-    hidden = None if train_text_encoder else components.text_encoder(input_ids)[0]
-    return latents, hidden, input_ids
+    if train_text_encoder:
+        return latents, TextInputs(tokens, geometry)
+    return latents, prompt_encoder.encode(tokens, geometry)
 
 
 def param_groups(cfg: TrainConfig, module: DiffusionModule) -> list[dict]:
@@ -99,6 +121,10 @@ def param_groups(cfg: TrainConfig, module: DiffusionModule) -> list[dict]:
     if module.text_encoder is not None:
         groups.append({"params": [p for p in module.text_encoder.parameters() if p.requires_grad],
                        "name": "text_encoder", "lr": optim.text_encoder_learning_rate or optim.learning_rate})
+    if module.text_encoder_2 is not None:  # SDXL's OpenCLIP-bigG: a learning rate of its own
+        groups.append({"params": [p for p in module.text_encoder_2.parameters() if p.requires_grad],
+                       "name": "text_encoder_2", "lr": (optim.text_encoder_2_learning_rate
+                                                        or optim.text_encoder_learning_rate or optim.learning_rate)})
     return groups
 
 
@@ -225,8 +251,9 @@ def build_engine(cfg: TrainConfig, components: "Components", dist_info: "DistInf
     # otherwise copy it host→device several times a step.
     scheduler = components.noise_scheduler
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(dist_info.device)
-    trained_text_encoder = components.text_encoder if cfg.model.train_text_encoder else None
-    module = DiffusionModule(components.unet, trained_text_encoder, components.noise_scheduler, cfg)
+    trained = components.text_encoders if cfg.model.train_text_encoder else []
+    prompt_encoder = PromptEncoder.for_components(components, cfg.model.model_max_length)
+    module = DiffusionModule(components.unet, trained, prompt_encoder, components.noise_scheduler, cfg)
     ds_config = build_deepspeed_config(cfg, dist_info.world_size, load_universal=load_universal,
                                        device_type=dist_info.device.type)
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups(cfg, module),
@@ -241,11 +268,10 @@ def build_ema(cfg: TrainConfig, engine: "DeepSpeedEngine") -> Optional["ShardedE
     return ShardedEMA(engine, decay=cfg.ema.ema_decay, warmup=cfg.ema.ema_warmup, start_step=cfg.ema.ema_start_step)
 
 
-def conditioning_text_encoder(engine: "DeepSpeedEngine", components: Components) -> torch.nn.Module:
-    """The text encoder whose hidden states condition the UNet: the engine's when it is trained
-    (--train_text_encoder), else the frozen one."""
-    trained = engine.module.text_encoder
-    return trained if trained is not None else components.text_encoder
+def conditioning_text_encoders(engine: "DeepSpeedEngine", components: Components) -> list[torch.nn.Module]:
+    """The text encoder(s) whose outputs condition the UNet: the engine's when they are trained
+    (--train_text_encoder), else the frozen ones."""
+    return engine.module.trained_text_encoders or components.text_encoders
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from PIL import Image
 from sd_ds.config import TrainConfig
 from sd_ds.distributed import DistInfo
 from sd_ds.ema import ShardedEMA
-from sd_ds.engine import conditioning_text_encoder, evaluation_unet
+from sd_ds.engine import conditioning_text_encoders, evaluation_unet
 from sd_ds.metrics import StepMetrics
 from sd_ds.models import Components
 from sd_ds.pipeline import generate, image_grid, pipeline_from_components, to_pil
@@ -49,16 +49,16 @@ class ImageLogging:
             with evaluation_unet(engine, ema) as unet:
                 try:
                     if self.dist.is_main_process:
-                        self._draw_and_write(unet, conditioning_text_encoder(engine, self.components), batch,
+                        self._draw_and_write(unet, conditioning_text_encoders(engine, self.components), batch,
                                              metrics, step)
                 finally:
                     self.dist.barrier()  # the other ranks wait here while the main process draws
         except Exception:  # noqa: BLE001 - image logging is best effort by design
             logger.exception("image logging failed at step %d; training continues", step)
 
-    def _draw_and_write(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, batch: dict,
+    def _draw_and_write(self, unet: torch.nn.Module, text_encoders: list[torch.nn.Module], batch: dict,
                         metrics: StepMetrics, step: int) -> None:
-        grids, captions = sample_grids(self.cfg, self.components, unet, text_encoder, batch, step, self.dist.device)
+        grids, captions = sample_grids(self.cfg, self.components, unet, text_encoders, batch, step, self.dist.device)
         out_dir = Path(self.cfg.output_dir) / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"step_{step:08d}_captions.txt").write_text("\n".join(captions) + "\n")
@@ -68,10 +68,10 @@ class ImageLogging:
 
 
 @torch.no_grad()
-def sample_grids(cfg: TrainConfig, components: Components, unet: Any, text_encoder: Any, batch: dict, step: int,
-                 device: torch.device) -> tuple[dict[str, Image.Image], list[str]]:
+def sample_grids(cfg: TrainConfig, components: Components, unet: Any, text_encoders: list[Any], batch: dict,
+                 step: int, device: torch.device) -> tuple[dict[str, Image.Image], list[str]]:
     vae = components.vae
-    pipe = pipeline_from_components(vae, text_encoder, components.tokenizer, unet, components.noise_scheduler)
+    pipe = pipeline_from_components(components, unet, text_encoders)
     n = min(MAX_IMAGES, len(batch["captions"]))
     captions = list(batch["captions"][:n])
     # The training resolution, not the UNet config's sample_size (512 px for SD v1 even when training at 256).

@@ -7,7 +7,7 @@ its first step and once after every optimizer step, on every rank; each task dec
   --eval_prompts every --eval_steps, and at step 0.
 
 They share the weights they evaluate with (``sd_ds.engine.evaluation_unet``: the EMA swapped into the UNet's own
-buffers when EMA is on, eval mode), the text encoder (``sd_ds.engine.conditioning_text_encoder``) and the way
+buffers when EMA is on, eval mode), the text encoder (``sd_ds.engine.conditioning_text_encoders``) and the way
 they log (``StepMetrics.log_scalars`` / ``write_line``). At the step a resumed run starts from, none runs again:
 the run that saved that step already logged it.
 """
@@ -21,7 +21,7 @@ from typing import Any, Optional, Protocol
 from sd_ds.config import TrainConfig
 from sd_ds.distributed import DistInfo
 from sd_ds.ema import ShardedEMA
-from sd_ds.engine import conditioning_text_encoder, evaluation_unet
+from sd_ds.engine import conditioning_text_encoders, evaluation_unet
 from sd_ds.fid_clip import (Scorers, evaluate_generated, load_clip, load_fid_inception, parse_metrics, read_prompts,
                             reference_statistics)
 from sd_ds.image_logging import ImageLogging
@@ -82,8 +82,7 @@ class FidClipEvaluation:
         ev, comp = self.cfg.evaluation, self.components
         t0 = time.perf_counter()
         with evaluation_unet(engine, ema) as unet:
-            pipe = pipeline_from_components(comp.vae, conditioning_text_encoder(engine, comp), comp.tokenizer, unet,
-                                            comp.noise_scheduler)
+            pipe = pipeline_from_components(comp, unet, conditioning_text_encoders(engine, comp))
             result = evaluate_generated(pipe, self.prompts, self.scorers, self.dist, seed=0,
                                         steps=ev.eval_num_inference_steps, guidance_scale=ev.eval_guidance_scale,
                                         batch_size=ev.eval_batch_size, resolution=self.cfg.data.resolution,

@@ -15,6 +15,7 @@ from PIL import Image
 
 if TYPE_CHECKING:
     from sd_ds.families import Family
+    from sd_ds.models import Components
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -49,14 +50,14 @@ def assemble_pipeline(family: "Family", *, vae: Any, unet: Any, text_encoders: S
 
 
 @torch.no_grad()
-def pipeline_from_components(vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, noise_scheduler: Any) -> Any:
-    """A StableDiffusionPipeline on in-memory modules (no safety checker), sampling with DDIM from the training
-    scheduler's config, progress bar off: what image logging, training-time evaluation and benchmarks draw with."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=make_scheduler("ddim", noise_scheduler.config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+def pipeline_from_components(components: "Components", unet: Any, text_encoders: Optional[Sequence[Any]] = None) -> Any:
+    """The family's pipeline on in-memory modules (``assemble_pipeline``): the run's VAE and tokenizer(s), this
+    ``unet`` and ``text_encoders`` (default: the frozen ones), sampling with DDIM from the training scheduler's
+    config, progress bar off: what image logging, training-time evaluation and benchmarks draw with."""
+    pipe = assemble_pipeline(components.family, vae=components.vae, unet=unet,
+                             text_encoders=list(text_encoders or components.text_encoders),
+                             tokenizers=components.tokenizers,
+                             scheduler=make_scheduler("ddim", components.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

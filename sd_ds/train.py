@@ -69,7 +69,9 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     engine = build_engine(cfg, components, dist_info, load_universal=resume is not None and resume.universal_dir is not None)
     components.vae.to(device, dtype=dtype)
     if not cfg.model.train_text_encoder:
-        components.text_encoder.to(device, dtype=dtype)
+        for encoder in components.text_encoders:
+            encoder.to(device, dtype=dtype)
+    prompt_encoder = engine.module.prompt_encoder  # the family's encode_prompt, as its pipeline computes it
     ema = build_ema(cfg, engine)
     if cfg.data.dataloader_num_workers is None:
         cfg.data.dataloader_num_workers = default_loader_workers(device)
@@ -103,10 +105,10 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 data_wait = time.perf_counter() - t0
-                latents, hidden, input_ids = encode_batch(
-                    batch, components, train_text_encoder=cfg.model.train_text_encoder, device=device, dtype=dtype,
-                    generator=generator)
-                loss = engine(latents, hidden, input_ids, generator)
+                latents, conditioning = encode_batch(
+                    batch, components, prompt_encoder, train_text_encoder=cfg.model.train_text_encoder, device=device,
+                    dtype=dtype, generator=generator)
+                loss = engine(latents, conditioning, generator)
                 engine.backward(loss)
                 engine.step()
                 metrics.add_micro_batch(loss, latents.shape[0], data_wait, time.perf_counter() - t0 - data_wait)

@@ -27,7 +27,8 @@ from sd_ds.data import build_train_loader
 from sd_ds.diffusion import add_noise, diffusion_loss, prediction_target
 from sd_ds.distributed import DistInfo
 from sd_ds.ema import ShardedEMA
-from sd_ds.engine import conditioning_text_encoder, evaluation_unet
+from sd_ds.conditioning import EMPTY_CAPTION_KEY, GEOMETRY_KEYS, TOKEN_KEYS, PromptEncoder
+from sd_ds.engine import conditioning_text_encoders, evaluation_unet
 from sd_ds.latents import encode_moments, sample_latents
 from sd_ds.metrics import StepMetrics
 from sd_ds.models import Components
@@ -45,11 +46,12 @@ def validation_timesteps(num_train_timesteps: int, count: int = NUM_TIMESTEPS) -
 
 @dataclasses.dataclass
 class HeldOutSet:
-    """The fixed inputs, on the CPU: scaled latents [N,C,h,w] (one posterior draw each), token ids [N,L], noise
-    [N,8,C,h,w]."""
+    """The fixed inputs, on the CPU: scaled latents [N,C,h,w] (one posterior draw each), token ids [N,L] per
+    tokenizer, the micro-conditioning geometry [N,2] per key (SDXL), noise [N,8,C,h,w]."""
 
     latents: torch.Tensor
-    input_ids: torch.Tensor
+    tokens: dict[str, torch.Tensor]
+    geometry: dict[str, torch.Tensor]
     noise: torch.Tensor
     keys: list[str]
 
@@ -77,7 +79,7 @@ def load_held_out(cfg: TrainConfig, components: Components, device: torch.device
                                 micro_batch_size=1, seed=ev.validation_seed, rank=0, world_size=1)
     vae = components.vae
     moments: list[torch.Tensor] = []
-    input_ids: list[torch.Tensor] = []
+    text: dict[str, list[torch.Tensor]] = {}  # token ids per tokenizer, and the geometry keys
     keys: list[str] = []
     try:
         for b in loader:
@@ -86,7 +88,9 @@ def load_held_out(cfg: TrainConfig, components: Components, device: torch.device
             if b["keys"][0] in keys:
                 continue
             keys.append(b["keys"][0])
-            input_ids.append(b["input_ids"][0])
+            for name in (*TOKEN_KEYS, EMPTY_CAPTION_KEY, *GEOMETRY_KEYS):
+                if name in b:
+                    text.setdefault(name, []).append(b[name][0])
             if "latent_moments" in b:
                 moments.append(b["latent_moments"][0].float())
             elif vae.encoder is None:
@@ -107,13 +111,15 @@ def load_held_out(cfg: TrainConfig, components: Components, device: torch.device
     noise = torch.stack([torch.randn((NUM_TIMESTEPS, *latents.shape[1:]),
                                      generator=_sample_generator(ev.validation_seed, i, 1))
                          for i in range(len(keys))])  # [N,8,C,h,w]
-    return HeldOutSet(latents=latents, input_ids=torch.stack(input_ids), noise=noise, keys=keys)
+    stacked = {name: torch.stack(rows) for name, rows in text.items()}
+    return HeldOutSet(latents=latents, tokens={k: v for k, v in stacked.items() if k not in GEOMETRY_KEYS},
+                      geometry={k: v for k, v in stacked.items() if k in GEOMETRY_KEYS}, noise=noise, keys=keys)
 
 
 @torch.no_grad()
-def per_sample_losses(unet: torch.nn.Module, text_encoder: torch.nn.Module, noise_scheduler: Any, held_out: HeldOutSet,
-                      *, prediction_type: str, batch_size: int, rank: int, world_size: int,
-                      device: torch.device) -> torch.Tensor:
+def per_sample_losses(unet: torch.nn.Module, prompt_encoder: PromptEncoder, text_encoders: list[torch.nn.Module],
+                      noise_scheduler: Any, held_out: HeldOutSet, *, prediction_type: str, batch_size: int, rank: int,
+                      world_size: int, device: torch.device) -> torch.Tensor:
     """[N, 8] float64 on the CPU: this rank's batches' losses (one MSE per sample and timestep), zeros elsewhere."""
     timesteps = validation_timesteps(noise_scheduler.config.num_train_timesteps)
     dtype = next(unet.parameters()).dtype
@@ -121,13 +127,15 @@ def per_sample_losses(unet: torch.nn.Module, text_encoder: torch.nn.Module, nois
     for start in range(rank * batch_size, len(held_out), world_size * batch_size):
         rows = slice(start, min(start + batch_size, len(held_out)))
         latents = held_out.latents[rows].to(device)
-        hidden = text_encoder(held_out.input_ids[rows].to(device))[0].to(dtype)
+        conditioning = prompt_encoder.encode({k: v[rows].to(device) for k, v in held_out.tokens.items()},
+                                             {k: v[rows].to(device) for k, v in held_out.geometry.items()},
+                                             text_encoders=text_encoders).to(dtype)
         for k, t in enumerate(timesteps):
             t_batch = torch.full((latents.shape[0],), t, dtype=torch.long, device=device)
             noise = held_out.noise[rows, k].to(device)
             noisy = add_noise(noise_scheduler, latents, noise, t_batch)
             target = prediction_target(noise_scheduler, latents, noise, t_batch, prediction_type)
-            pred = unet(noisy.to(dtype), t_batch, hidden).sample
+            pred = unet(noisy.to(dtype), t_batch, **conditioning.unet_kwargs()).sample
             table[rows, k] = torch.stack([diffusion_loss(p[None], y[None]) for p, y in zip(pred, target)]).double()
     return table.cpu()  # one device → host copy per evaluation
 
@@ -148,10 +156,11 @@ class Validator:
         # At the step a resumed run starts from, the run that saved it has already logged the value.
         return step % self.every == 0 and (step != self.initial_step or step == 0)
 
-    def losses(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, prediction_type: str) -> torch.Tensor:
+    def losses(self, unet: torch.nn.Module, prompt_encoder: PromptEncoder, text_encoders: list[torch.nn.Module],
+               prediction_type: str) -> torch.Tensor:
         """Collective. [N, 8] float64 per-sample losses of ``unet`` (in eval mode: ``evaluation_unet``), the same on
         every rank."""
-        table = per_sample_losses(unet, text_encoder, self.components.noise_scheduler, self.held_out,
+        table = per_sample_losses(unet, prompt_encoder, text_encoders, self.components.noise_scheduler, self.held_out,
                                   prediction_type=prediction_type,
                                   batch_size=self.cfg.evaluation.validation_batch_size, rank=self.dist.rank,
                                   world_size=self.dist.world_size, device=self.dist.device)
@@ -159,13 +168,13 @@ class Validator:
 
     def run(self, step: int, engine: Any, ema: Optional[ShardedEMA], metrics: StepMetrics) -> dict[str, float]:
         """Collective: every rank calls it at the same steps. Returns (and logs) the scalars."""
-        text_encoder = conditioning_text_encoder(engine, self.components)
+        text = (engine.module.prompt_encoder, conditioning_text_encoders(engine, self.components))
         prediction_type = engine.module.prediction_type
         with evaluation_unet(engine, None) as unet:
-            values = self._scalars("validation/loss", self.losses(unet, text_encoder, prediction_type))
+            values = self._scalars("validation/loss", self.losses(unet, *text, prediction_type))
         if ema is not None:
             with evaluation_unet(engine, ema) as unet:
-                values.update(self._scalars("validation/loss_ema", self.losses(unet, text_encoder, prediction_type)))
+                values.update(self._scalars("validation/loss_ema", self.losses(unet, *text, prediction_type)))
         metrics.log_scalars(values, step)
         metrics.write_line(
             f"step {step} validation loss {values['validation/loss']:.5f}" + (
