@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sd_ds.conditioning import PromptEncoder
 from sd_ds.config import parse_config
 from sd_ds.distributed import DistInfo
 from sd_ds.models import build_components
@@ -28,7 +29,8 @@ def main(out: str, shards: str, model: str) -> None:
         for p in components.unet.conv_out.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     validator = build_validator(cfg, info, components, initial_step=0)
-    tables = [validator.losses(components.unet, components.text_encoder, "epsilon") for _ in range(2)]
+    prompt_encoder = PromptEncoder.for_components(components, cfg.model.model_max_length)
+    tables = [validator.losses(components.unet, prompt_encoder, components.text_encoders, "epsilon") for _ in range(2)]
     if info.is_main_process:
         torch.save({"tables": tables, "keys": validator.held_out.keys}, out)
     dist.destroy_process_group()
