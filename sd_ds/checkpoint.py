@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 import torch
 
 from sd_ds.fileio import save_atomic, write_atomic, write_json_atomic
+from sd_ds.redaction import redact_json
 
 if TYPE_CHECKING:
     from sd_ds.config import TrainConfig
@@ -363,7 +364,7 @@ class Checkpointer:
         if dist_info.is_main_process:
             trainer_state = {**state.state_dict(), "world_size": dist_info.world_size,
                              "global_batch_size": self.cfg.global_batch_size(dist_info.world_size),
-                             "config": self.cfg.to_dict()}
+                             "config": redact_json(self.cfg.to_dict())}  # no credential of a URL flag
             write_json_atomic(ckpt / TRAINER_STATE, trainer_state, indent=2, default=str)
             write_atomic(self.output_dir / LATEST, ckpt.name)
             rotate_checkpoints(self.output_dir, self.cfg.checkpoint.save_total_limit, keep=ckpt)

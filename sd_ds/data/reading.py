@@ -16,6 +16,7 @@ import tarfile
 from typing import Any, Callable, Iterator, Optional
 
 from sd_ds import fileio
+from sd_ds.retries import Backoff, is_transient
 
 logger = logging.getLogger("sd_ds.data")
 
@@ -50,7 +51,9 @@ def read_offsets(url: str, shard_size: int) -> Optional[list[int]]:
 
     try:
         values = np.frombuffer(fileio.read_bytes(url + OFFSETS_SUFFIX), dtype="<i8").tolist()
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        if is_transient(e):
+            raise
         return None
     if not values or values[0] != shard_size:
         logger.warning("%s%s does not match the shard's size: ignored (run python -m sd_ds.data.index again)",
@@ -79,7 +82,8 @@ def shard_samples(url: str, start: int = 0, on_error: Optional[Callable[[Excepti
                   ) -> Iterator[tuple[int, dict]]:
     """(member index, sample) for the samples of a tar shard from the ``start``-th on (webdataset's grouping:
     consecutive members with the same key make a sample; ``__key__`` and ``__url__`` set). A read error ends
-    the shard after ``on_error(exception)`` (default: raise)."""
+    the shard after ``on_error(exception)`` (default: raise); a transient storage error (``sd_ds.retries``) is
+    raised, for the caller to open the shard again at the sample it needs."""
     index, current, key = 0, None, None
     try:
         kw: dict[str, Any] = {"block_size": REMOTE_BLOCK, "cache_type": "readahead"} if fileio.is_url(url) else {}
@@ -109,17 +113,21 @@ def shard_samples(url: str, start: int = 0, on_error: Optional[Callable[[Excepti
         if current is not None and index >= start:
             yield index, current
     except (tarfile.TarError, OSError, ValueError, EOFError) as e:
-        if on_error is None:
+        if on_error is None or is_transient(e):
             raise
         on_error(e)
 
 
 class SourceCursor:
     """Sequential reads of one source's samples (by shard and member), continuing the open shard stream when
-    the next sample asked for is the next one in it."""
+    the next sample asked for is the next one in it. A transient storage error reopens the shard at the sample
+    asked for, after a backoff (``backoff``; it raises StorageUnavailable when the store keeps failing), so the
+    samples served are those of a read without failures."""
 
-    def __init__(self, shard_urls: tuple[str, ...], on_error: Callable[[Exception], None]) -> None:
+    def __init__(self, shard_urls: tuple[str, ...], on_error: Callable[[Exception], None],
+                 backoff: Optional[Backoff] = None) -> None:
         self.shard_urls, self.on_error = shard_urls, on_error
+        self.backoff = backoff or Backoff()
         self._shard: Optional[int] = None
         self._stream: Optional[Iterator[tuple[int, dict]]] = None
         self._next: Optional[tuple[int, dict]] = None  # read ahead by one
@@ -151,7 +159,7 @@ class SourceCursor:
         self._at = member + 1
         while True:
             if self._next is None:
-                self._next = next(self._stream, None)  # type: ignore[arg-type]
+                self._next = self._read_next(shard, member)
                 if self._next is None:
                     # The shard ended before this member (cut short, or fewer samples than sizes.json says):
                     # counted once per opening, and the shard is not read again for its later members.
@@ -165,6 +173,23 @@ class SourceCursor:
             if index > member:
                 return None  # a member missing from the shard (a tar error in between)
             self._next = None  # an earlier member (a repeat never asks for it): pass over it
+
+    def _read_next(self, shard: int, member: int) -> Optional[tuple[int, dict]]:
+        """The open stream's next sample (None at its end). On a transient storage error the stream is dead:
+        wait (``backoff``), open the shard again at ``member`` (nothing before it is needed any more: the
+        stream had not yielded it) and read on."""
+        while True:
+            try:
+                item = next(self._stream, None)  # type: ignore[arg-type]
+            except Exception as e:  # noqa: BLE001 - sorted by is_transient
+                if not is_transient(e):
+                    raise
+                self.backoff.failed(e, f"{self.shard_urls[shard]} (reading sample #{member})")
+                self._open(shard, member)
+                self._at = member + 1
+                continue
+            self.backoff.succeeded()
+            return item
 
     def close(self) -> None:
         self._close()
