@@ -83,7 +83,13 @@ def redact_text(text: str) -> str:
     """Every URL inside ``text`` redacted (``redact_url``)."""
     if "://" not in text:
         return text
-    return _URL_IN_TEXT.sub(lambda m: _redact_one(m.group(0)), text)
+    return _URL_IN_TEXT.sub(lambda m: _redact_in_text(m.group(0)), text)
+
+
+def _redact_in_text(match: str) -> str:
+    # Punctuation that ends a sentence or a bracket around the URL is the text's, not the URL's.
+    url = match.rstrip(").,;:!]}")
+    return _redact_one(url) + match[len(url):]
 
 
 def redact_json(value: Any) -> Any:

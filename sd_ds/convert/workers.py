@@ -23,7 +23,7 @@ from sd_ds.convert.planning import ConvertOptions
 from sd_ds.convert.storage import open_store
 from sd_ds.convert.tar_writing import (FragmentWriter, KeyFormat, PartSpan, ShardJob, assemble_shard,
                                        fragment_paths)
-from sd_ds.redaction import redact_url
+from sd_ds.redaction import redact_text, redact_url
 
 __all__ = ["PartJob", "worker_init", "run_task", "convert_part", "assemble_shard_job", "PROGRESS_INTERVAL_S"]
 
@@ -175,7 +175,7 @@ def convert_part(job: PartJob) -> dict:
                     break
         except PartStreamError as e:
             failures.append([lines + 1, e.reason, samples])
-            stream_error = str(e)
+            stream_error = redact_text(str(e))  # it may quote the part's URL
     record = {"part": job.part, "path": redact_url(path), "layout": layout.name, "lines": lines, "samples": samples,
               "bytes": part_size(path), "stream_error": stream_error, "failures": failures,
               "empty_captions": empty_captions}

@@ -76,8 +76,17 @@ def expand(url: str) -> list[str]:
 
     out: list[str] = []
     for u in braceexpand.braceexpand(url):
-        out.extend(fileio.glob_urls(u) if any(ch in u for ch in "*?[") and not fileio.is_pipe(u) else [u])
+        out.extend(fileio.glob_urls(u) if _is_glob(u) else [u])
     return out
+
+
+def _is_glob(url: str) -> bool:
+    """A glob pattern; in an http(s) URL a ``?`` starts its query (a presigned URL's signature), not a wildcard."""
+    if fileio.is_pipe(url):
+        return False
+    if url.startswith(("http://", "https://")):
+        return any(ch in url.split("?", 1)[0] for ch in "*[")
+    return any(ch in url for ch in "*?[")
 
 
 def _parent(shard: str) -> str:
