@@ -170,11 +170,11 @@ def guard_console() -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["--holds-secret"]:
-        return 0 if any(holds_secret(a) for a in args[1:]) else 1
-    for line in sys.stdin if not args else args:  # a filter: redact stdin (or the arguments) to stdout
-        sys.stdout.write(redact_text(line) + ("" if not args else "\n"))
-    return 0
+    if args[:1] != ["--holds-secret"]:
+        print("usage: python -m sd_ds.redaction --holds-secret ARG...  (exit 0 when an argument holds a credential)",
+              file=sys.stderr)
+        return 2
+    return 0 if any(holds_secret(a) for a in args[1:]) else 1
 
 
 if __name__ == "__main__":

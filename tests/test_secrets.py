@@ -201,3 +201,30 @@ def test_the_converter_writes_down_and_prints_no_credential(tmp_path):
     assert not leaks(console.encode(), "console"), console[-3000:]
     assert not leaks_under(out)
     assert json.loads((out / "sources.json").read_text())["sources"][0]["name"].startswith("http://***@")
+
+
+# --- the latent encoder ------------------------------------------------------------------------------------
+
+def test_the_latent_encoder_writes_down_no_credential(tmp_path):
+    """Image shards behind basic auth, named with the credential: the latent shards, latents.json, the plan and the
+    per-shard records hold none (the trainer reads the latent directory's manifest back and trains from it)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from sd_ds.data import read_latent_manifest
+    from sd_ds.init import TINY_VAE
+    from tests.helpers import write_photo_shards
+    from tests.test_latents import encode_flags, finish, encode_subprocess
+
+    images, out = tmp_path / "images", tmp_path / "latents"
+    write_photo_shards(images, [5, 4])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AutoencoderKL(**TINY_VAE).save_pretrained(tmp_path / "vae")
+    with HTTPFileServer(images, basic_auth=(USER, TOKEN)) as http:
+        code, output = finish(encode_subprocess(encode_flags(http.url(auth=True), out, tmp_path / "vae")))
+        refused = http.refused
+    assert code == 0 and refused == 0, output[-3000:]
+    assert read_latent_manifest([str(out)])["samples"] == 9
+    assert not leaks(output.encode(), "console") and not leaks_under(out)
+    assert json.loads((out / "latents.json").read_text())["sources"][0]["name"].startswith("http://***@")
