@@ -157,7 +157,9 @@ fi
 # that the ranks read as `@FILE` (argparse).
 args_file=""
 if python -m sd_ds.redaction --holds-secret "${trainer_args[@]}"; then
-  [ "$ssh_launch" = 1 ] && die "a trainer flag holds a credential (a URL with user:token@ or a signed query); a launch over ssh would print it in DeepSpeed's command for every node. Start each node with NO_SSH=1 NODE_RANK=N, or give the credential the store's own way (AWS_* variables for s3://)"
+  [ "$ssh_launch" = 1 ] && die "a trainer flag holds a credential (a URL with user:token@ or a signed query);" \
+    "a launch over ssh would print it in DeepSpeed's command for every node. Start each node with NO_SSH=1" \
+    "NODE_RANK=N, or give the credential the store's own way (AWS_* variables for s3://)"
   for arg in "${trainer_args[@]}"; do
     [[ $arg == *$'\n'* ]] && die "a trainer flag holding a credential spans several lines"
   done

@@ -91,8 +91,8 @@ def test_bad_sizes_and_sources_entries_stop_the_trainer_with_one_line(tmp_path):
     assert_one_clear_line(results["sizes_not_an_object"], out / "sizes_not_an_object", "sizes.json",
                           "expected an object")
     for name in WEIGHTS:
-        assert_one_clear_line(results[f"weight_{name}"], out / f"weight_{name}", f"{tmp_path}/weight_{name}/sources.json",
-                              'source "b"', "is not a mixture weight")
+        assert_one_clear_line(results[f"weight_{name}"], out / f"weight_{name}",
+                              f"{tmp_path}/weight_{name}/sources.json", 'source "b"', "is not a mixture weight")
     assert_one_clear_line(results["samples_disagree"], out / "samples_disagree", "sources.json", 'source "a"',
                           "says 13 samples", "12 by sizes.json")
 

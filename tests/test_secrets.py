@@ -78,7 +78,8 @@ def test_redact_url_masks_userinfo_and_signed_queries_only():
 def test_the_lock_record_redacts_the_command(tmp_path):
     from sd_ds.lifecycle import LOCK_FILE, OutputDirLock
 
-    lock = OutputDirLock(tmp_path, ["train.py", "--train_shards", f"http://{USER}:{TOKEN}@h/x?X-Amz-Signature={SIGNATURE}"])
+    url = f"http://{USER}:{TOKEN}@h/x?X-Amz-Signature={SIGNATURE}"
+    lock = OutputDirLock(tmp_path, ["train.py", "--train_shards", url])
     with lock:
         record = json.loads((tmp_path / LOCK_FILE).read_text())
     assert "***@h/x?X-Amz-Signature=***" in record["command"] and not leaks_under(tmp_path)
@@ -87,7 +88,9 @@ def test_the_lock_record_redacts_the_command(tmp_path):
 FAKE_DEEPSPEED = """#!/bin/sh
 # Records the arguments it got and the flags file they name (its content and mode), as the ranks would read it.
 printf '%s\\n' "$@" > "$SD_DS_TEST_RECORD/args"
-for a in "$@"; do case $a in @*) f=${a#@}; cp "$f" "$SD_DS_TEST_RECORD/flags"; stat -c %a "$f" > "$SD_DS_TEST_RECORD/mode";; esac; done
+for a in "$@"; do
+  case $a in @*) cp "${a#@}" "$SD_DS_TEST_RECORD/flags"; stat -c %a "${a#@}" > "$SD_DS_TEST_RECORD/mode";; esac
+done
 """
 
 

@@ -102,7 +102,8 @@ def test_a_flaky_store_gives_the_same_batches_and_counts_its_retries(converted, 
     assert set(data.stats()) == {"storage_retries"}  # and no sample was skipped for it
 
 
-def test_a_store_that_keeps_failing_stops_with_one_line_after_the_bound(converted, tokenizer, retry_timeout):  # noqa: F811
+def test_a_store_that_keeps_failing_stops_with_one_line_after_the_bound(converted, tokenizer,  # noqa: F811
+                                                                         retry_timeout):
     retry_timeout(1.5)
     with HTTPFileServer(converted, fail_every=1) as down:  # every GET fails: the metadata cannot be read
         started = time.monotonic()
