@@ -151,6 +151,24 @@ if [ -n "${DS_CONFIG:-}" ] && [[ " $* " != *" --deepspeed "* && " $* " != *" --d
   trainer_args+=(--deepspeed "$DS_CONFIG")
 fi
 
+# Trainer flags holding a credential (a URL with user:token@ or a signed query: X-Amz-Signature, token=, ...)
+# never go on a command line: DeepSpeed's launchers print the rank command (three times for 2 ranks), and any
+# user of the machine reads /proc/PID/cmdline. They travel in a private file (0600, deleted when run.sh exits)
+# that the ranks read as `@FILE` (argparse).
+args_file=""
+if python -m sd_ds.redaction --holds-secret "${trainer_args[@]}"; then
+  [ "$ssh_launch" = 1 ] && die "a trainer flag holds a credential (a URL with user:token@ or a signed query);" \
+    "a launch over ssh would print it in DeepSpeed's command for every node. Start each node with NO_SSH=1" \
+    "NODE_RANK=N, or give the credential the store's own way (AWS_* variables for s3://)"
+  for arg in "${trainer_args[@]}"; do
+    [[ $arg == *$'\n'* ]] && die "a trainer flag holding a credential spans several lines"
+  done
+  args_file=$(umask 077 && mktemp "${TMPDIR:-/tmp}/sd_ds_args.XXXXXX")
+  trap 'rm -f "$args_file" "${env_file:-}"' EXIT
+  printf '%s\n' "${trainer_args[@]}" > "$args_file"
+  trainer_args=("@$args_file")
+fi
+
 # Ranks know who launched them: SIGTERM forwarding finds them by it, and a rank can tell when run.sh is gone.
 export SD_DS_LAUNCHER_PID=$$
 SD_DS_LAUNCHER_HOST=$(hostname)
@@ -189,7 +207,7 @@ forwarded_env() {
 env_file=""
 if [ "$ssh_launch" = 1 ]; then
   env_file=$(mktemp "${TMPDIR:-/tmp}/sd_ds_deepspeed_env.XXXXXX")
-  trap 'rm -f "$env_file"' EXIT
+  trap 'rm -f "$env_file" "${args_file:-}"' EXIT
   forwarded_env > "$env_file"
 fi
 

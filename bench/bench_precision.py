@@ -37,7 +37,7 @@ def measure(steps: int, micro_batch: int, threads: int) -> dict:
     """ms per optimizer step in fp32 and bf16 for the tiny UNet on this process's CPU settings."""
     import torch
 
-    from sd_ds.init import TINY_UNET
+    from sd_ds.presets import TINY_UNET
     from sd_ds.models import build_unet
     from sd_ds.precision import cpu_capability, cpu_has_native_bf16
 

@@ -39,6 +39,7 @@ from sd_ds.config import TrainConfig
 from sd_ds.distributed import DistInfo, rng_state, set_rng_state
 from sd_ds.ema import load_ema_shards, save_ema_shard
 from sd_ds.fileio import save_atomic, write_atomic, write_json_atomic
+from sd_ds.redaction import redact_json
 
 logger = logging.getLogger("sd_ds.checkpoint")
 
@@ -358,7 +359,7 @@ class Checkpointer:
         if dist_info.is_main_process:
             trainer_state = {**state.state_dict(), "world_size": dist_info.world_size,
                              "global_batch_size": self.cfg.global_batch_size(dist_info.world_size),
-                             "config": self.cfg.to_dict()}
+                             "config": redact_json(self.cfg.to_dict())}  # no credential of a URL flag
             write_json_atomic(ckpt / TRAINER_STATE, trainer_state, indent=2, default=str)
             write_atomic(self.output_dir / LATEST, ckpt.name)
             rotate_checkpoints(self.output_dir, self.cfg.checkpoint.save_total_limit, keep=ckpt)

@@ -126,6 +126,12 @@ class DataConfig:
         None, "Data loader worker processes per rank. Default: on GPUs min(8, CPU cores per rank - 1): a worker "
         "decodes and crops ~150 256-px JPEGs/s, an H100 trains ~400-700 images/s at 256 px (latent shards need "
         "far fewer); on CPU ranks 2. A warning says when the model waited for data more than 10%% of the time.")
+    storage_retry_timeout: float = _f(
+        120.0, "Seconds a read from object storage keeps being retried, with growing waits, while the store fails "
+        "transiently (HTTP 5xx, 429, timeouts, dropped connections, S3 SlowDown) before the run stops with one "
+        "line naming the shard. A retried shard read starts again at the sample it was reading, so the run serves "
+        "exactly the samples of a run without failures; retries are counted (the data/storage_retries metric). "
+        "0: stop at the first failure.")
 
 
 @dataclass
@@ -312,6 +318,8 @@ class TrainConfig:
              f"--dataloader_num_workers must be >= 0 (got {d.dataloader_num_workers})"),
             (d.samples_per_epoch is None or d.samples_per_epoch >= 1,
              f"--samples_per_epoch must be >= 1 (got {d.samples_per_epoch})"),
+            (0 <= d.storage_retry_timeout < float("inf"),
+             f"--storage_retry_timeout must be a number of seconds >= 0 (got {d.storage_retry_timeout})"),
             (self.model.model_max_length >= 1, f"--model_max_length must be >= 1 (got {self.model.model_max_length})"),
             (lg.image_logging_steps >= 0, f"--image_logging_steps must be >= 0; 0 = off (got {lg.image_logging_steps})"),
             (self.evaluation.validation_steps >= 1,
@@ -401,8 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sd_ds.train",
         description="Pretrain a Stable Diffusion UNet from scratch with DeepSpeed ZeRO-2. Launch through ./run.sh "
-        "(deepspeed launcher); every flag below passes through it.",
+        "(deepspeed launcher); every flag below passes through it. @FILE reads flags from FILE, one per line "
+        "(run.sh passes flags holding a credential that way, never on a command line).",
         allow_abbrev=False,
+        fromfile_prefix_chars="@",
     )
     hints = typing.get_type_hints(TrainConfig)
     top = parser.add_argument_group("run")

@@ -67,6 +67,8 @@ from sd_ds.faults import FaultInjector
 from sd_ds.latents import encode_moments, latent_shape
 from sd_ds.lifecycle import pid_alive
 from sd_ds.models import from_pretrained
+from sd_ds.data.checks import LATENT_HEADER_PREFIX
+from sd_ds.redaction import guard_console, redact_url
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -113,8 +115,9 @@ def build_plan(sources: list[ShardSource], vae: "AutoencoderKL", *, resolution: 
         "format": FORMAT, "version": VERSION, "resolution": resolution, "crop": "center", "min_size": min_size,
         "dtype": dtype, "shape": latent_shape(vae, resolution), "byte_order": "little",
         "flip_variants": flip_variants, "vae": vae_record(vae), "vae_dtype": vae_dtype, "batch_size": batch_size,
-        "sources": [{"name": s.name, "weight": s.weight, "source_samples": s.samples,
-                     "shards": [[url, _output_name(url)] for url in s.shards]} for s in sources],
+        # Written down (plan.json, latents.json): URLs less any credential; the reader keeps the real ones.
+        "sources": [{"name": redact_url(s.name), "weight": s.weight, "source_samples": s.samples,
+                     "shards": [[redact_url(url), _output_name(url)] for url in s.shards]} for s in sources],
     }
 
 
@@ -277,6 +280,13 @@ class ShardImages(torch.utils.data.IterableDataset):
                 if time.monotonic() - refreshed > refresh_every:  # still alive: keep the claim
                     self.claims.refresh(name)
                     refreshed = time.monotonic()
+                if not is_safe_member_key(sample["__key__"]):
+                    # "../../x", "/etc/x": such a name copied into our shard would write outside the folder of
+                    # whoever extracts it. Not renamed (a renamed key could collide with another): skipped, counted.
+                    skipped["unsafe_member_name"] += 1
+                    log.skip("unsafe_member_name", f"{url}: member name {sample['__key__']!r}: not a relative "
+                                                   f"path inside the shard")
+                    continue
                 try:
                     img, _ = self.transform.decode(sample)
                 except SkipSample as skip:
@@ -296,20 +306,36 @@ class ShardImages(torch.utils.data.IterableDataset):
                 "pixels": torch.stack([b[1] for b in batch]) if batch else torch.empty(0, 3, r, r, dtype=torch.uint8)}
 
 
+def is_safe_member_key(key: str) -> bool:
+    """A sample key that is a plain relative path (no ``..``, not absolute, no empty or ``.`` parts): its members
+    extract inside the folder they are extracted in."""
+    import posixpath
+
+    return (bool(key) and not key.startswith("/") and "\\" not in key and posixpath.normpath(key) == key
+            and ".." not in key.split("/"))
+
+
 class LatentShardWriter:
     """One output shard, streamed into a temporary file and renamed into place when complete. Tar headers carry
-    no time, owner or mode from the machine, so the bytes depend only on the members."""
+    no time, owner or mode from the machine, so the bytes depend only on the members. The first sample's moments
+    members carry the dtype and shape they are stored in (PAX headers ``SDDS.dtype``, ``SDDS.shape``, which tar
+    readers ignore), so the trainer can check latents.json against the shards (``sd_ds.data.checks``)."""
 
     def __init__(self, out: Store, name: str) -> None:
         self.file = out.writer(name, fsync=True)
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.GNU_FORMAT)
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
         self.samples = 0
 
-    def add(self, key: str, members: dict[str, bytes]) -> None:
+    def add(self, key: str, members: dict[str, bytes], headers: Optional[dict[str, dict[str, str]]] = None) -> None:
+        """``headers``: {member extension: PAX records} (written for the shard's first sample only)."""
+        if not is_safe_member_key(key):
+            raise ValueError(f"refusing to write a member named {key!r} (not a relative path inside the shard)")
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
                 len(data), 0, 0o444, 0, 0, "", "")
+            if headers and ext in headers and self.samples == 0:
+                info.pax_headers = dict(headers[ext])
             self.tar.addfile(info, io.BytesIO(data))
         self.samples += 1
 
@@ -360,7 +386,8 @@ def encode(args: argparse.Namespace) -> int:
     if args.vae_dtype != "fp32":
         vae.to(VAE_DTYPES[args.vae_dtype])
 
-    every = [(url, name) for s in plan["sources"] for url, name in s["shards"]]
+    real_urls = {_output_name(url): url for s in sources for url in s.shards}  # the plan holds redacted ones
+    every = [(real_urls[name], name) for s in plan["sources"] for _, name in s["shards"]]
     todo = [(url, name) for url, name in every if _done(out, name) is None]
     logger.info("rank %d of %d: %d of %d shard(s) left to encode (%d already done), handed out as ranks ask for "
                 "them, on %s", rank, world_size, len(todo), len(every), len(every) - len(todo), device)
@@ -431,12 +458,18 @@ class ShardEncoder:
                 if item["json"][i] is not None:
                     members["json"] = item["json"][i]
                 members.update({ext: _raw(m[i]) for ext, m in variants.items()})
-                writer.add(key, members)
+                writer.add(key, members, {ext: self._layout(m[i]) for ext, m in variants.items()})
             self.encoded += int(finite.sum())
             self.progress.update(len(item["keys"]))
             self.hook("batch")
         if item["last"]:
             self._finish(name, item["skipped"])
+
+    def _layout(self, moments: torch.Tensor) -> dict[str, str]:
+        """How a moments member is stored: the PAX records the trainer checks latents.json against."""
+        dtype = next(k for k, v in LATENT_DTYPES.items() if v == self.store_dtype)
+        return {f"{LATENT_HEADER_PREFIX}dtype": dtype,
+                f"{LATENT_HEADER_PREFIX}shape": ",".join(str(n) for n in moments.shape)}
 
     def _finish(self, name: str, skipped: dict[str, int]) -> None:
         shard_skipped = collections.Counter(skipped)
@@ -449,7 +482,7 @@ class ShardEncoder:
             self.hook("shard")
         else:
             writer.abort()  # nothing to train on: no file; the record says 0 samples
-        self.out.write_json(_record_name(name), {"source": self.urls[name], "samples": writer.samples,
+        self.out.write_json(_record_name(name), {"source": redact_url(self.urls[name]), "samples": writer.samples,
                                                  "skipped": dict(sorted(shard_skipped.items()))})
         self.claims.release(name)
         self.shards += 1
@@ -509,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    guard_console()  # no credential of a shard URL reaches the console
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resolution <= 0 or args.resolution % 8 or args.batch_size < 1 or args.dataloader_num_workers < 0:

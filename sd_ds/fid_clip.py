@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from sd_ds.distributed import DistInfo
+from sd_ds.image_modes import to_rgb
 from sd_ds.pipeline import generate
 
 logger = logging.getLogger("sd_ds.fid_clip")
@@ -219,7 +220,7 @@ def _shard_samples(source: str, *, want_image: bool, limit: Optional[int] = None
         if keep(index):
             caption = sample.get("txt", b"")
             caption = caption.decode("utf-8", "replace") if isinstance(caption, bytes) else str(caption)
-            image = Image.open(io.BytesIO(sample[ext])).convert("RGB") if want_image else None
+            image = to_rgb(Image.open(io.BytesIO(sample[ext]))) if want_image else None  # as the trainer sees it
             yield index, image, caption
         index += 1
         if limit and index >= limit:
@@ -334,7 +335,7 @@ def evaluate_generated(pipe: Any, prompts: Sequence[str], scorers: Scorers, dist
 
 
 def _load_images(paths: Sequence[Path], size: Optional[int] = None) -> list[Image.Image]:
-    images = [Image.open(p).convert("RGB") for p in paths]
+    images = [to_rgb(Image.open(p)) for p in paths]  # 16-bit, transparency: as the trainer decodes shards
     return [center_crop_resize(im, size) for im in images] if size else images
 
 

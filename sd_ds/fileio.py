@@ -165,6 +165,21 @@ def write_json_atomic_url(url: str, obj: Any, *, indent: Optional[int] = 1) -> N
 # profiles and AWS_ENDPOINT_URL, read by botocore under s3fs; for GCS: gcsfs's default credentials). A local
 # path never goes through fsspec, so plain runs need none of the optional packages.
 
+def _retried_for_urls(read: Callable[..., Any]) -> Callable[..., Any]:
+    """``read(path, ...)`` tried again, with bounded backoff, when a URL's store fails transiently (HTTP 5xx,
+    timeouts, resets, S3 SlowDown: ``sd_ds.retries``); a local path is read once."""
+    import functools
+
+    @functools.wraps(read)
+    def wrapper(path: Union[str, Path], *args: Any, **kwargs: Any) -> Any:
+        if not is_url(path):
+            return read(path, *args, **kwargs)
+        from sd_ds.retries import retrying
+
+        return retrying(lambda: read(path, *args, **kwargs), str(path))
+    return wrapper
+
+
 def _fs(url: str) -> tuple[Any, str]:
     try:
         import fsspec
@@ -252,6 +267,7 @@ def is_file(path: Union[str, Path]) -> bool:
         return False
 
 
+@_retried_for_urls
 def is_dir(path: Union[str, Path]) -> bool:
     """A local directory, or a URL prefix with objects under it (an HTTP URL ending in '/' that lists)."""
     if not is_url(path):
@@ -262,10 +278,15 @@ def is_dir(path: Union[str, Path]) -> bool:
     fs, p = _fs(s)
     try:
         return bool(fs.isdir(p))
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
+        from sd_ds.retries import is_transient
+
+        if is_transient(e):
+            raise  # the store failed, not the path: tried again
         return False
 
 
+@_retried_for_urls
 def read_bytes(path: Union[str, Path]) -> bytes:
     with open_file(path, "rb") as f:
         return f.read()
@@ -283,6 +304,7 @@ def read_json_if_exists(path: Union[str, Path]) -> Optional[Any]:
         return None
 
 
+@_retried_for_urls
 def list_files(directory: Union[str, Path], suffix: str) -> list[str]:
     """Files directly in a directory (local or URL prefix) whose names end with ``suffix``, sorted by name, as
     paths or URLs. HTTP: the links of the server's directory listing."""
@@ -298,6 +320,7 @@ def list_files(directory: Union[str, Path], suffix: str) -> list[str]:
     return sorted(set(out))
 
 
+@_retried_for_urls
 def glob_urls(pattern: str) -> list[str]:
     """Paths or URLs matching a glob (``*``, ``?``, ``[...]``), sorted; the protocol is kept on URLs."""
     if not is_url(pattern):

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from sd_ds.redaction import redact_argv
+
 logger = logging.getLogger("sd_ds.lifecycle")
 
 LOCK_FILE = ".sd_ds.lock"
@@ -76,7 +78,8 @@ class OutputDirLock:
                 raise
             raise OutputDirLocked(self._held_message()) from None
         record = {"host": socket.gethostname(), "pid": os.getpid(),
-                  "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join(self.command)}
+                  "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "command": shlex.join(redact_argv(self.command))}  # the file is world-readable
         data = (json.dumps(record) + "\n").encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, data, 0)

@@ -15,7 +15,8 @@ import torch
 
 from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, TrainState, plan_resume
 from sd_ds.config import TrainConfig, parse_config
-from sd_ds.data import build_train_loader, check_latent_manifest, latent_manifest_of_shards, raise_if_raw_parts
+from sd_ds.data import (MetadataError, build_train_loader, check_latent_manifest, check_shard_metadata,
+                        latent_manifest_of_shards, raise_if_raw_parts)
 from sd_ds.diffusers_export import save_base_components, save_trained_models
 from sd_ds.distributed import (DistInfo, StopSignal, close_distributed, default_loader_workers, init_distributed,
                                rank_seed, seed_everything)
@@ -26,23 +27,33 @@ from sd_ds.metrics import StepMetrics, setup_console_logging
 from sd_ds.models import build_components
 from sd_ds.periodic import build_periodic_tasks
 from sd_ds.precision import resolve_precision
+from sd_ds.redaction import guard_console
+from sd_ds.retries import RetryPolicy, StorageUnavailable, set_default_policy
 
 logger = logging.getLogger("sd_ds.train")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    guard_console()  # no credential of a shard URL reaches the console, whoever prints it
     cfg = parse_config(argv)
+    set_default_policy(RetryPolicy(timeout_s=cfg.data.storage_retry_timeout))  # every storage read of the run
     start_parent_watchdog()  # a rank whose launcher died must not train on as an orphan
     dist_info = init_distributed()
     setup_console_logging(dist_info.is_main_process)
     try:
+        if cfg.data.train_shards:
+            check_shard_metadata(cfg.data.train_shards)  # a wrong sizes.json/sources.json/latents.json: stop now
         with hold_output_dir(cfg.output_dir, dist_info):  # one run per output_dir
             train(cfg, dist_info)
-    except (CheckpointWriteError, TrainingDiverged) as e:
+    except (CheckpointWriteError, TrainingDiverged, StorageUnavailable) as e:
         # An expected failure with its own message: that message, not a chained C++ stream error, is what the
         # user reads first (exit status 1).
         logger.error("%s", e)
         raise SystemExit(f"sd_ds.train: {e}") from None
+    except MetadataError as e:  # bad input beside the shards: one line (every rank has it; the first says it)
+        if dist_info.is_main_process:
+            print(f"sd_ds.train: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     finally:
         close_distributed()
     return 0

@@ -10,6 +10,13 @@ data they send, so a test can assert how much a run read (e.g. before the first 
         url = http.url("shards/")                    # http://127.0.0.1:PORT/shards/
         ...; http.bytes_served; http.reset_counts()
 
+    HTTPFileServer(root, fail_every=7)                # every 7th GET answered 503 (1: every GET); fail_suffix=".tar":
+                                                      # only GETs of paths ending so count and fail; http.failures
+    HTTPFileServer(root, basic_auth=("user", "TOKEN"), query_token=("X-Amz-Signature", "SIG"))
+                                                      # a request without the basic-auth credential or the query
+                                                      # parameter is refused (401); http.url(...) has neither:
+    http.url("shards/", auth=True)                    # http://user:TOKEN@127.0.0.1:PORT/shards/
+
     with S3Server() as s3:                            # moto's ThreadedMotoServer (what s3fs's own tests use)
         url = s3.upload_dir(shard_dir, "bucket", "prefix")   # -> "s3://bucket/prefix"
         env = s3.env                                  # AWS_* variables for a subprocess (endpoint, dummy keys)
@@ -108,12 +115,24 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     the body bytes sent. Directory listings (HTML with links) are what fsspec's ``ls``/``glob`` read."""
 
     counter: _Counter  # set on the per-server subclass
+    server_object: "HTTPFileServer"
     protocol_version = "HTTP/1.1"  # keep-alive, as a real server; every response has a Content-Length
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet: tests read their own logs
         pass
 
+    def _refuse(self, status: int) -> None:
+        self.send_response(status)
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Basic realm="shards"')
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def send_head(self):  # type: ignore[override]
+        status = self.server_object.refusal(self)
+        if status:
+            self._refuse(status)
+            return None
         path = self.translate_path(self.path)
         if os.path.isdir(path) or not os.path.isfile(path):
             return super().send_head()  # listings, redirects to "dir/", 404
@@ -164,12 +183,22 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 class HTTPFileServer(_Served):
-    """A directory served over HTTP on 127.0.0.1 (a free port) from a thread; counts body bytes sent."""
+    """A directory served over HTTP on 127.0.0.1 (a free port) from a thread; counts body bytes sent. Optionally
+    a flaky store (``fail_every``: every Nth GET, of paths ending in ``fail_suffix``, is answered 503) and one
+    that wants a credential (``basic_auth`` user and password, or ``query_token`` name and value: either one)."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, *, fail_every: int = 0, fail_suffix: str = "",
+                 basic_auth: Optional[tuple[str, str]] = None, query_token: Optional[tuple[str, str]] = None) -> None:
         self.root = Path(root)
         self.counter = _Counter()
-        handler = type("Handler", (_Handler,), {"counter": self.counter})
+        self.fail_every, self.fail_suffix = fail_every, fail_suffix
+        self.basic_auth, self.query_token = basic_auth, query_token
+        self.gets = 0  # GETs that count towards fail_every
+        self.failures = 0  # answered 503
+        self.failed_paths: list[str] = []  # their paths, in order
+        self.failed_ranges: list[Optional[str]] = []  # and Range headers
+        self.refused = 0  # answered 401 (no credential)
+        handler = type("Handler", (_Handler,), {"counter": self.counter, "server_object": self})
         self._server = http.server.ThreadingHTTPServer(
             ("127.0.0.1", 0), lambda *a, **kw: handler(*a, directory=str(self.root), **kw))
         self._server.daemon_threads = True
@@ -179,13 +208,43 @@ class HTTPFileServer(_Served):
     def port(self) -> int:
         return self._server.server_address[1]
 
-    def url(self, path: str = "") -> str:
-        """http://127.0.0.1:PORT/<path> (path relative to the served root)."""
-        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+    def url(self, path: str = "", auth: bool = False) -> str:
+        """http://127.0.0.1:PORT/<path> (path relative to the served root); ``auth``: with the basic-auth
+        credential in the URL (http://user:password@...)."""
+        userinfo = f"{self.basic_auth[0]}:{self.basic_auth[1]}@" if auth and self.basic_auth else ""
+        return f"http://{userinfo}127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def refusal(self, request: http.server.BaseHTTPRequestHandler) -> int:
+        """The status a request is refused with (0: served)."""
+        import base64
+        from urllib.parse import parse_qsl, urlsplit
+
+        if self.basic_auth or self.query_token:
+            query = dict(parse_qsl(urlsplit(request.path).query))
+            given = request.headers.get("Authorization", "")
+            expected = "Basic " + base64.b64encode(":".join(self.basic_auth or ("", "")).encode()).decode()
+            if not ((self.basic_auth and given == expected)
+                    or (self.query_token and query.get(self.query_token[0]) == self.query_token[1])):
+                with self.counter.lock:
+                    self.refused += 1
+                return 401
+        if self.fail_every and request.command == "GET" and urlsplit_path(request.path).endswith(self.fail_suffix):
+            with self.counter.lock:
+                self.gets += 1
+                if self.gets % self.fail_every == 0:
+                    self.failures += 1
+                    self.failed_paths.append(urlsplit_path(request.path))
+                    self.failed_ranges.append(request.headers.get("Range"))
+                    return 503
+        return 0
 
     def start(self) -> "HTTPFileServer":
         self._serve("http-file-server")
         return self
+
+
+def urlsplit_path(path: str) -> str:
+    return path.split("?", 1)[0]
 
 
 # --- S3 (moto's standalone server) ------------------------------------------------------------------------

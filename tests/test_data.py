@@ -216,8 +216,8 @@ def test_unusable_data_is_an_error_not_a_hang(tmp_path, tokenizer):
 
     garbage = tmp_path / "garbage"
     garbage.mkdir()
-    for i in range(2):
-        (garbage / f"{i:05d}.tar").write_bytes(b"this is not a tar file" * 50)
+    for i in range(2):  # big enough for 8 samples (512 bytes each at the least: sizes.json is checked against it)
+        (garbage / f"{i:05d}.tar").write_bytes(b"this is not a tar file" * 250)
     (garbage / "sizes.json").write_text(json.dumps({"00000.tar": 8, "00001.tar": 8}))
     with pytest.raises(RuntimeError, match="no readable sample"):  # raised in a worker, re-raised here
         take(loader([garbage], tokenizer, dataloader_num_workers=2), 1)

@@ -1,9 +1,11 @@
 """The trainer on remote shards and across a change of rank count (run.sh → deepspeed → sd_ds.train, CPU ranks):
-2-rank runs from HTTP and from S3 give exactly the local run's losses; a 2-rank run stopped mid-epoch, resumed
+2-rank runs from HTTP and from S3 give exactly the local run's losses, also from an HTTP server that answers
+every 2nd shard GET with 503 (the reads are retried, and counted); a 2-rank run stopped mid-epoch, resumed
 on 1 rank and then on 2 again serves every sample of the epoch once (keys recorded through SD_DS_DATA_KEYS)."""
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 
 from sd_ds.data import DEBUG_KEYS_ENV
 from tests.helpers import run_sh, scalars, train_flags
-from tests.object_stores import http_server_factory, s3_server  # noqa: F401 - fixtures
+from tests.object_stores import HTTPFileServer, http_server_factory, s3_server  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -38,11 +40,12 @@ def flags(out: Path, shards, assets, **kw) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory, http_server_factory, s3_server):  # noqa: F811
-    """Local, HTTP and S3 runs of the same 2-rank training, side by side."""
+    """Local, HTTP, flaky HTTP and S3 runs of the same 2-rank training, side by side."""
     root = tmp_path_factory.mktemp("remote_runs")
     http = http_server_factory(assets["shards"])
+    flaky = HTTPFileServer(assets["shards"], fail_every=2, fail_suffix=".tar").start()
     s3_url = s3_server.upload_dir(assets["shards"], "train", "tiny")
-    jobs = {"local": str(assets["shards"]), "http": http.url(), "s3": s3_url + "/"}
+    jobs = {"local": str(assets["shards"]), "http": http.url(), "http_flaky": flaky.url(), "s3": s3_url + "/"}
     results: dict[str, object] = {}
 
     def run(name: str, shards: str) -> None:
@@ -57,6 +60,8 @@ def runs(assets, tmp_path_factory, http_server_factory, s3_server):  # noqa: F81
         t.start()
     for t in threads:
         t.join()
+    flaky.stop()
+    results["flaky_failures"] = flaky.failures
     return root, results
 
 
@@ -64,12 +69,31 @@ def test_http_and_s3_runs_give_the_local_losses(runs):
     root, results = runs
     for name, result in results.items():
         assert not isinstance(result, BaseException), f"{name}: {result}"
+        assert name == "flaky_failures" or result.returncode == 0
     local = losses(root / "local")
     assert len(local) == STEPS
     assert losses(root / "http") == local
     assert losses(root / "s3") == local
     keys = served_keys(root / "local" / "keys")
     assert len(keys) == len(set(keys)) == 64  # the epoch: every sample once
+
+
+def test_a_flaky_store_gives_the_local_losses_and_samples(runs):
+    """Every 2nd shard GET answered 503: each failed read is retried from the sample it was at, so the run logs
+    exactly the local run's losses and serves its samples in its order; the retries are logged and counted."""
+    root, results = runs
+    result = results["http_flaky"]
+    assert not isinstance(result, BaseException), result
+    assert results["flaky_failures"] >= 2
+    assert losses(root / "http_flaky") == losses(root / "local")
+    for rank in (0, 1):
+        name = f"keys.rank{rank}.txt"
+        assert (root / "http_flaky" / "keys" / name).read_text() == (root / "local" / "keys" / name).read_text()
+    console = result.stdout + result.stderr
+    logged = re.findall(r"data rank (\d) worker \d epoch \d+: storage retry #\d+", console)
+    assert 1 <= len(logged) <= results["flaky_failures"] and "Traceback" not in console
+    if "0" in logged:  # rank 0's count reaches TensorBoard (data/* are rank 0's, as the skip counts are)
+        assert scalars(root / "http_flaky" / "runs", "data/storage_retries")[-1][1] >= 1
 
 
 def test_two_ranks_then_one_then_two_serve_the_epoch_once(assets, runs, tmp_path):

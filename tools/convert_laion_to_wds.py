@@ -51,6 +51,7 @@ from sd_ds.convert.planning import ConvertOptions, OutputDirError, collect_sourc
 from sd_ds.convert.reasons import FAILURE_REASONS  # noqa: E402
 from sd_ds.convert.run import available_cores, convert, format_summary  # noqa: E402
 from sd_ds.faults import FaultInjector  # noqa: E402
+from sd_ds.redaction import guard_console  # noqa: E402
 
 DOC = __doc__.replace("{reasons}", textwrap.fill(", ".join(FAILURE_REASONS), 106, initial_indent="  ",
                                                 subsequent_indent="  "))
@@ -130,6 +131,7 @@ def _print_paths(headline: str, paths: list[str], shown: int = 20) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    guard_console()  # no credential of a part's URL reaches the console (ours or a library's messages)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.processes < 1:

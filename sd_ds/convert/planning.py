@@ -24,6 +24,7 @@ from sd_ds.convert.parts import LAYOUTS, _url_sizes, part_size, read_file_list_l
 from sd_ds.convert.tar_writing import PartSpan, ShardJob
 from sd_ds.convert.storage import LocalStore, Store
 from sd_ds.fileio import glob_urls, is_url
+from sd_ds.redaction import redact_url
 
 __all__ = ["ConvertOptions", "PartSource", "CollectedInputs", "collect_sources", "OutputDirError", "plan_record",
            "open_output", "Frontier", "SourceResult", "WORK_DIR"]
@@ -191,14 +192,15 @@ class OutputDirError(RuntimeError):
 
 
 def plan_record(sources: list[PartSource], options: ConvertOptions) -> dict:
-    """What ``convert_options.json`` holds: the options and every part with its size."""
+    """What ``convert_options.json`` holds: the options and every part with its size (names and parts less any
+    credential in their URLs: a resume with a fresh presigned URL of the same part matches)."""
     recorded = asdict(options)
     for name in _FILTERS_ADDED_LATER:  # off: left out, so outputs of runs before these filters still resume
         if recorded[name] == ConvertOptions.__dataclass_fields__[name].default:
             del recorded[name]
     return {"version": 1, "options": recorded,
-            "sources": [{"name": source.name, "weight": source.weight,
-                         "parts": [[part, part_size(part)] for part in source.parts]}
+            "sources": [{"name": redact_url(source.name), "weight": source.weight,
+                         "parts": [[redact_url(part), part_size(part)] for part in source.parts]}
                         for source in sources]}
 
 

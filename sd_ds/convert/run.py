@@ -23,6 +23,7 @@ from sd_ds.convert.storage import Store, open_store
 from sd_ds.convert.tar_writing import PARTS_DIR, ShardJob, fragment_paths, shard_name, stats_name
 from sd_ds.convert.workers import PartJob, assemble_shard_job, convert_part
 from sd_ds.faults import Hook, no_hook
+from sd_ds.redaction import redact_url
 
 __all__ = ["convert", "ConversionRun", "Progress", "available_cores", "format_summary"]
 
@@ -135,7 +136,8 @@ class ConversionRun:
             if not record_name.endswith(".json") or record_name.startswith("."):
                 continue
             record = store.read_json(f"{PARTS_DIR}/{record_name}")
-            if record["part"] < len(self.part_paths) and record["path"] == self.part_paths[record["part"]]:
+            if (record["part"] < len(self.part_paths)
+                    and record["path"] == redact_url(self.part_paths[record["part"]])):  # recorded redacted
                 self.sample_counts[record["part"]] = record["samples"]
                 self.done_bytes += record["bytes"]
         self.pending: dict[Future, tuple[str, int]] = {}  # future → ("part", part) or ("shard", shard)
@@ -213,7 +215,7 @@ class ConversionRun:
             if shard_name(job.shard) in self.existing:
                 continue
             self.shard_first_part[job.shard] = first_sample_part
-            source_name = self.sources[job.source_index].name
+            source_name = redact_url(self.sources[job.source_index].name)  # into the shard's stats
             future = self.executor.submit(assemble_shard_job, job, source_name, self.store.root, self.part_template)
             self.pending[future] = ("shard", job.shard)
 
@@ -254,7 +256,7 @@ def _write_totals(sources: list[PartSource], store: Store, frontier: Frontier) -
                 failures.update(reason for _, reason, _ in record["failures"])
         totals.update(failures)
         successes += result.samples
-        per_source.append({"name": source.name, "weight": source.weight, "parts": len(source.parts),
+        per_source.append({"name": redact_url(source.name), "weight": source.weight, "parts": len(source.parts),
                            "missing_parts": len(source.missing_parts), "duplicate_parts": len(source.duplicate_parts),
                            "shards": len(result.shards), "samples": result.samples,
                            "failures": dict(sorted(failures.items())), "excluded_by_limit": result.excluded})
@@ -264,7 +266,8 @@ def _write_totals(sources: list[PartSource], store: Store, frontier: Frontier) -
              "missing_parts": sum(len(source.missing_parts) for source in sources),
              "duplicate_parts": sum(len(source.duplicate_parts) for source in sources), "sources": per_source}
     sources_json = {"sources": [
-        {"name": source.name, "weight": source.weight, "shards": [shard_name(shard) for shard in result.shards],
+        {"name": redact_url(source.name), "weight": source.weight,
+         "shards": [shard_name(shard) for shard in result.shards],
          "samples": result.samples}
         for source, result in zip(sources, frontier.results)]}
     store.write_json("sizes.json", sizes)

@@ -23,6 +23,7 @@ from sd_ds.convert.storage import open_store
 from sd_ds.convert.tar_writing import (FragmentWriter, KeyFormat, PartSpan, ShardJob, assemble_shard,
                                        fragment_paths)
 from sd_ds.faults import Hook, no_hook
+from sd_ds.redaction import redact_text, redact_url
 
 __all__ = ["PartJob", "worker_init", "run_task", "convert_part", "assemble_shard_job", "PROGRESS_INTERVAL_S"]
 
@@ -91,17 +92,15 @@ def _resize(image: bytes, info: ImageInfo, options: ConvertOptions) -> tuple[byt
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     from PIL import Image
 
+    from sd_ds.image_modes import to_rgb
+
     Image.MAX_IMAGE_PIXELS = options.max_pixels or None  # already enforced on the header; keep PIL consistent
     try:
         with Image.open(io.BytesIO(image)) as pil_image:
             pil_image.draft("RGB", size)  # JPEG: decode at a reduced DCT scale, much faster for large downscales
-            has_alpha = pil_image.mode in ("RGBA", "LA", "PA")
-            if has_alpha or (pil_image.mode == "P" and "transparency" in pil_image.info):
-                rgba = pil_image.convert("RGBA")
-                pil_image = Image.new("RGB", rgba.size, (255, 255, 255))
-                pil_image.paste(rgba, mask=rgba.getchannel("A"))
-            else:
-                pil_image = pil_image.convert("RGB")
+            # the trainer's rule for every mode (16-bit scaled, transparency over white): re-encoded or kept, an
+            # image trains the same
+            pil_image = to_rgb(pil_image)
             pil_image = pil_image.resize(size, Image.LANCZOS)
             encoded = io.BytesIO()
             pil_image.save(encoded, format="JPEG", quality=options.jpeg_quality)
@@ -161,7 +160,9 @@ def convert_part(job: PartJob) -> dict:
                 meta = {"caption": caption, "width": info.width, "height": info.height}
                 if info is not original:
                     meta.update(original_width=original.width, original_height=original.height)
-                meta.update(source_part=path, line_number=lines, format=layout.name, image_format=info.format)
+                # the part as listed, less any credential in its URL: every sample's JSON is shared with the shards
+                meta.update(source_part=redact_url(path), line_number=lines, format=layout.name,
+                            image_format=info.format)
                 fragment.add(info.ext, image, caption, meta)
                 if not caption:
                     empty_captions.append(samples)
@@ -174,8 +175,8 @@ def convert_part(job: PartJob) -> dict:
                     break
         except PartStreamError as e:
             failures.append([lines + 1, e.reason, samples])
-            stream_error = str(e)
-    record = {"part": job.part, "path": path, "layout": layout.name, "lines": lines, "samples": samples,
+            stream_error = redact_text(str(e))  # it may quote the part's URL
+    record = {"part": job.part, "path": redact_url(path), "layout": layout.name, "lines": lines, "samples": samples,
               "bytes": part_size(path), "stream_error": stream_error, "failures": failures,
               "empty_captions": empty_captions}
     fragment.commit(record)

@@ -8,21 +8,23 @@ One concern per module:
 - ``reading``: samples out of tar shards on any storage, a shard opened at a member;
 - ``transforms``: decode, resize, crop, flip; latent moments; skip accounting;
 - ``manifest``: the latent-shard manifest the encoder writes and the trainer checks;
+- ``checks``: the metadata beside shards checked against what can be right (``MetadataError``: one line);
 - ``loader``: the per-worker dataset and the ``TrainLoader`` the training loop iterates (its state for resume);
 - ``index``: ``python -m sd_ds.data.index URL...`` writes the missing sizes.json once.
 """
 
+from sd_ds.data.checks import MetadataError
 from sd_ds.data.loader import DEBUG_KEYS_ENV, ShardStream, TrainLoader, build_train_loader
 from sd_ds.data.manifest import (LATENT_COMPATIBLE, LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MOMENTS,
                                  MOMENTS_FLIPPED, check_latent_manifest, latent_manifest_in_dir)
-from sd_ds.data.sources import (ShardSource, UnreadableShardError, count_samples, latent_manifest_of_shards,
-                                parse_sources, raise_if_raw_parts, sizes_json_count)
+from sd_ds.data.sources import (MetadataError, ShardSource, UnreadableShardError, check_shard_metadata, count_samples,
+                                latent_manifest_of_shards, parse_sources, raise_if_raw_parts, sizes_json_count)
 from sd_ds.data.transforms import IMAGE_EXTS, ImageSamples, ImageTransform, LatentSamples, SkipLog, SkipSample
 
 __all__ = [
     "DEBUG_KEYS_ENV", "IMAGE_EXTS", "LATENT_COMPATIBLE", "LATENT_DTYPES", "LATENT_MANIFEST", "LATENT_WORK_DIR",
-    "MOMENTS", "MOMENTS_FLIPPED", "ImageSamples", "ImageTransform", "LatentSamples", "ShardSource", "ShardStream",
+    "MOMENTS", "MOMENTS_FLIPPED", "MetadataError", "ImageSamples", "ImageTransform", "LatentSamples", "ShardSource", "ShardStream",
     "SkipLog", "SkipSample", "TrainLoader", "UnreadableShardError", "build_train_loader", "check_latent_manifest",
-    "count_samples", "latent_manifest_in_dir", "latent_manifest_of_shards", "parse_sources", "raise_if_raw_parts",
+    "check_shard_metadata", "count_samples", "latent_manifest_in_dir", "latent_manifest_of_shards", "parse_sources", "raise_if_raw_parts",
     "sizes_json_count",
 ]

@@ -63,6 +63,9 @@ def index_directory(directory: str, workers: int = 8) -> dict[str, int]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from sd_ds.redaction import guard_console
+
+    guard_console()  # no credential of a shard URL reaches the console
     p = argparse.ArgumentParser(prog="python -m sd_ds.data.index", description=__doc__.split("\n\n")[0])
     p.add_argument("directories", nargs="+", help="shard directories: local paths or URLs (s3://, gs://, ...)")
     p.add_argument("--workers", type=int, default=8, help="shards read at the same time (threads)")

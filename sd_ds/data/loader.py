@@ -39,6 +39,7 @@ from sd_ds.data.sources import (ShardSource, count_here, count_missing, latent_m
                                 shared_counter)
 from sd_ds.data.transforms import ImageSamples, ImageTransform, LatentSamples, SkipLog, SkipSample
 from sd_ds.models import tokenize
+from sd_ds.retries import Backoff, RetryPolicy, StorageUnavailable, default_policy
 
 logger = logging.getLogger("sd_ds.data")
 
@@ -73,7 +74,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, sources: list[ShardSource], *, tokenizer: Any, samples: "ImageSamples | LatentSamples",
                  micro_batch_size: int, model_max_length: int, caption_dropout_prob: float, shuffle_block: int,
                  seed: int, rank: int, world_size: int, num_workers: int, resample: bool, epoch_length: int,
-                 max_skips_in_a_row: int) -> None:
+                 max_skips_in_a_row: int, retry_policy: Optional[RetryPolicy] = None) -> None:
         self.sources, self.tokenizer, self.samples = sources, tokenizer, samples
         self.metas = [order_lib.SourceMeta(s.seed_key(i), s.weight, tuple(s.sizes or ()))
                       for i, s in enumerate(sources)]
@@ -83,6 +84,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.num_workers, self.resample = max(1, num_workers), resample
         self.readers = world_size * self.num_workers
         self.epoch_length, self.max_skips_in_a_row = epoch_length, max_skips_in_a_row
+        self.retry_policy = retry_policy or default_policy()  # travels with the dataset into the workers
         self.epoch = 0
         self.resume: dict[int, tuple[int, int]] = {}  # worker -> (batches taken, raw positions consumed)
         self.set_segment([(0, epoch_length)])
@@ -104,7 +106,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         epoch_order = self.order()
         span = order_lib.reader_span(self.intervals, self.rank * self.num_workers + worker, self.readers, self.span)
         span_len = order_lib.total(span)
-        cursors = [SourceCursor(s.shards, log.tar_error) for s in self.sources]
+        # A transient storage error reopens the shard at the sample it was reading (counted: storage_retries).
+        cursors = [SourceCursor(s.shards, log.tar_error, Backoff(self.retry_policy, log.storage_retry))
+                   for s in self.sources]
         missing_in_a_row = 0
         stream = order_lib.positions(span, start)
         pending = next(stream)
@@ -275,6 +279,8 @@ class TrainLoader:
                         if self._keys_file is not None:
                             self._keys_file.write(f"{self.epoch} {' '.join(ready['keys'])}\n")
                         yield ready
+            except StorageUnavailable as e:  # from a worker: its message, not the worker's traceback
+                raise StorageUnavailable(e.one_line()) from None
             finally:
                 self.close()
             if pending or next_number != self.batches_per_epoch:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 
 from sd_ds import fileio
+from sd_ds.data.checks import check_latent_manifest_fields, read_metadata_json
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -33,8 +34,10 @@ LATENT_COMPATIBLE = ("resolution", "crop", "dtype", "shape", "flip_variants", "v
 def latent_manifest_in_dir(directory: Union[str, Path]) -> Optional[dict]:
     """The manifest of a latent-shard directory (local or URL); None for a directory that is not one; an error
     for a local one whose encoding has not finished."""
-    manifest = fileio.read_json_if_exists(fileio.join(directory, LATENT_MANIFEST))
+    path = fileio.join(directory, LATENT_MANIFEST)
+    manifest = read_metadata_json(path)
     if manifest is not None:
+        check_latent_manifest_fields(manifest, path)  # dtype, shape, sources: what the loader relies on
         return manifest
     if not fileio.is_url(directory):
         work = Path(directory) / LATENT_WORK_DIR

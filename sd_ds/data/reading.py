@@ -16,6 +16,7 @@ import tarfile
 from typing import Any, Callable, Iterator, Optional
 
 from sd_ds import fileio
+from sd_ds.retries import Backoff, is_transient
 
 logger = logging.getLogger("sd_ds.data")
 
@@ -50,7 +51,9 @@ def read_offsets(url: str, shard_size: int) -> Optional[list[int]]:
 
     try:
         values = np.frombuffer(fileio.read_bytes(url + OFFSETS_SUFFIX), dtype="<i8").tolist()
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        if is_transient(e):
+            raise
         return None
     if not values or values[0] != shard_size:
         logger.warning("%s%s does not match the shard's size: ignored (run python -m sd_ds.data.index again)",
@@ -75,20 +78,31 @@ def _base_plus_ext(name: str) -> tuple[Optional[str], Optional[str]]:
     return wds.tariterators.base_plus_ext(name)
 
 
-def shard_samples(url: str, start: int = 0, on_error: Optional[Callable[[Exception], None]] = None
+def shard_samples(url: str, start: int = 0, on_error: Optional[Callable[[Exception], None]] = None,
+                  resume_at: Optional[tuple[int, int]] = None, progress: Optional[dict] = None
                   ) -> Iterator[tuple[int, dict]]:
     """(member index, sample) for the samples of a tar shard from the ``start``-th on (webdataset's grouping:
     consecutive members with the same key make a sample; ``__key__`` and ``__url__`` set). A read error ends
-    the shard after ``on_error(exception)`` (default: raise)."""
+    the shard after ``on_error(exception)`` (default: raise); a transient storage error (``sd_ds.retries``) is
+    raised, for the caller to open the shard again at the sample it needs.
+
+    ``progress`` (a dict) learns ``at`` = (index, byte offset of its first header) of each sample as the stream
+    reaches it; ``resume_at`` = such a pair (index <= ``start``) starts the stream there: a read that failed
+    goes on from the sample it was reading without the member index and without reading the shard again."""
     index, current, key = 0, None, None
+    origin = 0  # the byte offset the tar stream starts at
     try:
         kw: dict[str, Any] = {"block_size": REMOTE_BLOCK, "cache_type": "readahead"} if fileio.is_url(url) else {}
         with fileio.open_file(url, "rb", **kw) as f:
-            size = _size(f) if start > 0 else None
-            offsets = read_offsets(url, size) if size is not None else None
-            if offsets is not None and start < len(offsets):
-                f.seek(offsets[start])  # a tar stream can begin at any member's header
-                index = start
+            if resume_at is not None and resume_at[0] <= start:
+                index, origin = resume_at
+                f.seek(origin)
+            else:
+                size = _size(f) if start > 0 else None
+                offsets = read_offsets(url, size) if size is not None else None
+                if offsets is not None and start < len(offsets):
+                    f.seek(offsets[start])  # a tar stream can begin at any member's header
+                    index, origin = start, offsets[start]
             tf = tarfile.open(fileobj=f, mode="r|")
             for member in tf:
                 if not member.isfile():
@@ -102,6 +116,8 @@ def shard_samples(url: str, start: int = 0, on_error: Optional[Callable[[Excepti
                             yield index, current
                         index += 1
                     key, current = base, {"__key__": base, "__url__": url}
+                    if progress is not None:
+                        progress["at"] = (index, origin + member.offset)
                 if index >= start:  # samples before the start are passed over: their data is not kept
                     data = tf.extractfile(member)
                     current[ext] = data.read() if data is not None else b""
@@ -109,27 +125,33 @@ def shard_samples(url: str, start: int = 0, on_error: Optional[Callable[[Excepti
         if current is not None and index >= start:
             yield index, current
     except (tarfile.TarError, OSError, ValueError, EOFError) as e:
-        if on_error is None:
+        if on_error is None or is_transient(e):
             raise
         on_error(e)
 
 
 class SourceCursor:
     """Sequential reads of one source's samples (by shard and member), continuing the open shard stream when
-    the next sample asked for is the next one in it."""
+    the next sample asked for is the next one in it. A transient storage error reopens the shard at the sample
+    asked for, after a backoff (``backoff``; it raises StorageUnavailable when the store keeps failing), so the
+    samples served are those of a read without failures."""
 
-    def __init__(self, shard_urls: tuple[str, ...], on_error: Callable[[Exception], None]) -> None:
+    def __init__(self, shard_urls: tuple[str, ...], on_error: Callable[[Exception], None],
+                 backoff: Optional[Backoff] = None) -> None:
         self.shard_urls, self.on_error = shard_urls, on_error
+        self.backoff = backoff or Backoff()
         self._shard: Optional[int] = None
         self._stream: Optional[Iterator[tuple[int, dict]]] = None
         self._next: Optional[tuple[int, dict]] = None  # read ahead by one
         self._at = 0  # no member before this one can come from the open stream any more
         self.opened = 0  # shards opened (for tests and logs)
+        self._progress: dict = {}  # where the open stream is: (sample, byte offset), for a retry to go on from
 
-    def _open(self, shard: int, member: int) -> None:
+    def _open(self, shard: int, member: int, resume_at: Optional[tuple[int, int]] = None) -> None:
         self._close()
         self._shard = shard
-        self._stream = shard_samples(self.shard_urls[shard], member, self._error)
+        self._progress = {}
+        self._stream = shard_samples(self.shard_urls[shard], member, self._error, resume_at, self._progress)
         self._next = None
         self._at = member
         self.opened += 1
@@ -151,7 +173,7 @@ class SourceCursor:
         self._at = member + 1
         while True:
             if self._next is None:
-                self._next = next(self._stream, None)  # type: ignore[arg-type]
+                self._next = self._read_next(shard, member)
                 if self._next is None:
                     # The shard ended before this member (cut short, or fewer samples than sizes.json says):
                     # counted once per opening, and the shard is not read again for its later members.
@@ -165,6 +187,23 @@ class SourceCursor:
             if index > member:
                 return None  # a member missing from the shard (a tar error in between)
             self._next = None  # an earlier member (a repeat never asks for it): pass over it
+
+    def _read_next(self, shard: int, member: int) -> Optional[tuple[int, dict]]:
+        """The open stream's next sample (None at its end). On a transient storage error the stream is dead:
+        wait (``backoff``), open the shard again at ``member`` (nothing before it is needed any more: the
+        stream had not yielded it) and read on."""
+        while True:
+            try:
+                item = next(self._stream, None)  # type: ignore[arg-type]
+            except Exception as e:  # noqa: BLE001 - sorted by is_transient
+                if not is_transient(e):
+                    raise
+                self.backoff.failed(e, f"{self.shard_urls[shard]} (reading sample #{member})")
+                self._open(shard, member, self._progress.get("at"))  # from the sample the stream was reading
+                self._at = member + 1
+                continue
+            self.backoff.succeeded()
+            return item
 
     def close(self) -> None:
         self._close()

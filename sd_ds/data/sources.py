@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import tarfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from sd_ds import fileio
-from sd_ds.data.manifest import LATENT_COMPATIBLE, latent_manifest_in_dir
+from sd_ds.data.checks import (check_fits_shard, check_manifest_against_shards, check_sizes_table,
+                               check_source_total, check_sources_listing, json_entry, read_metadata_json)
+from sd_ds.data.manifest import LATENT_COMPATIBLE, LATENT_MANIFEST, latent_manifest_in_dir
 from sd_ds.data.reading import basename, pipe_target
+from sd_ds.retries import is_transient, retrying
 
 logger = logging.getLogger("sd_ds.data")
 
@@ -61,8 +65,8 @@ def split_weight(entry: str) -> tuple[str, float]:
             weight = float(w)
         except ValueError:
             raise ValueError(f"--train_shards {entry!r}: the weight after '::' must be a number") from None
-    if not weight > 0:
-        raise ValueError(f"--train_shards {entry!r}: mixture weights must be > 0")
+    if not (weight > 0 and math.isfinite(weight)):
+        raise ValueError(f"--train_shards {entry!r}: mixture weights must be finite numbers > 0")
     return url, weight
 
 
@@ -72,8 +76,17 @@ def expand(url: str) -> list[str]:
 
     out: list[str] = []
     for u in braceexpand.braceexpand(url):
-        out.extend(fileio.glob_urls(u) if any(ch in u for ch in "*?[") and not fileio.is_pipe(u) else [u])
+        out.extend(fileio.glob_urls(u) if _is_glob(u) else [u])
     return out
+
+
+def _is_glob(url: str) -> bool:
+    """A glob pattern; in an http(s) URL a ``?`` starts its query (a presigned URL's signature), not a wildcard."""
+    if fileio.is_pipe(url):
+        return False
+    if url.startswith(("http://", "https://")):
+        return any(ch in url.split("?", 1)[0] for ch in "*[")
+    return any(ch in url for ch in "*?[")
 
 
 def _parent(shard: str) -> str:
@@ -96,11 +109,13 @@ def shard_sizes(shards: Iterable[str]) -> dict[str, int]:
     out = {}
     for shard in shards:
         d = _parent(shard)
+        path = fileio.join(d, SIZES_JSON)
         if d not in tables:
-            tables[d] = fileio.read_json_if_exists(fileio.join(d, SIZES_JSON)) or {}
+            tables[d] = check_sizes_table(read_metadata_json(path), path)  # every count a whole number in range
         n = tables[d].get(basename(shard))
         if n is not None:
-            out[shard] = int(n)
+            check_fits_shard(n, shard, f"{path}: {json_entry(basename(shard))}")
+            out[shard] = n
     return out
 
 
@@ -126,19 +141,25 @@ def count_samples(shard: str) -> int:
                     if member.isfile():
                         keys.add(wds.tariterators.base_plus_ext(member.name)[0])
             except (tarfile.TarError, OSError) as e:  # cut short: the reader counts it as a tar error too
+                if is_transient(e):
+                    raise  # the store's failure, not the shard's: count it again (count_here)
                 logger.warning("shard %s: %s: %s (counted the %d samples before it)", shard, type(e).__name__, e,
                                len(keys))
     except (tarfile.TarError, OSError) as e:
+        if is_transient(e):
+            raise
         size = Path(shard).stat().st_size if not fileio.is_url(shard) and Path(shard).is_file() else None
         raise UnreadableShardError(f"{shard}: not a readable tar ({'zero bytes' if size == 0 else e})") from None
     keys.discard(None)
     return len(keys)
 
 
-def _with_sizes(source: ShardSource) -> ShardSource:
+def _with_sizes(source: ShardSource, where: Optional[str] = None) -> ShardSource:
+    """``where``: the file and entry that gave the source's sample count (checked against its shards')."""
     sizes = shard_sizes(source.shards)
     if len(sizes) == len(source.shards):
         per_shard = tuple(sizes[s] for s in source.shards)
+        check_source_total(source.samples, per_shard, where or source.name)
         samples = source.samples if source.samples is not None else sum(per_shard)
         return replace(source, sizes=per_shard, samples=samples)
     return source
@@ -153,20 +174,22 @@ def parse_sources(train_shards: list[str]) -> list[ShardSource]:
         is_dir = fileio.is_dir(url)
         manifest = latent_manifest_in_dir(url) if is_dir else None
         if manifest is not None:
-            # Each source under the name the encoder gave it (its image source's).
+            # Each source under the name the encoder gave it (its image source's); entries checked on loading.
+            path = fileio.join(url, LATENT_MANIFEST)
             sources.extend(_with_sizes(ShardSource(s["name"], float(s["weight"]) * weight,
-                                                   tuple(fileio.join(url, n) for n in s["shards"]), int(s["samples"])))
+                                                   tuple(fileio.join(url, n) for n in s["shards"]), int(s["samples"])),
+                                       f"{path}: source {json_entry(s['name'])}")
                            for s in manifest["sources"] if s["shards"])
             continue
-        listing = fileio.read_json_if_exists(fileio.join(url, SOURCES_JSON)) if is_dir else None
+        path = fileio.join(url, SOURCES_JSON)
+        listing = read_metadata_json(path) if is_dir else None
         if listing is not None:
-            for s in listing["sources"]:
+            for s in check_sources_listing(listing, path):  # weights finite >= 0, counts whole numbers
                 shards = tuple(fileio.join(url, n) for n in s["shards"])
-                if shards and float(s.get("weight", 1.0)) > 0:
-                    samples = s.get("samples")
+                if shards and s["weight"] > 0:
                     sources.append(_with_sizes(ShardSource(
-                        f"{url}:{s.get('name', len(sources))}", float(s.get("weight", 1.0)) * weight, shards,
-                        int(samples) if samples is not None else None)))
+                        f"{url}:{s.get('name', len(sources))}", s["weight"] * weight, shards, s["samples"]),
+                        f"{path}: source {json_entry(s.get('name', len(sources)))}"))
             continue
         shards = tuple(fileio.list_files(url, ".tar")) if is_dir else tuple(expand(url))
         missing = [s for s in shards if not fileio.is_url(s) and not fileio.is_pipe(s) and not Path(s).is_file()]
@@ -179,6 +202,14 @@ def parse_sources(train_shards: list[str]) -> list[ShardSource]:
     return sources
 
 
+def check_shard_metadata(train_shards: list[str]) -> None:
+    """Read and check what the loader will read beside the shards (latents.json, against its first shard;
+    sources.json; sizes.json) so that a wrong entry stops a run at its start, before anything is built or written:
+    MetadataError, one line naming the file and the entry."""
+    latent_manifest_of_shards(train_shards)
+    parse_sources(train_shards)
+
+
 Counter = Callable[[list[str]], list[Optional[int]]]
 
 
@@ -187,7 +218,7 @@ def count_here(shards: list[str]) -> list[Optional[int]]:
     out: list[Optional[int]] = []
     for shard in shards:
         try:
-            out.append(count_samples(shard))
+            out.append(retrying(lambda: count_samples(shard), shard))  # a store's transient failure: read again
         except UnreadableShardError as e:
             logger.warning("%s", e)
             out.append(None)
@@ -277,6 +308,9 @@ def latent_manifest_of_shards(train_shards: list[str]) -> Optional[dict]:
         url, _ = split_weight(entry)
         directory = _latent_directory(url)
         manifests[entry] = latent_manifest_in_dir(directory) if directory is not None else None
+        if manifests[entry] is not None:
+            # The manifest against the shards it describes (an edited dtype or shape stops the run here).
+            check_manifest_against_shards(manifests[entry], directory, fileio.join(directory, LATENT_MANIFEST))
     latent = [e for e, m in manifests.items() if m is not None]
     images = [e for e, m in manifests.items() if m is None]
     if not latent:

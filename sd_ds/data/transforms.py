@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from sd_ds.data.manifest import LATENT_DTYPES, MOMENTS, MOMENTS_FLIPPED
+from sd_ds.image_modes import to_rgb
 
 logger = logging.getLogger("sd_ds.data")
 
@@ -41,6 +42,16 @@ class SkipLog:
         if n <= self.FIRST or 10 ** round(math.log10(n)) == n:
             more = "" if n < self.FIRST else " (further ones are only counted, in the data/ metrics)"
             logger.warning("%s: skipped sample #%d for %s: %s%s", self.where, n, reason, detail, more)
+
+    def storage_retry(self, what: str, exn: BaseException) -> None:
+        """A read that a transient storage error made start again (``sd_ds.retries``): counted (the
+        ``data/storage_retries`` metric) and warned about as skips are; no sample is lost to it."""
+        from sd_ds.retries import describe
+
+        self.counts["storage_retries"] += 1
+        n = self.counts["storage_retries"]
+        if n <= self.FIRST or 10 ** round(math.log10(n)) == n:
+            logger.warning("%s: storage retry #%d: %s: %s; reading it again", self.where, n, what, describe(exn))
 
     def tar_error(self, exn: Exception) -> bool:
         """webdataset handler: warn, count and continue with the next member or shard."""
@@ -94,8 +105,7 @@ class ImageTransform:
                 # >= the resize target: several times faster for large photos, and LANCZOS still only shrinks.
                 img.draft("RGB", (self.resize_to, self.resize_to))
             img.load()  # decodes fully: truncated or corrupt data raise here
-            if img.mode != "RGB":
-                img = img.convert("RGB")
+            img = to_rgb(img)  # 16-bit scaled, transparency over white: what a viewer shows (as the converter)
         except SkipSample:
             raise
         except Exception as e:  # noqa: BLE001 - whatever PIL raises, the sample is unusable
