@@ -156,7 +156,7 @@ fi
 # user of the machine reads /proc/PID/cmdline. They travel in a private file (0600, deleted when run.sh exits)
 # that the ranks read as `@FILE` (argparse).
 args_file=""
-if python -m sd_ds.redaction --holds-secret "${trainer_args[@]}"; then
+if python -m sd_ds.holds_secret "${trainer_args[@]}"; then
   [ "$ssh_launch" = 1 ] && die "a trainer flag holds a credential (a URL with user:token@ or a signed query);" \
     "a launch over ssh would print it in DeepSpeed's command for every node. Start each node with NO_SSH=1" \
     "NODE_RANK=N, or give the credential the store's own way (AWS_* variables for s3://)"

@@ -166,16 +166,3 @@ def guard_console() -> None:
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, RedactingStream):
             setattr(sys, name, RedactingStream(stream))
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] != ["--holds-secret"]:
-        print("usage: python -m sd_ds.redaction --holds-secret ARG...  (exit 0 when an argument holds a credential)",
-              file=sys.stderr)
-        return 2
-    return 0 if any(holds_secret(a) for a in args[1:]) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,8 @@ from sd_ds.data.checks import MetadataError
 from sd_ds.data.loader import DEBUG_KEYS_ENV, ShardStream, TrainLoader, build_train_loader
 from sd_ds.data.manifest import (LATENT_COMPATIBLE, LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MOMENTS,
                                  MOMENTS_FLIPPED, check_latent_manifest, latent_manifest_in_dir)
-from sd_ds.data.sources import (MetadataError, ShardSource, UnreadableShardError, check_shard_metadata, count_samples,
+from sd_ds.data.checks import MetadataError
+from sd_ds.data.sources import (ShardSource, UnreadableShardError, check_shard_metadata, count_samples,
                                 latent_manifest_of_shards, parse_sources, raise_if_raw_parts, sizes_json_count)
 from sd_ds.data.transforms import IMAGE_EXTS, ImageSamples, ImageTransform, LatentSamples, SkipLog, SkipSample
 
