@@ -17,6 +17,7 @@ import torch
 from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, TrainState, plan_resume
 from sd_ds.config import TrainConfig, parse_config
 from sd_ds.data import build_train_loader, check_latent_manifest, raise_if_raw_parts, read_latent_manifest
+from sd_ds.data.buckets import BucketError, BucketList, model_divisor, resolve_buckets
 from sd_ds.distributed import (DistInfo, close_distributed, default_loader_workers, init_distributed, rank_seed,
                                seed_everything)
 from sd_ds.engine import build_ema, build_engine, encode_batch, grad_norm, group_lrs, weight_dtype
@@ -99,6 +100,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     seed_everything(rank_seed(cfg.seed, dist_info.rank))
     # Same seed on every rank: all ranks build the same random UNet (DeepSpeed also broadcasts rank 0's).
     components = build_components(cfg.model, seed=cfg.seed)
+    buckets = training_buckets(cfg, components, dist_info)
     if dist_info.is_main_process:
         save_base_components(components, cfg.output_dir)  # so export never depends on the original model path
     latent_manifest = read_latent_manifest(cfg.data.train_shards)
@@ -116,7 +118,8 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     loader = build_train_loader(cfg.data, tokenizer=components.tokenizer, model_max_length=cfg.model.model_max_length,
                                 micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, rank=dist_info.rank,
                                 world_size=dist_info.world_size, pin_memory=device.type == "cuda",
-                                all_reduce=dist_info.all_reduce)  # shards without sizes.json: one rank counts each
+                                all_reduce=dist_info.all_reduce,  # shards without sizes.json: one rank counts each
+                                buckets=buckets)
     # The generator behind every random draw of the objective (VAE sample, noise, timesteps); per rank.
     generator = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed, dist_info.rank))
     export = (partial(save_trained_models, engine, components, ema, is_main_process=dist_info.is_main_process)
@@ -177,6 +180,21 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     if any(skipped.values()):
         logger.info("data: samples skipped by reason over the run: %s", skipped)
     return state
+
+
+def training_buckets(cfg: TrainConfig, components: Any, dist_info: DistInfo) -> Optional[BucketList]:
+    """--aspect_ratio_buckets with the model's divisor; a list that does not fit the model ends the run (one line,
+    exit status 2)."""
+    try:
+        buckets = resolve_buckets(cfg.data.aspect_ratio_buckets, cfg.data.resolution,
+                                  model_divisor(components.vae.config, components.unet.config))
+    except BucketError as e:
+        if dist_info.is_main_process:
+            print(f"sd_ds.train: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if buckets is not None:
+        logger.info("aspect-ratio buckets (width x height): %s", buckets.key())
+    return buckets
 
 
 if __name__ == "__main__":
