@@ -214,11 +214,11 @@ def bytes_per_sample(shard_dir: Path) -> float:
 
 
 def vae_encode_rate(resolution: int, batch_size: int, batches: int) -> float:
-    """images/s of sd_ds.encode_latents.encode_moments with the SD v1 VAE (fp32, random weights) on the CPU."""
+    """images/s of sd_ds.latents.encode_moments with the SD v1 VAE (fp32, random weights) on the CPU."""
     import torch
     from diffusers import AutoencoderKL
 
-    from sd_ds.encode_latents import encode_moments
+    from sd_ds.latents import encode_moments
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -3,7 +3,7 @@
     python bench/bench_demo_quality.py --parts vae text unet [--unet_configs before demo ...] [--write]
     python bench/bench_demo_quality.py --demo_run fresh_clone=demo_output --write   # add a real demo run
 
-Every figure is the demo's own scorer (``sd_ds.demo.score_images``: the median colour of the centre patch vs the
+Every figure is the demo's own scorer (``sd_ds.shapes.score_images``: the median colour of the centre patch vs the
 prompt's shape colour, of the border ring vs its background colour, nearest in the demo's palette) over the 6
 held-out and 12 trained combinations, on seeds the demo's grid does not use. Parts (each result is cached as JSON
 under ``--results``, so parts can run in separate processes and ``--write`` assembles what is there):
@@ -44,7 +44,7 @@ import torch
 from benchmarks_md import publish
 from PIL import Image
 
-from sd_ds import demo
+from sd_ds import demo, shapes
 from sd_ds.data import ImageTransform
 from sd_ds.diffusion import training_loss
 from sd_ds.ema import ema_decay as warmed_up_decay
@@ -117,7 +117,7 @@ def train_vae_before(model_dir: Path, images: list[Image.Image], *, steps: int, 
 def build_model(model_dir: Path, recipe: str, seed: int, vae_steps: int = 500) -> dict:
     """A tiny model dir as the demo makes it (``sd_ds.init --preset tiny --seed 0``), its VAE trained with
     ``recipe`` ("before" or "demo") and training seed ``seed``, 500 steps of 16 as in the demo."""
-    from sd_ds.init import init_model
+    from sd_ds.presets import init_model
 
     init_model(model_dir, preset="tiny", seed=0)
     t0 = time.process_time()
@@ -136,22 +136,22 @@ def build_model(model_dir: Path, recipe: str, seed: int, vae_steps: int = 500) -
 def text_probe(model_dir: Path) -> dict:
     """Ridge probes (fitted on the trained captions, tested on the held-out ones) for the shape colour and the
     background colour, from one token position of the frozen text encoder's hidden states at a time."""
-    from sd_ds.init import init_model
+    from sd_ds.presets import init_model
     from sd_ds.models import load_components
 
     init_model(model_dir, preset="tiny", seed=0)  # the text encoder the demo uses (never trained)
     comp = load_components(str(model_dir), model_max_length=16, seed=0)
-    colors = list(demo.COLORS)
+    colors = list(shapes.COLORS)
 
     def hidden(combos: list) -> torch.Tensor:
-        ids = comp.tokenizer([demo.caption_of(*c) for c in combos], padding="max_length", max_length=16,
+        ids = comp.tokenizer([shapes.caption_of(*c) for c in combos], padding="max_length", max_length=16,
                              truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
             return comp.text_encoder(ids)[0]  # [N, 16, D]
 
-    train, held = demo.training_combinations(), list(demo.HELD_OUT)
+    train, held = shapes.training_combinations(), list(shapes.HELD_OUT)
     h_train, h_held = hidden(train), hidden(held)
-    tokens = comp.tokenizer.convert_ids_to_tokens(comp.tokenizer(demo.caption_of(*held[0])).input_ids)
+    tokens = comp.tokenizer.convert_ids_to_tokens(comp.tokenizer(shapes.caption_of(*held[0])).input_ids)
 
     def probe(x_tr: torch.Tensor, y_tr: list[int], x_te: torch.Tensor, y_te: list[int]) -> float:
         add_bias = lambda x: torch.cat([x, torch.ones(len(x), 1)], 1)  # noqa: E731
@@ -233,7 +233,7 @@ def run_unet_config(name: str, work: Path, data: tuple[torch.Tensor, list[str]],
         (model_dir / ".vae_done").write_text("")
     comp = load_components(str(model_dir), model_max_length=16, seed=0, prediction_type=c.prediction_type)
     if c.unet_blocks == "attn8":
-        from sd_ds.init import TINY_UNET
+        from sd_ds.presets import TINY_UNET
         from sd_ds.models import build_unet
 
         comp = dataclasses.replace(comp, unet=build_unet({**TINY_UNET, "down_block_types": ["CrossAttnDownBlock2D"] * 3,

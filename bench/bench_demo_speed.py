@@ -6,7 +6,7 @@
 - unet: the demo's UNet training replicated in one process, one thread (``bench_demo_quality.train_unet``: the
   demo's data, objective, AdamW, cosine schedule, EMA, caption dropout, 16-token context; fp32, VAE moments
   computed once), for recipes that see fewer samples or take fewer optimizer steps than the 1,600 x 64 the demo
-  used, each scored by the demo's scorer (``sd_ds.demo.score_images``) at guidance 5, EMA and raw weights. CPU s:
+  used, each scored by the demo's scorer (``sd_ds.shapes.score_images``) at guidance 5, EMA and raw weights. CPU s:
   this process's training loop; configurations compare with each other (run on the same day and machine), not
   with the trainer's wall time.
 - trainer_run: the real trainer's step time (``./run.sh`` on the demo's shards or latent shards, DeepSpeed ZeRO-2,

@@ -96,7 +96,7 @@ def sd_v1_params() -> int:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from sd_ds.init import SD_V1_UNET
+    from sd_ds.presets import SD_V1_UNET
 
     with torch.device("meta"):
         return sum(p.numel() for p in UNet2DConditionModel(**SD_V1_UNET).parameters())

@@ -59,7 +59,7 @@ def sd_v1_flops(resolution: int) -> dict[str, float]:
     from pytorch_fid.inception import InceptionV3
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sd_ds.init import SD_V1_UNET
+    from sd_ds.presets import SD_V1_UNET
 
     latent = resolution // 8
     with torch.device("meta"):
@@ -118,7 +118,7 @@ def measure(preset: str, resolution: int, images: int, batch_size: int, clip_mod
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from sd_ds.evaluate import ClipModel, clip_scores, inception_features
-    from sd_ds.init import SD_V1_UNET, TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE
+    from sd_ds.presets import SD_V1_UNET, TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE
     from sd_ds.pipeline import generate, pipeline_from_components
 
     dev = torch.device(device)

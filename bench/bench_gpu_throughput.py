@@ -98,7 +98,7 @@ def peak_flops(device: torch.device, override_tflops: Optional[float] = None) ->
 
 
 def model_configs(preset: str) -> tuple[dict, dict, dict]:
-    from sd_ds import init as presets
+    from sd_ds import presets
 
     if preset == "sd-v1":
         return presets.SD_V1_UNET, SD_V1_VAE, CLIP_L
@@ -112,7 +112,7 @@ def build_components(preset: str, device: torch.device) -> Any:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sd_ds import init as presets
+    from sd_ds import presets
     from sd_ds.models import Components
 
     unet_cfg, vae_cfg, text_cfg = model_configs(preset)
@@ -306,7 +306,7 @@ def run_contender(a: argparse.Namespace, name: str, device: torch.device) -> dic
         configure_unet(components.unet, recompute=cfg.model.recompute, xformers=False, compile=cfg.model.torch_compile)
         moments = None
         if latent:
-            from sd_ds.encode_latents import encode_moments
+            from sd_ds.latents import encode_moments
 
             with torch.no_grad():
                 moments = encode_moments(components.vae, pixels).to(torch.float16)  # as latent shards store them

@@ -160,7 +160,11 @@ class OptimConfig:
         "steps in a row were skipped for non-finite gradients; 0 = never stop. 100 is well above the streak "
         "fp16's dynamic loss scale may skip while it settles (one halving per skip, from 2^16 down: at most "
         "~16-32), and a handful of bad batches; a real divergence skips every step from then on.")
-    bf16: Optional[bool] = _f(None, "bfloat16 mixed precision (the default unless --fp16).")
+    bf16: Optional[bool] = _f(
+        None, "bfloat16 mixed precision. Default: on GPUs unless --fp16; on CPU ranks only where the CPU runs bf16 "
+        "natively (oneDNN with AVX-512-BF16/AMX), else fp32, said in one line: bf16 without those instructions "
+        "trains ~20x slower (bench/bench_precision.py). --bf16 True forces it anywhere (with a warning on such "
+        "CPUs); --bf16 False trains in fp32.")
     fp16: bool = _f(False, "float16 mixed precision with dynamic loss scaling (ds_configs/zero2_fp16.json).")
     fp16_opt_level: str = _f(
         "O2", "Apex-style level kept for the seed's command line: O2 = DeepSpeed fp16 (fp16 weights, fp32 master). "
@@ -267,8 +271,6 @@ class TrainConfig:
         o = self.optim
         if o.fp16 and o.bf16:
             raise ValueError("--fp16 and --bf16 are mutually exclusive")
-        if o.bf16 is None:
-            o.bf16 = not o.fp16
         if o.fp16 and o.fp16_opt_level != "O2":
             raise ValueError(
                 "--fp16_opt_level O1 (autocast over fp32 weights) is not supported by the DeepSpeed engine; "
@@ -366,7 +368,8 @@ class TrainConfig:
 
     @property
     def precision(self) -> str:
-        return "fp16" if self.optim.fp16 else ("bf16" if self.optim.bf16 else "fp32")
+        # bf16 None (not given) is bf16 until sd_ds.precision.resolve_precision settles it for the run's device.
+        return "fp16" if self.optim.fp16 else ("fp32" if self.optim.bf16 is False else "bf16")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

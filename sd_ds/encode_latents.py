@@ -36,9 +36,8 @@ skips recorded shards and redoes the rest. Batches never span two shards and eac
 whatever the rank count, so the output bytes depend neither on the ranks nor on interruptions (same hardware
 and software).
 
-The module also holds the VAE side of latent training that the trainer shares: ``encode_moments`` (the one
-pixels → moments path), ``sample_latents`` (moments → scaled latents, as diffusers samples them),
-``vae_fingerprint`` and ``check_latent_manifest``.
+The VAE side it shares with the trainer (``encode_moments``, ``sample_latents``, ``latent_shape``) lives in
+``sd_ds.latents``; the manifest's format and its check in ``sd_ds.data.manifest``.
 """
 
 from __future__ import annotations
@@ -63,9 +62,9 @@ from sd_ds.convert.planning import first_difference
 from sd_ds.data import (ImageTransform, ShardSource, SkipLog, SkipSample, parse_sources, read_latent_manifest,
                         sizes_json_count)
 from sd_ds.convert.storage import LocalStore, Store, open_store
-# The manifest's format and the VAE record live with the trainer's reader of it (one home); re-exported here.
-from sd_ds.data.manifest import (FORMAT, LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MOMENTS,  # noqa: F401
-                                 MOMENTS_FLIPPED, VERSION, check_latent_manifest, vae_fingerprint, vae_record)
+from sd_ds.data.manifest import (FORMAT, LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MOMENTS, MOMENTS_FLIPPED,
+                                 VERSION, vae_record)
+from sd_ds.latents import encode_moments, latent_shape
 from sd_ds.lifecycle import pid_alive
 
 if TYPE_CHECKING:
@@ -80,32 +79,6 @@ file) or ``shard`` (a shard renamed into place, not yet recorded)."""
 # log-variance range DiagonalGaussianDistribution clamps to: stored clamped, so fp16 cannot overflow on it.
 LOGVAR_RANGE = (-30.0, 20.0)
 VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# --- the VAE side, shared with the trainer -----------------------------------------------------------
-
-@torch.no_grad()
-def encode_moments(vae: "AutoencoderKL", pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels [B,3,R,R] (on the VAE's device) → the posterior's moments [B, 2C, R/f, R/f] in the VAE's
-    dtype: mean channels, then log-variance channels (DiagonalGaussianDistribution's ``parameters``)."""
-    x = pixels.to(vae.dtype).div_(127.5).sub_(1.0)  # [-1, 1], as the trainer normalises
-    return vae.encode(x).latent_dist.parameters
-
-
-def sample_latents(moments: torch.Tensor, generator: Optional[torch.Generator],
-                   scaling_factor: float) -> torch.Tensor:
-    """A latent drawn from stored (or freshly encoded) moments, scaled as diffusers' training scripts do:
-    ``DiagonalGaussianDistribution(moments).sample(generator) * scaling_factor``, in float32 so that the noise
-    drawn does not depend on the dtype the moments travel in. [B, C, R/f, R/f]"""
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-    return DiagonalGaussianDistribution(moments.float()).sample(generator) * scaling_factor
-
-
-def latent_shape(vae: "AutoencoderKL", resolution: int) -> list[int]:
-    """[2C, R/f, R/f]: f = 2 per down block after the first (8 for SD's VAE, 4 for the tiny preset's)."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    return [2 * vae.config.latent_channels, resolution // factor, resolution // factor]
 
 
 # --- plan: what a run encodes, and what a rerun must match --------------------------------------------

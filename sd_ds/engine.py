@@ -78,7 +78,7 @@ def encode_batch(batch: dict, components: "Components", *, train_text_encoder: b
     Pixels travel host→device as uint8 (a quarter of fp32's bytes) and are normalised on the device; latent
     shards carry the VAE posterior's moments instead. Either way a fresh latent is drawn from the moments with
     the run's generator (``sample_latents``: one code path for both)."""
-    from sd_ds.encode_latents import encode_moments, sample_latents
+    from sd_ds.latents import encode_moments, sample_latents
 
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     vae = components.vae

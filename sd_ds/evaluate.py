@@ -547,7 +547,7 @@ def _prepare_model(args: argparse.Namespace, dist_info: "DistInfo") -> Path:
         return model
     target = model / ("export_ema" if args.ema else "export")
     if dist_info.is_main_process and not (target / "model_index.json").is_file():
-        from sd_ds.export import export_checkpoint
+        from sd_ds.diffusers_export import export_checkpoint
 
         export_checkpoint(model, target, ema=args.ema)
     dist_info.barrier()

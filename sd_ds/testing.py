@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from sd_ds.shapes import COLORS, SHAPES, caption_of, draw_shape, image_bytes
+
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout (sd_ds/..)
 
 
@@ -28,8 +30,6 @@ def write_tiny_shards(out_dir: Path, *, num_shards: int = 4, samples_per_shard: 
                       seed: int = 0) -> Path:
     """Converter-layout shards of drawn shapes (PNG) with captions, plus sizes.json."""
     import webdataset as wds
-
-    from sd_ds.demo import COLORS, SHAPES, caption_of, draw_shape, encode
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -45,7 +45,7 @@ def write_tiny_shards(out_dir: Path, *, num_shards: int = 4, samples_per_shard: 
                 img = draw_shape(c, s, b, rng, size=size)
                 cap = caption_of(c, s, b)
                 k = f"{shard:05d}{i:04d}"
-                sink.write({"__key__": k, "png": encode(img, "PNG"), "txt": cap,
+                sink.write({"__key__": k, "png": image_bytes(img, "PNG"), "txt": cap,
                             "json": json.dumps({"key": k, "caption": cap, "width": size, "height": size})})
                 key += 1
         sizes[name] = samples_per_shard
@@ -139,6 +139,9 @@ def train_flags(output_dir: Path, shards: Path, model: Path, **overrides) -> lis
         "resolution": 32, "center_crop": "True", "min_size": 32, "per_device_train_batch_size": 4,
         "learning_rate": 1e-3, "max_steps": 6, "logging_steps": 1, "image_logging_steps": 0, "save_steps": 3,
         "dataloader_num_workers": 1, "shuffle_buffer": 16, "seed": 0, "disable_tqdm": "True",
+        # Explicit: the multi-rank tests check ZeRO-2 bf16 semantics on every CPU (without it, CPUs lacking
+        # native bf16 would train them in fp32: sd_ds.precision).
+        "bf16": "True",
     }
     flags.update(overrides)
     out = []

@@ -67,7 +67,7 @@ def load_held_out(cfg: "TrainConfig", components: "Components", device: torch.de
     loader reads them, centre-cropped, captions never dropped. Every rank reads the same samples (a few hundred:
     one pass over a few shards at start-up) and later evaluates only its own batches."""
     from sd_ds.data import build_train_loader
-    from sd_ds.encode_latents import encode_moments, sample_latents
+    from sd_ds.latents import encode_moments, sample_latents
 
     ev = cfg.evaluation
     n = ev.validation_samples

@@ -79,3 +79,14 @@ def test_gpu_busy_is_the_union_of_kernel_intervals(tmp_path, kernels, busy):
     with gzip.open(trace, "wt") as f:
         json.dump({"traceEvents": events}, f)
     assert gpu_busy_us(trace) == busy
+
+
+def test_precision_bench_measures_both_precisions(tmp_path):
+    env = subprocess_env()
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_precision.py"), "--steps", "1",
+                           "--micro_batch", "2", "--no-write"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| this CPU |"))
+    fp32_ms, bf16_ms = (float(cell) for cell in row.split("|")[3:5])
+    assert fp32_ms > 0 and bf16_ms > 0 and "oneDNN bf16 native:" in row

@@ -105,7 +105,7 @@ def test_a_latent_directory_on_s3(tmp_path, tokenizer, s3_server):  # noqa: F811
     write_photo_shards(images, [8, 8])
     from diffusers import AutoencoderKL
 
-    from sd_ds.init import TINY_VAE
+    from sd_ds.presets import TINY_VAE
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -11,8 +11,8 @@ import sys
 import pytest
 from PIL import Image
 
-from sd_ds.demo import (BACKGROUNDS, COLORS, HELD_OUT, SHAPES, caption_of, draw_shape, score_images,
-                        trained_combinations_scored, training_combinations)
+from sd_ds.shapes import (BACKGROUNDS, COLORS, HELD_OUT, SHAPES, caption_of, draw_shape, score_images,
+                          trained_combinations_scored, training_combinations)
 from tests.helpers import REPO_ROOT, free_port, subprocess_env
 
 

@@ -67,7 +67,7 @@ def test_compiled_unet_makes_gradients_ready_block_by_block():
     last blocks while the first blocks' backward still runs. Compiled whole, one node would own them all."""
     from diffusers import UNet2DConditionModel
 
-    from sd_ds.init import TINY_UNET
+    from sd_ds.presets import TINY_UNET
     from sd_ds.models import compile_blocks
 
     torch = pytest.importorskip("torch")

@@ -33,7 +33,7 @@ TINY_CLIP = {"embed_dim": 16,
 
 
 def _drawn_images(folder: Path, n: int, seed: int) -> list[str]:
-    from sd_ds.demo import BACKGROUNDS, COLORS, SHAPES, caption_of, draw_shape
+    from sd_ds.shapes import BACKGROUNDS, COLORS, SHAPES, caption_of, draw_shape
 
     folder.mkdir(parents=True)
     rng = random.Random(seed)

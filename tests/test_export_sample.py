@@ -198,7 +198,7 @@ def test_checkpoints_with_enums_pickled_by_name_resume_and_export(run, tmp_path)
     were by name, and a by-name file whose getattr reaches a function's globals is refused."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
 
-    from sd_ds.export import export_checkpoint
+    from sd_ds.diffusers_export import export_checkpoint
 
     out, _, log = run
     assert "Convert DeepSpeed Checkpoint" in log and "resumed from" in log, log[-3000:]

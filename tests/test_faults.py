@@ -501,7 +501,7 @@ def test_tampered_model_states_do_not_run_code_on_resume(assets, diverging_run, 
 @pytest.mark.slow
 def test_tampered_checkpoint_files_do_not_run_code_on_load_or_export(diverging_run, tmp_path):
     from sd_ds.checkpoint import load_rank_state, rank_state_path
-    from sd_ds.export import export_checkpoint
+    from sd_ds.diffusers_export import export_checkpoint
 
     out = diverging_run[0]
     for name in ("mp_rank_00_model_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"):

@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sd_ds.init import SD_V1_UNET, init_model, main
+from sd_ds.init import main
 from sd_ds.models import CLIP_TOKENIZER_DIR
+from sd_ds.presets import SD_V1_UNET, init_model
 
 WEIGHTS = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
            "text_encoder": "model.safetensors"}

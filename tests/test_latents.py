@@ -21,10 +21,11 @@ import pytest
 import torch
 
 from sd_ds.config import DataConfig
-from sd_ds.data import (LATENT_MANIFEST, ImageTransform, build_train_loader, load_latent_manifest,
-                        read_latent_manifest)
-from sd_ds.encode_latents import (KILL_AT_ENV, check_latent_manifest, encode_moments, main, sample_latents,
-                                  vae_fingerprint)
+from sd_ds.data import (LATENT_MANIFEST, ImageTransform, build_train_loader, check_latent_manifest,
+                        load_latent_manifest, read_latent_manifest)
+from sd_ds.data.manifest import vae_fingerprint
+from sd_ds.encode_latents import KILL_AT_ENV, main
+from sd_ds.latents import encode_moments, sample_latents
 from tests.helpers import REPO_ROOT, photo_sample, subprocess_env, write_photo_shards
 
 RES = 32
@@ -46,7 +47,7 @@ def tokenizer():
 def vae_dir(tmp_path_factory) -> Path:
     from diffusers import AutoencoderKL
 
-    from sd_ds.init import TINY_VAE
+    from sd_ds.presets import TINY_VAE
 
     out = tmp_path_factory.mktemp("vae")
     with torch.random.fork_rng(devices=[]):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_ds.init import TINY_UNET, init_model
+from sd_ds.presets import TINY_UNET, init_model
 from sd_ds.models import (
     CLIP_TOKENIZER_DIR,
     ModelNotFoundError,

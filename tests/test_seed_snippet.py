@@ -38,7 +38,7 @@ def _snippet(unet_dir, model_dir):
 
 @pytest.mark.parametrize("subfolder,ema", [("unet", False), ("unet_ema", True)])
 def test_seed_inference_snippet_loads_the_checkpoint_unet(run, subfolder, ema):
-    from sd_ds.export import consolidated_weights
+    from sd_ds.diffusers_export import consolidated_weights
 
     unet, image = _snippet(run["ckpt"] / subfolder, run["model"])
     assert image.size == (32, 32)

@@ -208,7 +208,7 @@ class ImageSamples:
 
     def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
         # uint8 [B,3,R,R]: a quarter of fp32's bytes through the worker queue and host→device copy; the trainer
-        # normalises on the device (x / 127.5 - 1, sd_ds.encode_latents.encode_moments).
+        # normalises on the device (x / 127.5 - 1, sd_ds.latents.encode_moments).
         return torch.stack(items)
 
 
