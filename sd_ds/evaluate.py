@@ -326,9 +326,11 @@ def metrics_from(merged: dict[int, tuple[Optional[np.ndarray], Optional[float]]]
 
 def evaluate_generated(pipe: Any, prompts: Sequence[str], scorers: Scorers, dist_info: Optional["DistInfo"], *,
                        seed: int, steps: int, guidance_scale: float, batch_size: int, resolution: Optional[int],
-                       save_dir: Optional[Path] = None, strict: bool = True) -> Optional[dict[str, Any]]:
+                       save_dir: Optional[Path] = None, strict: bool = True, width: Optional[int] = None,
+                       height: Optional[int] = None) -> Optional[dict[str, Any]]:
     """Collective. Generate image i for prompts[i] from seed + i on the rank that owns its batch, score it there,
-    gather on rank 0: the metrics on rank 0, None elsewhere. Used by the CLI and by training-time evaluation."""
+    gather on rank 0: the metrics on rank 0, None elsewhere. Used by the CLI and by training-time evaluation.
+    Images are ``width`` x ``height`` (each default: ``resolution``)."""
     from sd_ds.pipeline import generate
 
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info is not None else (0, 1)
@@ -337,8 +339,8 @@ def evaluate_generated(pipe: Any, prompts: Sequence[str], scorers: Scorers, dist
         for indices in my_batches(len(prompts), batch_size, rank, world):
             captions = [prompts[i] for i in indices]
             images = generate(pipe, captions, seeds=[seed + i for i in indices], steps=steps,
-                              guidance_scale=guidance_scale, batch_size=len(captions), width=resolution,
-                              height=resolution)
+                              guidance_scale=guidance_scale, batch_size=len(captions), width=width or resolution,
+                              height=height or resolution)
             if save_dir is not None:
                 save_dir.mkdir(parents=True, exist_ok=True)
                 for i, img in zip(indices, images):
@@ -524,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--resolution", type=int, default=None,
                      help="generated (and shard reference) image size; default: the training resolution recorded at "
                      "export, else the model's default")
+    gen.add_argument("--width", type=int, default=None, help="generated image width (default: --resolution's)")
+    gen.add_argument("--height", type=int, default=None, help="generated image height (default: --resolution's)")
     gen.add_argument("--batch_size", type=int, default=16, help="images per generation/scoring batch")
     gen.add_argument("--save_images", default=None, help="also write the generated images here (NNNNNN.png)")
     gen.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
@@ -605,10 +609,11 @@ def run(args: argparse.Namespace, dist_info: "DistInfo") -> Optional[dict[str, A
             save_dir = Path(args.save_images) / f"guidance_{guidance:g}" if args.save_images else None
             result = evaluate_generated(pipe, prompts, scorers, dist_info, seed=args.seed, steps=args.steps,
                                         guidance_scale=guidance, batch_size=args.batch_size, resolution=resolution,
-                                        save_dir=save_dir)
+                                        save_dir=save_dir, width=args.width, height=args.height)
             if result is not None:
                 results.append({**result, "model": args.model, "ema": args.ema, "steps": args.steps,
                                 "guidance_scale": guidance, "resolution": resolution, "scheduler": "ddim",
+                                "width": args.width or resolution, "height": args.height or resolution,
                                 **settings})
     if not dist_info.is_main_process or not results:
         return None

@@ -186,7 +186,9 @@ def build_bucket_meta(sources: list["ShardSource"], buckets: BucketList, *, rank
     # Per shard: K histogram counts, samples clamped, 1 if read here (members kept in memory).
     table = torch.zeros(len(urls), K + 2, dtype=torch.int64)
     members: dict[str, np.ndarray] = {}
-    for i in range(rank, len(urls), world_size):
+    shared = all_reduce is not None and world_size > 1
+    first, step = (rank, world_size) if shared else (0, 1)  # without a group, every rank reads every shard
+    for i in range(first, len(urls), step):
         url, want = urls[i], expected[urls[i]]
         rows = read_size_index(url)
         if rows is not None and len(rows) != want:
@@ -204,11 +206,11 @@ def build_bucket_meta(sources: list["ShardSource"], buckets: BucketList, *, rank
         if read_here:
             members[url] = index.astype(np.uint8)
             table[i, K + 1] = 1
-    if all_reduce is not None and world_size > 1:
+    if shared:
         table = all_reduce(table)
     in_memory_urls = [u for u, flag in zip(urls, table[:, K + 1].tolist()) if flag]
     offsets = np.cumsum([0] + [expected[u] for u in in_memory_urls])
-    if all_reduce is not None and world_size > 1 and in_memory_urls:
+    if shared and in_memory_urls:
         vector = torch.zeros(int(offsets[-1]), dtype=torch.int16)  # bucket + 1 where this rank read the shard
         for u, a in zip(in_memory_urls, offsets):
             if u in members:

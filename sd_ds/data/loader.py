@@ -445,8 +445,11 @@ class TrainLoader:
         self.epoch = int(state["epoch"])
         self._taken = {}
         self.dataset.set_segment([(0, self.dataset.epoch_units(self.epoch))])
+        saved_fingerprint = state.get("fingerprint", {})
+        # Both ways: a key only the saved run had (e.g. its bucket list, resumed without buckets) is a change too.
         changed = [f"{name}={saved!r} (now {now!r})" for name, saved, now in (
-            (k, state.get("fingerprint", {}).get(k), v) for k, v in self.fingerprint.items()) if saved != now]
+            (k, saved_fingerprint.get(k), self.fingerprint.get(k))
+            for k in [*self.fingerprint, *(k for k in saved_fingerprint if k not in self.fingerprint)]) if saved != now]
         if changed or "intervals" not in state:
             logger.warning("data state was saved with %s: the saved position means other samples now, so data "
                            "epoch %d restarts from its beginning", ", ".join(changed) or "an older format", self.epoch)
