@@ -29,8 +29,9 @@ DST after a finished run:
                    does; with --flip_variants also .moments_flip, the horizontally flipped image's; .microcond
                    (and .microcond_flip): the variant's micro-conditioning, six little-endian int32 (original
                    height, width; crop top, left; target height, width: sd_ds.data.transforms). With
-                   --aspect_ratio_buckets each sample's moments are [2C, H/f, W/f] for its bucket, the samples
-                   written bucket batch by bucket batch
+                   --aspect_ratio_buckets each sample's moments are [2C, H/f, W/f] for its bucket (encoded in
+                   batches of one bucket, written in the source's order, so the trainer's batches are the image
+                   run's)
     NNNNN.tar.sizes  with --aspect_ratio_buckets: each sample's source image size (sd_ds.data.image_sizes), in the
                    shard's order, from which the trainer assigns the same buckets
     sizes.json     samples per output shard
@@ -85,6 +86,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("sd_ds.encode_latents")
 
+REORDER_WINDOW = 32  # batches: how far a bucket's open batch may hold back the samples written after it
 CLAIM_POLL_S = 1.0  # how often rank 0 looks whether the shards others claimed are done
 KILL_AT_ENV = "SD_DS_ENCODE_KILL_AT"
 """Test hook, ``point:n``: SIGKILL this process at the n-th ``batch`` (a batch written into a shard's temporary
@@ -297,6 +299,7 @@ class ShardImages(torch.utils.data.IterableDataset):
                 return log.tar_error(exn)
 
             batches: dict[Optional[int], list[tuple]] = {}  # bucket (None: squares) -> its batch filling up
+            seq = 0  # the shard's usable samples, numbered in its order: the writer writes them in that order
             for sample in wds.tarfile_samples([{"url": url}], handler=tar_error):
                 if time.monotonic() - refreshed > refresh_every:  # still alive: keep the claim
                     self.claims.refresh(name)
@@ -312,10 +315,16 @@ class ShardImages(torch.utils.data.IterableDataset):
                     continue
                 batch = batches.setdefault(bucket, [])
                 batch.append((sample["__key__"], pixels, sample["txt"], sample.get("json"), geometry,
-                              mirrored(geometry, resized_width), sizes))
+                              mirrored(geometry, resized_width), sizes, seq))
+                seq += 1
                 if len(batch) == self.batch_size:
                     yield self._pack(name, batches.pop(bucket), bucket, None)
-            rest = [b for b in sorted(batches, key=lambda b: -1 if b is None else b) if batches[b]]
+                # The writer keeps the shard's order, so a rare bucket's open batch would hold back every sample
+                # after it: encode it early (a smaller batch) once it holds back more than REORDER_WINDOW batches.
+                while batches and seq - min(b[0][7] for b in batches.values()) > REORDER_WINDOW * self.batch_size:
+                    oldest = min(batches, key=lambda b: batches[b][0][7])
+                    yield self._pack(name, batches.pop(oldest), oldest, None)
+            rest = sorted(batches, key=lambda b: batches[b][0][7])  # by their first sample: a fixed order
             for bucket in rest[:-1]:
                 yield self._pack(name, batches[bucket], bucket, None)
             yield self._pack(name, batches[rest[-1]] if rest else [], rest[-1] if rest else None, dict(skipped))
@@ -327,7 +336,8 @@ class ShardImages(torch.utils.data.IterableDataset):
         tw, th = self._target(bucket) or (self.transform.resolution, self.transform.resolution)
         return {"name": name, "keys": [b[0] for b in batch], "txt": [b[2] for b in batch],
                 "json": [b[3] for b in batch], "geometry": [b[4] for b in batch], "geometry_flip": [b[5] for b in batch],
-                "sizes": [b[6] for b in batch], "last": skipped is not None, "skipped": skipped or {},
+                "sizes": [b[6] for b in batch], "seq": [b[7] for b in batch], "last": skipped is not None,
+                "skipped": skipped or {},
                 "pixels": torch.stack([b[1] for b in batch]) if batch else torch.empty(0, 3, th, tw,
                                                                                       dtype=torch.uint8)}
 
@@ -341,6 +351,21 @@ class LatentShardWriter:
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.GNU_FORMAT)
         self.samples = 0
         self.sizes: list[tuple[int, int, int, int]] = []  # each sample's source image size, in the shard's order
+        # Encoded samples waiting for an earlier one (bucket batches complete out of order): seq -> (key, members,
+        # sizes), or None for one that will not be written (non-finite moments).
+        self.waiting: dict[int, Optional[tuple[str, dict[str, bytes], tuple]]] = {}
+        self.next_seq = 0
+
+    def put(self, seq: int, sample: Optional[tuple[str, dict[str, bytes], tuple]]) -> None:
+        """Write the shard's samples in their order, each once every earlier one has come."""
+        self.waiting[seq] = sample
+        while self.next_seq in self.waiting:
+            ready = self.waiting.pop(self.next_seq)
+            self.next_seq += 1
+            if ready is not None:
+                key, members, sizes = ready
+                self.add(key, members)
+                self.sizes.append(sizes)
 
     def add(self, key: str, members: dict[str, bytes]) -> None:
         for ext, data in members.items():
@@ -501,6 +526,7 @@ class ShardEncoder:
             for i, key in enumerate(item["keys"]):
                 if not finite[i]:  # a VAE in fp16 can overflow; training must never see it
                     self.nonfinite[name] += 1
+                    writer.put(item["seq"][i], None)
                     continue
                 members = {"txt": item["txt"][i]}
                 if item["json"][i] is not None:
@@ -509,8 +535,7 @@ class ShardEncoder:
                 members[MICROCOND] = geometry_bytes(item["geometry"][i])
                 if self.flip_variants:
                     members[MICROCOND_FLIPPED] = geometry_bytes(item["geometry_flip"][i])
-                writer.add(key, members)
-                writer.sizes.append(tuple(item["sizes"][i]))
+                writer.put(item["seq"][i], (key, members, tuple(item["sizes"][i])))
             self.encoded += int(finite.sum())
             self.progress.update(len(item["keys"]))
             self.hook("batch")
@@ -523,6 +548,7 @@ class ShardEncoder:
         shard_skipped = +shard_skipped  # without zero counts
         self.skipped.update(shard_skipped)
         writer = self.writers.pop(name)
+        assert not writer.waiting, f"{name}: samples {sorted(writer.waiting)} were never preceded"
         if writer.samples:
             if self.size_index:  # before the shard is in place: a trainer never sees it without its sizes
                 self.out.write_bytes(name + SIZES_SUFFIX, sizes_bytes(np.asarray(writer.sizes, dtype=np.int32)))

@@ -387,3 +387,116 @@ def test_square_runs_and_other_lists_do_not_resume_bucketed_positions(tmp_path, 
         square.load_state_dict(state)
     assert "restarts from its beginning" in caplog.text
     assert square.state_dict()["intervals"] == [[0, 24]]  # squares: positions again
+
+
+# --- latent shards -------------------------------------------------------------------------------------
+
+def test_latent_shards_encoded_at_their_buckets_train_on_the_same_buckets(tmp_path, tokenizer):
+    from sd_ds.data import read_latent_manifest
+    from sd_ds.encode_latents import main as encode_main
+    from tests.helpers import make_tiny_model
+
+    images, latents = tmp_path / "images", tmp_path / "latents"
+    shaped_shards(images, [9, 8])
+    model = make_tiny_model(tmp_path / "model")
+    flags = ["--train_shards", str(images), "--output_dir", str(latents), "--resolution", str(RES),
+             "--aspect_ratio_buckets", "auto", "--flip_variants", "--batch_size", "2", "--dataloader_num_workers", "0",
+             "--disable_tqdm"]
+    assert encode_main(flags + ["--vae_name_or_path", str(model / "vae")]) == 2  # the divisor needs the UNet's config
+    assert encode_main(flags + ["--pretrained_model_name_or_path", str(model)]) == 0
+    manifest = read_latent_manifest([str(latents)])
+    assert manifest["buckets"] == BUCKETS.to_json()
+    assert len(read_size_index(str(latents / "00001.tar"))) == 8  # the trainer's bucket metadata, written with it
+    kw = dict(center_crop=True, random_flip=False, caption_dropout_prob=0.0, micro_batch_size=3)
+    from_images, from_latents = take(loader([images], tokenizer, **kw), 5), take(loader([latents], tokenizer, **kw), 5)
+    for image_batch, latent_batch in zip(from_images, from_latents):
+        assert image_batch["keys"] == latent_batch["keys"]  # the same batches: the same buckets from the same sizes
+        h, w = image_batch["pixel_values"].shape[2:]
+        assert latent_batch["latent_moments"].shape == (3, 8, h // 4, w // 4)  # the tiny VAE: 4x, 4 channels
+        for name in ("original_size", "crop_top_left", "target_size"):
+            assert torch.equal(latent_batch[name], image_batch[name]), name
+    assert {tuple(b["latent_moments"].shape[2:]) for b in from_latents} == {(12, 20), (20, 12), (16, 16)}
+    flipped = take(loader([latents], tokenizer, **{**kw, "random_flip": True}), 5)
+    assert [b["keys"] for b in flipped] == [b["keys"] for b in from_latents]
+
+    with pytest.raises(ValueError, match=r"were encoded with aspect-ratio buckets 32x128,.*, this run trains with "
+                                         r"squares \(--aspect_ratio_buckets off\)"):
+        loader([latents], tokenizer, buckets=None)
+    with pytest.raises(ValueError, match="this run trains with aspect-ratio buckets 64x64"):
+        loader([latents], tokenizer, buckets=BucketList(((64, 64),)))
+
+
+# --- end to end: run.sh, 2 CPU ranks ---------------------------------------------------------------------
+
+def batch_log(keys_dir: Path, what: str, rank: int) -> list[list[str]]:
+    """The lines of a rank's SD_DS_DATA_KEYS log (``keys`` or ``shapes``): one per micro batch, epoch first."""
+    path = keys_dir / f"{what}.rank{rank}.txt"
+    return [line.split() for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.slow
+def test_two_ranks_train_on_buckets_resume_exactly_elastically_and_on_latent_shards(tmp_path):
+    """128x64, 64x128 and 96x96 photos at --resolution 64 --aspect_ratio_buckets auto on 2 CPU ranks (run.sh,
+    tiny model: 16 px divisor): the UNet sees 12x20 and 20x12 latents (48x80 and 80x48 px, about 64x64's area) and
+    16x16, one bucket per micro batch; a run stopped at step 4 and resumed gives the uninterrupted run's batches and
+    losses; the step-4 checkpoint resumed on 1 rank serves no sample twice; latent shards encoded with the flag
+    train on the same batches."""
+    import shutil
+
+    from sd_ds.data import DEBUG_KEYS_ENV
+    from tests.helpers import make_tiny_model, run_sh, scalars, train_flags
+
+    shards, model = tmp_path / "shards", make_tiny_model(tmp_path / "model")
+    sizes = shaped_shards(shards, [20, 20, 20])  # 20 of each shape; micro batch 2: 30 batches an epoch
+    steps = 8
+
+    def run(out: Path, *, nproc: int = 2, data: Path = shards, **kw) -> list[float]:
+        flags = train_flags(out, data, model, **{"resolution": RES, "aspect_ratio_buckets": "auto", "bf16": "False",
+                                                 "per_device_train_batch_size": 2, "max_steps": steps, "save_steps": 4,
+                                                 "random_flip": "True", **kw})
+        run_sh(flags, nproc=nproc, timeout=900, extra_env={DEBUG_KEYS_ENV: str(out / "batches")})
+        return [v for _, v in scalars(out / "runs", "train/loss")]
+
+    full = run(tmp_path / "full")
+    assert len(full) == steps
+    for rank in (0, 1):
+        keys, shapes = batch_log(tmp_path / "full/batches", "keys", rank), batch_log(tmp_path / "full/batches",
+                                                                                   "shapes", rank)
+        assert len(keys) == len(shapes) == steps
+        for (epoch, *batch), (_, shape) in zip(keys, shapes):
+            height, width = map(int, shape.split("x"))
+            # One bucket per micro batch: each sample's own bucket is the batch's size.
+            assert {bucket_of(*sizes[k]) for k in batch} == {(width, height)}, (batch, shape)
+            assert abs(height * width - RES * RES) <= 0.1 * RES * RES  # about 64x64's area
+    seen = {s for r in (0, 1) for _, s in batch_log(tmp_path / "full/batches", "shapes", r)}
+    assert {"48x80", "80x48"} <= seen <= {"48x80", "80x48", "64x64"}  # landscape and portrait (latents 12x20, 20x12)
+
+    # Stopped at step 4 (a run that ends there, checkpoint-4), then resumed: the uninterrupted batches and losses.
+    stopped = tmp_path / "stopped"
+    first_half = run(stopped, max_steps=4)
+    shutil.copytree(stopped, tmp_path / "elastic")
+    second_half = run(stopped)
+    assert first_half + second_half[-4:] == full
+    for rank in (0, 1):
+        assert batch_log(stopped / "batches", "keys", rank) == batch_log(tmp_path / "full/batches", "keys", rank)
+
+    # The step-4 checkpoint resumed on 1 rank: the epoch continues with what the 2 ranks had not consumed.
+    run(tmp_path / "elastic", nproc=1)
+    before = [k for r in (0, 1) for _, *batch in batch_log(tmp_path / "full/batches", "keys", r)[:4] for k in batch]
+    after = [k for epoch, *batch in batch_log(tmp_path / "elastic/batches", "keys", 0)[4:] for k in batch]
+    assert len(after) == 8 and len(before + after) == len(set(before + after))  # no sample twice
+
+    # Latent shards encoded with the flag: the same batches, at the bucket's latent size (the tiny VAE: 4x).
+    latents = tmp_path / "latents"
+    subprocess.run([sys.executable, "-m", "sd_ds.encode_latents", "--train_shards", str(shards), "--output_dir",
+                    str(latents), "--pretrained_model_name_or_path", str(model), "--resolution", str(RES),
+                    "--aspect_ratio_buckets", "auto", "--flip_variants", "--dataloader_num_workers", "0",
+                    "--disable_tqdm"], cwd=REPO_ROOT, env=subprocess_env(), check=True, capture_output=True,
+                   timeout=600)
+    run(tmp_path / "on_latents", data=latents, max_steps=3)
+    for rank in (0, 1):
+        assert batch_log(tmp_path / "on_latents/batches", "keys", rank) == \
+            batch_log(tmp_path / "full/batches", "keys", rank)[:3]
+        pixel_shapes = [s for _, s in batch_log(tmp_path / "full/batches", "shapes", rank)[:3]]
+        latent_shapes = [s for _, s in batch_log(tmp_path / "on_latents/batches", "shapes", rank)]
+        assert latent_shapes == ["x".join(str(int(v) // 4) for v in s.split("x")) for s in pixel_shapes]
