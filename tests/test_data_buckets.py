@@ -377,6 +377,48 @@ def test_sizes_from_the_index_json_or_header_give_the_same_batches(tmp_path, tok
     assert_same_batches(take(indexed, 4), reference)
 
 
+def _bucket_meta_on_rank(rank: int, world_size: int, port: int, url: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from sd_ds.data.image_sizes import build_bucket_meta
+    from sd_ds.data.sources import parse_sources
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+
+    def all_reduce(t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    meta = build_bucket_meta(parse_sources([url]), BUCKETS, rank=rank, world_size=world_size, all_reduce=all_reduce)
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"histograms": [h.tolist() for h in meta.histograms],
+                   "members": {u.rsplit("/", 1)[-1]: m.tolist() for u, m in meta.in_memory.items()}}, f)
+    dist.destroy_process_group()
+
+
+def test_shards_without_a_size_index_are_read_once_per_run_not_per_rank(tmp_path, http_server_factory):  # noqa: F811
+    """Two real ranks (gloo) build the bucket metadata from HTTP shards without .sizes: each shard is read by one
+    rank, and both ranks get every shard's histogram and members' buckets."""
+    import torch.multiprocessing as mp
+
+    from tests.helpers import free_port
+
+    sizes = shaped_shards(tmp_path / "raw", [5, 7, 6, 4, 8])
+    http = http_server_factory(tmp_path / "raw")
+    out = str(tmp_path / "meta")
+    mp.spawn(_bucket_meta_on_rank, args=(2, free_port(), http.url(), out), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"meta.{r}").read_text()) for r in (0, 1)]
+    assert results[0] == results[1]
+    members = results[0]["members"]
+    assert sorted(members) == [f"{i:05d}.tar" for i in range(5)]
+    for shard, buckets in members.items():
+        keys = [f"{int(shard[:5]) * 10_000 + i:09d}" for i in range(len(buckets))]
+        assert [BUCKETS.sizes[b] for b in buckets] == [bucket_of(*sizes[k]) for k in keys]
+    shard_gets = [path for method, path, n in http.requests if path.endswith(".tar") and method == "GET"]
+    assert sorted(shard_gets) == [f"/{i:05d}.tar" for i in range(5)]  # one read per shard, by one rank
+
+
 def test_square_runs_and_other_lists_do_not_resume_bucketed_positions(tmp_path, tokenizer, caplog):
     shaped_shards(tmp_path, [12, 12])
     bucketed = loader([tmp_path], tokenizer)

@@ -28,6 +28,7 @@ import numpy as np
 OFF, AUTO = "off", "auto"
 MAX_ASPECT = 4.0  # auto lists span 1:4 .. 4:1, as SDXL's
 MIN_AREA_FRACTION = 0.9  # auto buckets hold (0.9 R², R²] pixels: SDXL's list at 1024 px is exactly this band
+MAX_BUCKETS = 254  # a sample's bucket travels as one byte (bucket + 1 when shared over ranks)
 _TIE = 1e-12
 
 
@@ -44,6 +45,8 @@ class BucketList:
     def __post_init__(self) -> None:
         if not self.sizes:
             raise BucketError("an aspect-ratio bucket list needs at least one WxH")
+        if len(self.sizes) > MAX_BUCKETS:
+            raise BucketError(f"an aspect-ratio bucket list holds at most {MAX_BUCKETS} buckets (got {len(self.sizes)})")
         ordered = tuple(sorted(self.sizes, key=lambda s: (s[0] / s[1], s[0])))
         object.__setattr__(self, "sizes", ordered)
 

@@ -211,10 +211,10 @@ def build_bucket_meta(sources: list["ShardSource"], buckets: BucketList, *, rank
     in_memory_urls = [u for u, flag in zip(urls, table[:, K + 1].tolist()) if flag]
     offsets = np.cumsum([0] + [expected[u] for u in in_memory_urls])
     if shared and in_memory_urls:
-        vector = torch.zeros(int(offsets[-1]), dtype=torch.int16)  # bucket + 1 where this rank read the shard
+        vector = torch.zeros(int(offsets[-1]), dtype=torch.uint8)  # bucket + 1 where this rank read the shard
         for u, a in zip(in_memory_urls, offsets):
             if u in members:
-                vector[int(a):int(a) + expected[u]] = torch.from_numpy(members[u].astype(np.int16) + 1)
+                vector[int(a):int(a) + expected[u]] = torch.from_numpy(members[u] + 1)
         vector = all_reduce(vector).numpy()
         members = {u: (vector[int(a):int(a) + expected[u]] - 1).astype(np.uint8)
                    for u, a in zip(in_memory_urls, offsets)}
