@@ -66,7 +66,7 @@ class SimulatedMeta(BucketMeta):
     def _load(self, source: int, shard: int, url: str) -> np.ndarray:
         hist = self.histograms[source][shard].astype(np.int64)
         members = np.repeat(np.arange(len(hist)), hist)
-        return np.random.default_rng([source, shard]).permutation(members)
+        return np.random.default_rng([source, shard]).permutation(members).astype(np.uint8)
 
 
 def per_reader_unserved(per_bucket: np.ndarray, readers: int, micro_batch: int, seed: int = 1) -> int:
@@ -159,9 +159,16 @@ def main() -> None:
         f"histograms, the members of the {K} buckets' open batches found by binary search too, one block walked), "
         f"{1000 * max(resumes):.0f} ms at a resume position at the end of its span; peak Python memory "
         f"{max(peaks) / 2**20:.1f} MiB on top of the histograms it holds ({hist_mib:.1f} MiB: {args.shards:,} x {K} "
-        f"uint16), with at most 64 shards' member buckets cached. The main process's batch count alone: "
+        f"uint16), with at most 64 shards' member buckets cached (a byte a sample, {64 * int(sizes.max()) / 2**20:.1f} MiB). The main process's batch count alone: "
         f"{1000 * count_s:.0f} ms. Nothing grows with the step or the readers; no reader holds every sample's bucket "
         f"(that would be {N / 2**20:,.0f} MiB at a byte each).",
+        "",
+        f"Reading: a reader walks the global order forward and reads each sample its batches need once, in shard "
+        f"order; at the start of its span (and of each resume) it also reads the members of the batches open there, "
+        f"at most K (B - 1) = {K * (B - 1)} samples from earlier in the epoch. Once per run, before training, the "
+        f"histograms come from the shards' .sizes indexes, each read by one rank ({-(-args.shards // args.ranks)} "
+        f"files of ~{16 * int(sizes.mean()) // 1000} kB a rank here) and summed over the ranks (one "
+        f"{args.shards * (K + 2) * 8 / 2**20:.0f} MB all-reduce on the gloo group).",
     ]
     publish("\n".join(lines) + "\n", write=not args.no_write)
     print(f"(histograms drawn in {make_s:.1f} s)")

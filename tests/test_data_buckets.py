@@ -151,12 +151,13 @@ def test_trainer_rejects_a_bucket_file_in_one_line_exit_2(tmp_path):
 
 # --- the bucketed order on metadata alone ----------------------------------------------------------------
 
-def random_metadata(seed: int, sources: int, buckets: int = 5):
+def random_metadata(seed: int, sources: int, buckets: int = 5, shards: int | None = None):
     rng = np.random.default_rng(seed)
     metas, histograms, urls, members = [], [], [], {}
     p = np.array([0.5, 0.2, 0.15, 0.1, 0.05][:buckets])
     for s in range(sources):
-        sizes = rng.integers(3, 30, size=int(rng.integers(2, 9)))
+        sizes = rng.integers(3, 30, size=int(rng.integers(2, 9))) if shards is None else \
+            rng.integers(1, 5, size=shards)
         hist, names = [], []
         for i, n in enumerate(sizes):
             members[f"s{s}/{i}.tar"] = rng.choice(buckets, size=n, p=p / p.sum()).astype(np.uint8)
@@ -184,11 +185,12 @@ def streaming_bucketer(epoch_order: order_lib.EpochOrder, meta: BucketMeta, B: i
     return out
 
 
-@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("seed", range(9))
 def test_bucketed_batches_are_the_streaming_bucketers_from_metadata_alone(seed):
     """Any cut of the ordinals (a reader's span, a resume inside it) gives the batches a single reader streaming
     the whole epoch would form: from histograms, block mixing and a few shards' members, not a replay."""
-    metas, meta = random_metadata(seed, sources=1 + seed % 3)
+    # (seed 8: 700 shards a source, past the 256-shard partial sums of a pass's histogram)
+    metas, meta = random_metadata(seed, sources=1 + seed % 3, shards=700 if seed == 8 else None)
     B = [1, 2, 4, 8][seed % 4]
     length = sum(m.samples for m in metas) * (2 if seed % 2 else 1) + seed  # several passes of weighted sources
     for epoch in (0, 1):
@@ -231,6 +233,20 @@ def test_bucketed_elastic_remainder_serves_the_rest_once():
                  for o, _, members in plan.batches if o in set(first + second) for p in members]
     assert len(first + second) == len(set(first + second)) > G - 3 - 4  # < one batch per reader left, each cut
     assert len(positions) == len(set(positions))  # no sample twice
+
+
+def test_scale_simulation_runs_and_global_bucketing_meets_its_bound():
+    """bench/bench_buckets_plan.py at a reduced scale (the full 40,000 shards x 4,096 readers are in BENCHMARKS.md)."""
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bench_buckets_plan.py"), "--shards", "100",
+                           "--ranks", "8", "--workers", "2", "--probe_readers", "2", "--no_write"],
+                          capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ")}
+    number = lambda cell: int(cell.strip().split(" ")[0].replace(",", ""))  # noqa: E731
+    per_reader, global_ = number(rows["per reader (each reader buckets its own span)"][2]), \
+        number(rows["global (sd_ds.data.bucket_order)"][2])
+    bound = int(rows["global (sd_ds.data.bucket_order)"][4].split("=")[1].split("(")[0].replace(",", ""))
+    assert global_ < bound and global_ < per_reader
 
 
 # --- the loader --------------------------------------------------------------------------------------

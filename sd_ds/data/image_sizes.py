@@ -144,7 +144,7 @@ class BucketMeta:
         return len(self.buckets)
 
     def shard_buckets(self, source: int, shard: int) -> np.ndarray:
-        """Bucket of each member of a shard (int64, its histogram's count long)."""
+        """Bucket of each member of a shard (uint8, its histogram's count long)."""
         if self._cache is None:
             self._cache = _Cache(self.cache_size)
         url = self.shard_urls[source][shard]
@@ -153,13 +153,13 @@ class BucketMeta:
     def _load(self, source: int, shard: int, url: str) -> np.ndarray:
         want = int(self.histograms[source][shard].sum())
         if url in self.in_memory:
-            return self.in_memory[url].astype(np.int64)
+            return self.in_memory[url]
         rows = read_size_index(url)
         if rows is None or len(rows) != want:
             raise RuntimeError(f"{url}: its size index is missing or changed since the loader was built "
                                f"({'none' if rows is None else len(rows)} rows, {want} expected)")
         index, _ = self.buckets.assign(rows[:, 0], rows[:, 1])
-        return index
+        return index.astype(np.uint8)
 
     def digest(self) -> str:
         """What a saved position's meaning depends on: the bucket list and every shard's histogram."""
