@@ -36,8 +36,8 @@ DST after a finished run:
                    shard's order, from which the trainer assigns the same buckets
     sizes.json     samples per output shard
     latents.json   the manifest: what a trainer checks (resolution, crop, dtype, shape, the bucket list, the VAE's
-                   config, weight fingerprint and scaling_factor) and what was done (sources with their mixture weights and sample
-                   counts, skips by reason, per shard)
+                   config, weight fingerprint and scaling_factor) and what was done (sources with their mixture
+                   weights and sample counts, skips by reason, per shard)
     .encode/       the plan (the settings a rerun must match) and one record per finished shard
 
 Resumable per shard: a shard is written under a temporary name and renamed into place, then recorded; a rerun
@@ -335,7 +335,8 @@ class ShardImages(torch.utils.data.IterableDataset):
     def _pack(self, name: str, batch: list, bucket: Optional[int], skipped: Optional[dict]) -> dict:
         tw, th = self._target(bucket) or (self.transform.resolution, self.transform.resolution)
         return {"name": name, "keys": [b[0] for b in batch], "txt": [b[2] for b in batch],
-                "json": [b[3] for b in batch], "geometry": [b[4] for b in batch], "geometry_flip": [b[5] for b in batch],
+                "json": [b[3] for b in batch], "geometry": [b[4] for b in batch],
+                "geometry_flip": [b[5] for b in batch],
                 "sizes": [b[6] for b in batch], "seq": [b[7] for b in batch], "last": skipped is not None,
                 "skipped": skipped or {},
                 "pixels": torch.stack([b[1] for b in batch]) if batch else torch.empty(0, 3, th, tw,

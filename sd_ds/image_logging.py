@@ -1,6 +1,7 @@
 """What the trainer shows of its model while it trains: VAE reconstructions of training images, sample grids
 for their captions (guidance 1 and 7.5, at the batch's size: its aspect-ratio bucket when training on buckets)
-and for fixed ``--validation_prompts`` (square), drawn at the training resolution with the EMA weights when EMA is on; written to TensorBoard and as PNGs in ``output_dir/samples/``.
+and for fixed ``--validation_prompts`` (square), drawn at the training resolution with the EMA weights when EMA is
+on; written to TensorBoard and as PNGs in ``output_dir/samples/``.
 """
 
 from __future__ import annotations

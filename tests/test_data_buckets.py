@@ -319,7 +319,8 @@ def test_crops_cover_the_bucket_and_micro_conditioning_says_where(tmp_path, toke
                 flips.add(flipped and not plain)
                 lefts.add((center, left if plain else mirror))
                 if center:
-                    assert (top, left if plain else mirror) == (round((full[0].shape[1] - th) / 2), round((rw - tw) / 2))
+                    assert (top, left if plain else mirror) == (round((full[0].shape[1] - th) / 2),
+                                                                round((rw - tw) / 2))
     assert flips == {False, True}  # random flips, each with its mirrored left
 
 

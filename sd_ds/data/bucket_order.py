@@ -26,22 +26,19 @@ it reads the samples its batches need, once, in shard order, and holds those of 
 
 Per epoch, not served: each bucket's last partial batch, sum_b (E_b mod B) < K (B - 1) samples (E_b: bucket b's
 samples in the epoch, K buckets), and the span cut's remainder, fewer than ``readers`` batches: in all fewer than
-K (B - 1) + readers x B samples (LAION-400M, 41 buckets, 4,096 readers x 8: < 33,055 of 400 M, 0.0083 %).
+K (B - 1) + readers x B samples (LAION-400M, 41 buckets, 4,096 readers x 8: < 33,055 of 380 M, 0.0087 %; BENCHMARKS.md section 17).
 Ranks serve different buckets at one step. ``--resample_shards`` is not supported with buckets.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 
 from sd_ds.data.image_sizes import BucketMeta
 from sd_ds.data.order import EpochOrder, _Cache
-
-logger = logging.getLogger("sd_ds.data")
 
 COARSE = 256  # shards per stored partial sum of a pass's histogram (memory: K int64 per 256 shards)
 
@@ -222,12 +219,4 @@ def plan_summary(epoch: BucketedEpoch) -> dict:
     return {"samples": int(per_bucket.sum()), "batches": int(batches.sum()),
             "bucket_remainder": int((per_bucket % epoch.B).sum()),
             "per_bucket": {f"{w}x{h}": int(n) for (w, h), n in zip(epoch.meta.buckets.sizes, per_bucket.tolist())}}
-
-
-def check_sizes(meta: BucketMeta, sizes: Sequence[Sequence[int]]) -> None:
-    """The histograms agree with the sources' shard sizes (each shard's counts sum to its sample count)."""
-    for s, (hist, shard_sizes) in enumerate(zip(meta.histograms, sizes)):
-        got = hist.sum(axis=1, dtype=np.int64)
-        if len(got) != len(shard_sizes) or not np.array_equal(got, np.asarray(shard_sizes, dtype=np.int64)):
-            raise ValueError(f"source {s}: bucket histograms do not match the shards' sample counts")
 

@@ -46,7 +46,8 @@ class BucketList:
         if not self.sizes:
             raise BucketError("an aspect-ratio bucket list needs at least one WxH")
         if len(self.sizes) > MAX_BUCKETS:
-            raise BucketError(f"an aspect-ratio bucket list holds at most {MAX_BUCKETS} buckets (got {len(self.sizes)})")
+            raise BucketError(f"an aspect-ratio bucket list holds at most {MAX_BUCKETS} buckets "
+                              f"(got {len(self.sizes)})")
         ordered = tuple(sorted(self.sizes, key=lambda s: (s[0] / s[1], s[0])))
         object.__setattr__(self, "sizes", ordered)
 
