@@ -41,7 +41,7 @@ from sd_ds.data.bucket_order import BucketedEpoch  # noqa: E402
 from sd_ds.data.buckets import auto_buckets  # noqa: E402
 from sd_ds.data.image_sizes import BucketMeta  # noqa: E402
 
-SECTION = "## 17. Data: aspect-ratio buckets at scale"
+SECTION = "## 19. Data: aspect-ratio buckets at scale"
 MIX = [((1, 1), 0.30), ((4, 3), 0.20), ((3, 2), 0.15), ((16, 9), 0.10), ((3, 4), 0.08), ((2, 3), 0.08),
        ((9, 16), 0.03)]
 TAIL = 0.06  # log-uniform aspect in [1/6, 6]

@@ -11,7 +11,7 @@ reduce-scatter, all-gather and broadcast (n-1)/n × size. ZeRO-2's ideal per ste
 gradients plus an all-gather of the updated weights, both bf16: (n-1)/n × 4 bytes × parameters.
 Contenders: DeepSpeed 0.19's own reduction (``reduce_scatter: true`` with its default
 ``use_multi_rank_bucket_allreduce``: each bucket all-reduced in full) and sd-ds's (each bucket's slices reduced
-to the rank that owns them, ``sd_ds.engine.streamline_zero_optimizer``). Both must end with the same weights.
+to the rank that owns them, ``sd_ds.zero_step.streamline_zero_optimizer``). Both must end with the same weights.
 Results go to section "## 10." of BENCHMARKS.md.
 """
 

@@ -94,7 +94,7 @@ def loader_throughput(shard_dir: Path, tokenizer, *, num_workers: int, batches: 
     from sd_ds.data import build_train_loader
 
     data_cfg = DataConfig(train_shards=[str(shard_dir)], resolution=resolution, random_flip=random_flip,
-                          center_crop=center_crop, dataloader_num_workers=num_workers, shuffle_buffer=200,
+                          center_crop=center_crop, dataloader_num_workers=num_workers, shuffle_block=200,
                           samples_per_epoch=10**7)  # no epoch end (worker restart) inside
     data = build_train_loader(data_cfg, tokenizer=tokenizer, model_max_length=77, micro_batch_size=micro_batch_size,
                               seed=0)

@@ -97,7 +97,7 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=512)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--micro_batch_size", type=int, default=8)
-    p.add_argument("--block", type=int, default=1000, help="shuffle block (--shuffle_buffer)")
+    p.add_argument("--block", type=int, default=1000, help="shuffle block (--shuffle_block)")
     p.add_argument("--small_source_shards", type=int, default=100)
     p.add_argument("--small_source_weight", type=float, default=0.05)
     p.add_argument("--no_write", action="store_true", help="print the section, leave BENCHMARKS.md")

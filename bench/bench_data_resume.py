@@ -72,7 +72,7 @@ def main() -> None:
     p.add_argument("--shards", type=int, default=100)
     p.add_argument("--per_shard", type=int, default=100)
     p.add_argument("--positions", type=int, nargs="+", default=[0, 2060, 5080, 9040])
-    p.add_argument("--block", type=int, default=20, help="--shuffle_buffer (the shuffle block)")
+    p.add_argument("--block", type=int, default=20, help="--shuffle_block")
     p.add_argument("--before", default="main", help="git revision of the replaying loader (sd_ds/data.py)")
     args = p.parse_args()
 
@@ -94,7 +94,7 @@ def main() -> None:
         write_photo_shards(shards, [args.per_shard] * args.shards)
         total_bytes = sum(p.stat().st_size for p in shards.glob("*.tar"))
         shard_bytes = total_bytes / args.shards
-        cfg = dict(resolution=32, dataloader_num_workers=0, shuffle_buffer=args.block, caption_dropout_prob=0.0)
+        cfg = dict(resolution=32, dataloader_num_workers=0, shuffle_block=args.block, caption_dropout_prob=0.0)
         with HTTPFileServer(shards) as http:
             def new():
                 return build_train_loader(DataConfig(train_shards=[http.url()], **cfg), tokenizer=tokenizer,

@@ -5,7 +5,7 @@ minutes MLPerf's protocol (30,000 prompts, DDIM 50 steps, guidance 8, FID Incept
     python bench/bench_eval.py --preset sd-v1 --resolution 512  # GPU: SD v1 sizes, random weights, fp16
     python bench/bench_eval.py --flops-only                     # the FLOPs table for SD v1 at 256 and 512 (any CPU)
 
-Measured through the code the CLI runs (``sd_ds.pipeline.generate``, ``sd_ds.evaluate.inception_features`` and
+Measured through the code the CLI runs (``sd_ds.pipeline.generate``, ``sd_ds.fid_clip.inception_features`` and
 ``clip_scores``) with random weights of the real architectures (the cost does not depend on the values): the SD v1
 UNet (``sd_ds.init``'s config), VAE and CLIP ViT-L/14 text encoder, pytorch-fid's InceptionV3 and open_clip's
 ViT-H-14 (on CPU, ``--clip_model ViT-B-32``: ViT-H-14 takes seconds per image there). FLOPs come from
@@ -90,7 +90,7 @@ def _random_inception(hub: Path) -> torch.nn.Module:
     """pytorch-fid's InceptionV3 with random weights (FIDInception blocks have torchvision's parameters)."""
     from pytorch_fid import inception as fid_inception
 
-    from sd_ds.evaluate import FID_WEIGHTS_FILE, load_fid_inception
+    from sd_ds.fid_clip import FID_WEIGHTS_FILE, load_fid_inception
 
     (hub / "checkpoints").mkdir(parents=True, exist_ok=True)
     weights = hub / "checkpoints" / FID_WEIGHTS_FILE
@@ -112,12 +112,12 @@ def flops_rows() -> list[dict[str, Any]]:
 
 
 def measure(preset: str, resolution: int, images: int, batch_size: int, clip_model: str, device: str) -> dict:
-    """images/s of generation, FID features and CLIP scores through sd_ds.pipeline / sd_ds.evaluate."""
+    """images/s of generation, FID features and CLIP scores through sd_ds.pipeline / sd_ds.fid_clip."""
     import open_clip
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from sd_ds.evaluate import ClipModel, clip_scores, inception_features
+    from sd_ds.fid_clip import ClipModel, clip_scores, inception_features
     from sd_ds.presets import SD_V1_UNET, TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE
     from sd_ds.pipeline import generate, pipeline_from_components
 
@@ -181,7 +181,7 @@ def section(flop_rows: list[dict], measured: list[dict], command: str) -> str:
              "CLIP score from open_clip ViT-H-14; random weights of the real architectures (cost does not depend on "
              "values).", ""]
     if measured:
-        lines += ["Measured (through `sd_ds.pipeline.generate`, `sd_ds.evaluate.inception_features`, "
+        lines += ["Measured (through `sd_ds.pipeline.generate`, `sd_ds.fid_clip.inception_features`, "
                   "`clip_scores`):", "",
                   "| preset | px | device | images | generate img/s | Inception img/s | CLIP img/s | "
                   "end to end img/s | 30k prompts on 8 such devices |",

@@ -248,8 +248,8 @@ def sd_ds_loop(cfg: Any, dist_info: Any, components: Any, pixels: torch.Tensor, 
     """The trainer's step: sd_ds.engine.encode_batch + engine forward/backward/step + EMA + stop agreement +
     device-side metrics (read every 10 steps, as with --logging_steps 10)."""
     from sd_ds.engine import build_ema, build_engine, encode_batch, grad_norm, group_lrs
-    from sd_ds.logging import StepMetrics
-    from sd_ds.train import StopSignal
+    from sd_ds.metrics import StepMetrics
+    from sd_ds.distributed import StopSignal
 
     engine = build_engine(cfg, components, dist_info)
     ema = build_ema(cfg, engine)

@@ -137,9 +137,9 @@ def sd_ds_engine(steps: int, batch_size: int, model_dir: Path) -> dict:
     from sd_ds.config import parse_config
     from sd_ds.distributed import init_distributed
     from sd_ds.engine import build_ema, build_engine
-    from sd_ds.logging import StepMetrics
+    from sd_ds.metrics import StepMetrics
     from sd_ds.models import build_components
-    from sd_ds.train import StopSignal
+    from sd_ds.distributed import StopSignal
 
     cfg = parse_config(["--pretrained_model_name_or_path", str(model_dir), "--per_device_train_batch_size",
                         str(batch_size), "--use_ema", "--model_max_length", "16", "--output_dir",
@@ -234,7 +234,7 @@ Device syncs (`accelerator.synchronize()`, counted as a CUDA rank would make the
 to the dispatch mode): {engine['device_syncs'] / a.steps:.0f} per step. DeepSpeed's throughput timer made 2 a step
 (start in forward, stop in step) until `sd_ds.engine.build_deepspeed_config` turned it off (`timers.throughput`).
 
-Before `sd_ds.engine.streamline_zero_optimizer` (DeepSpeed 0.19's own ZeRO-2 step, measured with this script on
+Before `sd_ds.zero_step.streamline_zero_optimizer` (DeepSpeed 0.19's own ZeRO-2 step, measured with this script on
 2026-11-30): 15,158 ops in the optimizer step (a per-tensor inf/nan check, 6 ops × 686 tensors; a per-tensor norm,
 7 ops each; re-pointing every parameter at its flat buffer, 3 ops each) and 3 host syncs, plus 1 in the loop
 (`loss.item()` every micro batch). What remains, and why it is DeepSpeed's own:

@@ -4,7 +4,7 @@
 
 Runs the real trainer through ``run.sh`` (DeepSpeed ZeRO-2, bf16, CPU ranks over gloo) on generated shards with
 the tiny preset, twice, and reads the run's own time accounting (``output_dir/time_breakdown.json``, written by
-``sd_ds.logging.StepMetrics``; the trainer measures it on every run):
+``sd_ds.metrics.StepMetrics``; the trainer measures it on every run):
 - compute: frozen VAE/text encoders, UNet forward, backward, optimizer step (ends at ``loss.item()``);
 - data wait: time blocked on the data loader;
 - other: everything else in the loop — EMA update, scalar logging, checkpoints, bookkeeping.
@@ -43,7 +43,7 @@ def run_setting(name: str, work: Path, shards: Path, model: Path, steps: int, np
     extra.setdefault("logging_steps", steps)
     extra.setdefault("save_steps", steps)
     flags = train_flags(out, shards, model, max_steps=steps, per_device_train_batch_size=micro_batch,
-                        dataloader_num_workers=1, shuffle_buffer=64, **extra)
+                        dataloader_num_workers=1, shuffle_block=64, **extra)
     t0 = time.perf_counter()
     run_sh(flags, nproc=nproc, timeout=3600)
     launch_s = time.perf_counter() - t0

@@ -31,15 +31,14 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from sd_ds.config import TrainConfig
+from sd_ds.distributed import DistInfo, rng_state, set_rng_state
+from sd_ds.ema import load_ema_shards, save_ema_shard
 from sd_ds.fileio import save_atomic, write_atomic, write_json_atomic
-
-if TYPE_CHECKING:
-    from sd_ds.config import TrainConfig
-    from sd_ds.distributed import DistInfo
 
 logger = logging.getLogger("sd_ds.checkpoint")
 
@@ -319,8 +318,6 @@ class Checkpointer:
         self.fault_point = fault_point or (lambda name, step: None)
 
     def _rank_state(self) -> dict[str, Any]:
-        from sd_ds.distributed import rng_state
-
         return {"data": self.loader.state_dict(), "rng": rng_state(), "generator": self.generator.get_state()}
 
     def save(self, state: TrainState) -> Path:
@@ -352,8 +349,6 @@ class Checkpointer:
         self.fault_point("save_engine_written", state.step)
         save_rank_state(rank_state_path(ckpt, dist_info.rank), self._rank_state())
         if self.ema is not None:
-            from sd_ds.ema import save_ema_shard
-
             save_ema_shard(self.ema, ckpt, dist_info.rank)
         if self.export_models is not None:
             self.export_models(ckpt)
@@ -382,8 +377,6 @@ class Checkpointer:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {source}")
         if self.ema is not None:
-            from sd_ds.ema import load_ema_shards
-
             self.ema.load_state_dict(load_ema_shards(resume.path, self.ema, self.dist.rank, self.dist.world_size))
         state.load_state_dict(read_trainer_state(resume.path))
         def every_rank() -> list[dict]:
@@ -394,8 +387,6 @@ class Checkpointer:
             return self.dist.broadcast_object(states)
 
         if same_world:
-            from sd_ds.distributed import set_rng_state
-
             rank_state = load_rank_state(rank_state_path(resume.path, self.dist.rank))
             self.loader.load_state_dict(rank_state["data"], every_rank=every_rank)
             set_rng_state(rank_state["rng"])

@@ -57,6 +57,9 @@ class ModelConfig:
     vae_name_or_path: Optional[str] = _f(None, "VAE override (path or hub id); frozen.")
     text_encoder_name_or_path: Optional[str] = _f(None, "CLIP text encoder override (path or hub id); frozen unless --train_text_encoder.")
     tokenizer_name: Optional[str] = _f(None, "Tokenizer override (path or hub id).")
+    text_encoder_2_name_or_path: Optional[str] = _f(
+        None, "SDXL's second text encoder (OpenCLIP-bigG, CLIPTextModelWithProjection) override (path or hub id).")
+    tokenizer_2_name: Optional[str] = _f(None, "SDXL's second tokenizer override (path or hub id).")
     model_max_length: int = _f(77, "Token length captions are padded/truncated to.")
     prediction_type: Optional[str] = _f(
         None, "epsilon | v_prediction. Default: the noise scheduler config's.", choices=PREDICTION_TYPES)
@@ -119,9 +122,10 @@ class DataConfig:
         0.1, "Probability a caption is replaced by \"\" (for classifier-free guidance). 0.1 is the seed's rate: "
         "ppdiffusers' examples/text_to_image_laion400m text_image_pair_dataset.py parse_line empties the caption "
         "when random.random() < 0.1.")
-    shuffle_buffer: int = _f(
-        1000, "Shuffle block: the epoch's order is shuffled within consecutive blocks of this many samples (of all "
-        "sources, mixed by weight), the same on any number of ranks and workers; a reader holds one block at most.")
+    shuffle_block: int = _f(
+        1000, "The epoch's order is shuffled within consecutive blocks of this many samples (of all sources, mixed "
+        "by weight), the same on any number of ranks and workers; a reader holds one block at most. "
+        "--shuffle_buffer, the seed's spelling, is accepted for it.", aliases=("--shuffle_buffer",))
     resample_shards: bool = _f(
         False, "Draw each pass's shards with replacement instead of a shuffle. (Not needed for few shards: every "
         "reader gets an exact share of the samples whatever the shard count.)")
@@ -395,8 +399,9 @@ def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, hint: Any) 
         kw.update(type=typing.get_args(base)[0], nargs=meta.pop("nargs", "+"))
     else:
         kw.update(type=base)
+    aliases = meta.pop("aliases", ())  # other spellings users type (the seed's), for the same field
     kw.update(meta)
-    group.add_argument(f"--{f.name}", help=f"{help_text} (default: {default})", **kw)
+    group.add_argument(f"--{f.name}", *aliases, help=f"{help_text} (default: {default})", **kw)
 
 
 def _section_description(cls: type) -> Optional[str]:
@@ -433,6 +438,10 @@ def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     return config_from_dict(ns, parser=parser)
 
 
+# Fields renamed since a config was saved (trainer_state.json holds the resolved config): old name -> new.
+RENAMED_FIELDS = {"shuffle_buffer": "shuffle_block"}
+
+
 def config_from_dict(values: dict[str, Any], parser: Optional[argparse.ArgumentParser] = None) -> TrainConfig:
     """Build a TrainConfig from flat {flag: value} (CLI) or nested {section: {...}} (a saved config)."""
     flat: dict[str, Any] = {}
@@ -441,6 +450,7 @@ def config_from_dict(values: dict[str, Any], parser: Optional[argparse.ArgumentP
             flat.update(v)
         else:
             flat[k] = v
+    flat = {RENAMED_FIELDS.get(k, k): v for k, v in flat.items()}
     sections = _section_classes()
     kwargs: dict[str, Any] = {}
     used: set[str] = set()

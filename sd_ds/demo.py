@@ -47,6 +47,9 @@ import numpy as np
 from PIL import Image
 
 from sd_ds.convert.parts import write_part
+from sd_ds.data import ImageTransform
+from sd_ds.fileio import write_json_atomic
+from sd_ds.pipeline import generate, load_pipeline
 from sd_ds.shapes import (HELD_OUT, Combination, caption_of, draw_shape, image_bytes, random_color_shapes,
                           score_images, trained_combinations_scored, training_combinations)
 
@@ -223,8 +226,6 @@ def vae_color_fidelity(vae_dir: Path, per_combination: int = 16, resolution: int
     import torch
     from diffusers import AutoencoderKL
 
-    from sd_ds.data import ImageTransform
-
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     transform, rng = ImageTransform(resolution, center_crop=True), random.Random(123)
     result = {}
@@ -248,8 +249,6 @@ def generate_for_scoring(pipe: Any, combos: list[Combination], seeds: int, *, st
                          batch_size: int = 64) -> list[Image.Image]:
     """``seeds`` images per combination, seed SCORE_SEED_BASE + k for the k-th image of a combination, in
     batches (one generator per image, so an image does not depend on its batch)."""
-    from sd_ds.pipeline import generate
-
     jobs = [(caption_of(*c), SCORE_SEED_BASE + k) for c in combos for k in range(seeds)]
     return generate(pipe, [p for p, _ in jobs], seeds=[s for _, s in jobs], steps=steps,
                     guidance_scale=guidance_scale, batch_size=batch_size)
@@ -261,8 +260,6 @@ def score_model(model: Any, *, seeds: int, steps: int, guidance_scale: float,
     combinations x ``seeds`` and trained_combinations_scored() x ``trained_seeds`` (default seeds / 2)."""
     pipe = model
     if isinstance(model, (str, Path)):
-        from sd_ds.pipeline import load_pipeline
-
         pipe = load_pipeline(model, device="cpu", dtype=None)
     trained_seeds = trained_seeds if trained_seeds is not None else max(1, seeds // 2)
     result: dict = {"steps": steps, "guidance_scale": guidance_scale, "seed_base": SCORE_SEED_BASE}
@@ -284,8 +281,6 @@ def format_score(score: dict) -> str:
 
 def write_score(model_dir: Path, path: Path, *, seeds: int, steps: int, guidance_scale: float) -> Path:
     """Score the exported model, write the JSON, print the figures."""
-    from sd_ds.fileio import write_json_atomic
-
     score = score_model(model_dir, seeds=seeds, steps=steps, guidance_scale=guidance_scale)
     write_json_atomic(path, {"model": str(model_dir), **score})
     print(f"prompt following ({steps} DDIM steps, guidance {guidance_scale:g}; chance: 1/8 shape colour, "
@@ -418,7 +413,7 @@ def run_demo(s: DemoSettings) -> Path:
              "--use_ema", "--ema_decay", s.ema_decay, "--ema_warmup", "True",
              # Latents need no decoding: loader workers would only take CPU from the 2 ranks (5 % slower).
              "--dataloader_num_workers", "0",
-             "--shuffle_buffer", "500", "--seed", "0", "--max_grad_norm", "1.0",
+             "--shuffle_block", "500", "--seed", "0", "--max_grad_norm", "1.0",
              "--validation_shards", val_latents, "--validation_samples", s.validation_samples,
              "--validation_steps", s.validation_steps, "--validation_batch_size", "64",
              "--validation_prompts", *[caption_of(*c) for c in HELD_OUT[:4]]], env=env)

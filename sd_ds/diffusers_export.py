@@ -18,7 +18,9 @@ import torch
 
 from sd_ds.checkpoint import safe_loading
 from sd_ds.ema import consolidate_ema
+from sd_ds.families import family_of_unet
 from sd_ds.models import save_tokenizer
+from sd_ds.presets import TEXT_ENCODER_CLASSES
 
 BASE_MODEL_DIR = "base_model"
 
@@ -31,8 +33,10 @@ def save_base_components(comp: Any, output_dir: str | Path) -> Path:
     tmp = base.with_name(base.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     comp.vae.save_pretrained(tmp / "vae", safe_serialization=True)
-    comp.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    save_tokenizer(comp.tokenizer, tmp / "tokenizer")
+    for sub, encoder in zip(comp.family.text_encoders, comp.text_encoders):
+        encoder.save_pretrained(tmp / sub, safe_serialization=True)
+    for sub, tokenizer in zip(comp.family.tokenizers, comp.tokenizers):
+        save_tokenizer(tokenizer, tmp / sub)
     comp.noise_scheduler.save_pretrained(tmp / "scheduler")
     comp.unet.save_config(tmp / "unet")
     (tmp / "model_index.json").write_text(json.dumps({"_class_name": "sd_ds_base_model"}))
@@ -59,8 +63,13 @@ def consolidated_weights(ckpt: Path, *, ema: bool) -> dict[str, torch.Tensor]:
 
 def export_checkpoint(ckpt: str | Path, output_dir: str | Path, *, ema: bool = False,
                       base_model: Optional[str | Path] = None) -> Path:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """A complete pipeline folder of the run's family (StableDiffusionPipeline for SD v1/2.x,
+    StableDiffusionXLPipeline for SDXL) with the checkpoint's UNet (and trained text encoders)."""
+    import transformers
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from sd_ds.pipeline import assemble_pipeline
 
     ckpt = Path(ckpt)
     if not (ckpt / "trainer_state.json").is_file():
@@ -73,21 +82,23 @@ def export_checkpoint(ckpt: str | Path, output_dir: str | Path, *, ema: bool = F
     state = consolidated_weights(ckpt, ema=ema)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base / "unet"))
     unet.load_state_dict(_strip(state, "unet."), strict=True)
-    text_state = _strip(state, "text_encoder.")
-    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=torch.float32)
-    if text_state:
-        text_encoder.load_state_dict(text_state, strict=False)
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32),
-        text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(base / "tokenizer"),
-        unet=unet,
+    family = family_of_unet(dict(unet.config))
+    text_encoders = []
+    for sub in family.text_encoders:
+        encoder = getattr(transformers, TEXT_ENCODER_CLASSES[sub]).from_pretrained(base / sub, torch_dtype=torch.float32)
+        trained = _strip(state, sub + ".")  # --train_text_encoder: the engine's module holds it under this name
+        if trained:
+            encoder.load_state_dict(trained, strict=False)
+        text_encoders.append(encoder)
+    pipe = assemble_pipeline(
+        family, vae=AutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32), unet=unet,
+        text_encoders=text_encoders, tokenizers=[CLIPTokenizer.from_pretrained(base / sub) for sub in family.tokenizers],
         # DDIM on the training noise schedule: deterministic and good at ~50 steps.
-        scheduler=DDIMScheduler.from_config(json.loads((base / "scheduler" / "scheduler_config.json").read_text())),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        scheduler=DDIMScheduler.from_config(json.loads((base / "scheduler" / "scheduler_config.json").read_text())))
     output_dir = Path(output_dir)
     pipe.save_pretrained(output_dir, safe_serialization=True)
-    save_tokenizer(pipe.tokenizer, output_dir / "tokenizer")  # loadable by transformers 4 as well
+    for sub in family.tokenizers:
+        save_tokenizer(getattr(pipe, sub), output_dir / sub)  # loadable by transformers 4 as well
     info = json.loads((ckpt / "trainer_state.json").read_text())
     (output_dir / "sd_ds_export.json").write_text(json.dumps(
         {"checkpoint": str(ckpt.resolve()), "step": info["step"], "samples_seen": info["samples_seen"],
@@ -116,7 +127,7 @@ def save_trained_models(engine: Any, components: Any, ema: Any, ckpt: Path, *, i
     ema_unet = ema.full_state_dict(module.unet) if ema is not None else None
     if not is_main_process:
         return
-    for sub in ("unet", "text_encoder"):
+    for sub in ("unet", "text_encoder", "text_encoder_2"):
         part = getattr(module, sub, None)
         if part is None or not any(k.startswith(sub + ".") for k in full):
             continue

@@ -1,10 +1,10 @@
-"""Ranks, devices, the control-plane process group, and per-rank RNG.
+"""Ranks, devices, the control-plane process group, the ranks' agreement to stop, and per-rank RNG.
 
 Two kinds of collectives run in a training job:
 - the data plane (gradients, ZeRO partitions, EMA gathers): device tensors on DeepSpeed's process groups
   (NCCL on GPUs), issued by DeepSpeed and by ``sd_ds.ema``;
-- the control plane (stop agreement, logged metric reductions, barriers around checkpoints and image
-  logging, the resume-checkpoint broadcast): a few CPU scalars. NCCL refuses CPU tensors ("No backend type
+- the control plane (the stop agreement, ``StopSignal``; logged metric reductions, barriers around checkpoints
+  and image logging, the resume-checkpoint broadcast): a few CPU scalars. NCCL refuses CPU tensors ("No backend type
   associated with device type cpu"), so every control-plane collective of sd-ds goes through one gloo group
   created at start-up (``DistInfo.control_group``), never the default group.
 """
@@ -15,6 +15,7 @@ import atexit
 import datetime
 import os
 import random
+import signal
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -63,6 +64,48 @@ class DistInfo:
         box = [obj]
         dist.broadcast_object_list(box, src=src, group=self.control_group)
         return box[0]
+
+
+class StopSignal:
+    """SIGTERM/SIGINT ask for a checkpoint at the end of the current step, then a clean exit (status 0)."""
+
+    def __init__(self, dist_info: DistInfo) -> None:
+        self.dist = dist_info
+        self.requested = False
+        self._pending: Optional[tuple[Any, torch.Tensor]] = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank at the same call once any rank was signalled (one call after the signal is seen).
+
+        All ranks must stop at the same step, or the checkpoint's collectives would hang. The agreement is a
+        max-all-reduce of a CPU flag on the gloo control group (no device sync), started without waiting at
+        one step and read at the next: the cross-node round trip overlaps a whole training step instead of
+        stalling the host every step. Every rank reads the same completed reduction at the same call, so all
+        stop at the same step, one step after the signal."""
+        import torch.distributed as dist
+
+        if self.dist.control_group is None or self.dist.world_size == 1:
+            return self.requested
+        stop = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()  # issued a step ago on every rank: complete, or nearly, by now
+            stop = bool(flag[0])
+        flag = torch.tensor([int(self.requested)])
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dist.control_group,
+                                         async_op=True), flag)
+        return stop
+
+    def close(self) -> None:
+        """Complete the last agreement (every rank issued it) before the process group goes away."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
 
 def init_distributed() -> DistInfo:

@@ -18,7 +18,6 @@ rank r holds ``[r * partition_size[g], (r + 1) * partition_size[g])``. Each shar
 from __future__ import annotations
 
 import logging
-import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+
+from sd_ds.fileio import save_atomic
 
 logger = logging.getLogger("sd_ds.ema")
 
@@ -244,26 +245,33 @@ class ShardedEMA:
 
     @contextmanager
     def swapped_into(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """Collective: inside the block every parameter the optimizer trains holds the EMA weights (in its own
-        dtype) on every rank; the training weights come back on exit, exactly.
+        """Collective: inside the block every parameter the optimizer trains in ``module`` holds the EMA weights
+        (in its own dtype) on every rank; the training weights come back on exit, exactly.
 
         The module's trained parameters are views into DeepSpeed's flat low-precision buffers, so the EMA is
-        all-gathered straight into them: no full fp32 copy, and only this rank's slice is backed up."""
-        names = self.optimizer.param_names
-        if not any(p in names for p in module.parameters()):
+        all-gathered straight into them: no full fp32 copy, and only this rank's slice is backed up. Whole
+        parameter groups are swapped: those holding ``module``'s parameters (the engine's module: all of them;
+        its UNet: the UNet's group, while a trained text encoder keeps its training weights)."""
+        mine = {id(p) for p in module.parameters()}
+        groups = [g for g, params in enumerate(self.optimizer.round_robin_bit16_groups)
+                  if any(id(p) in mine for p in params)]
+        if not groups:
             raise ValueError("swapped_into needs the engine's module (or a submodule): none of its parameters are "
                              "held by this optimizer")
+        shared = [g for g in groups if not all(id(p) in mine for p in self.optimizer.round_robin_bit16_groups[g])]
+        if shared:
+            raise ValueError(f"swapped_into swaps whole parameter groups, and group(s) {shared} also hold parameters "
+                             "outside this module: pass the module that holds them all")
         flats = self.optimizer.bit16_groups_flat
-        own = [self._own_slice(flat, g) for g, flat in enumerate(flats)]
-        backups = [s.clone() for s in own]
+        backups = {g: self._own_slice(flats[g], g).clone() for g in groups}
         try:
             with torch.no_grad():
-                for g, part in enumerate(self.partitions):
-                    self._all_gather_into(flats[g], part, g)
+                for g in groups:
+                    self._all_gather_into(flats[g], self.partitions[g], g)
             yield module
         finally:
             with torch.no_grad():
-                for g, backup in enumerate(backups):
+                for g, backup in backups.items():
                     self._all_gather_into(flats[g], backup, g)
 
     def _gather_to_rank0(self, part: torch.Tensor, g: int) -> Optional[torch.Tensor]:
@@ -330,12 +338,10 @@ def shard_path(path_dir: str | Path, rank: int) -> Path:
 
 
 def save_ema_shard(ema: ShardedEMA, path_dir: str | Path, rank: int) -> Path:
-    """Write this rank's EMA shard (atomically: a crash never leaves a truncated shard under the final name)."""
-    path = shard_path(path_dir, rank)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ema.state_dict(), tmp)
-    os.replace(tmp, path)
-    return path
+    """Write this rank's EMA shard (atomically and durably: a crash or power loss never leaves a truncated shard
+    under the final name)."""
+    state = ema.state_dict()
+    return save_atomic(shard_path(path_dir, rank), lambda tmp: torch.save(state, tmp))
 
 
 def _load(path: Path) -> dict:

@@ -58,7 +58,6 @@ import json
 import logging
 import os
 import random
-import signal
 import socket
 import sys
 import tarfile
@@ -69,17 +68,18 @@ import numpy as np
 import torch
 
 from sd_ds.convert.planning import first_difference
+from sd_ds.convert.storage import LocalStore, Store, open_store
+from sd_ds.data import (ImageTransform, ShardSource, SkipLog, SkipSample, latent_manifest_of_shards, parse_sources,
+                        sizes_json_count)
 from sd_ds.data.buckets import BucketList, model_divisor, resolve_buckets
 from sd_ds.data.image_sizes import SIZES_SUFFIX, sample_sizes, sizes_bytes
-from sd_ds.data.transforms import ImageSamples, geometry_bytes, mirrored
-from sd_ds.data import (ImageTransform, ShardSource, SkipLog, SkipSample, parse_sources, read_latent_manifest,
-                        sizes_json_count)
-from sd_ds.convert.storage import LocalStore, Store, open_store
 from sd_ds.data.manifest import (FORMAT, LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MICROCOND,
-                                 MICROCOND_FLIPPED, MOMENTS, MOMENTS_FLIPPED,
-                                 VERSION, vae_record)
+                                 MICROCOND_FLIPPED, MOMENTS, MOMENTS_FLIPPED, VERSION, vae_record)
+from sd_ds.data.transforms import ImageSamples, geometry_bytes, mirrored
+from sd_ds.faults import FaultInjector
 from sd_ds.latents import encode_moments, latent_shape
 from sd_ds.lifecycle import pid_alive
+from sd_ds.models import from_pretrained
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -88,9 +88,6 @@ logger = logging.getLogger("sd_ds.encode_latents")
 
 REORDER_WINDOW = 32  # batches: how far a bucket's open batch may hold back the samples written after it
 CLAIM_POLL_S = 1.0  # how often rank 0 looks whether the shards others claimed are done
-KILL_AT_ENV = "SD_DS_ENCODE_KILL_AT"
-"""Test hook, ``point:n``: SIGKILL this process at the n-th ``batch`` (a batch written into a shard's temporary
-file) or ``shard`` (a shard renamed into place, not yet recorded)."""
 # log-variance range DiagonalGaussianDistribution clamps to: stored clamped, so fp16 cannot overflow on it.
 LOGVAR_RANGE = (-30.0, 20.0)
 VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -384,18 +381,6 @@ class LatentShardWriter:
         self.file.__exit__(None, None, None)  # not committed: dropped
 
 
-def _kill_hook() -> Any:
-    point, _, count = os.environ.get(KILL_AT_ENV, "").partition(":")
-    seen: collections.Counter[str] = collections.Counter()
-
-    def hook(at: str) -> None:
-        if at == point:
-            seen[at] += 1
-            if seen[at] == int(count or 1):
-                os.kill(os.getpid(), signal.SIGKILL)
-    return hook
-
-
 def _raw(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.int16).numpy().tobytes()  # 2-byte dtypes; little-endian on every CPU we run
 
@@ -403,9 +388,7 @@ def _raw(t: torch.Tensor) -> bytes:
 # --- the run -----------------------------------------------------------------------------------------
 
 def load_vae(pretrained_model_name_or_path: Optional[str], vae_name_or_path: Optional[str]) -> "AutoencoderKL":
-    from diffusers import AutoencoderKL
-
-    from sd_ds.models import from_pretrained
+    from diffusers import AutoencoderKL  # lazy: seconds of import that `--help` does not need
 
     if vae_name_or_path:
         return from_pretrained(AutoencoderKL, "VAE", vae_name_or_path)
@@ -425,7 +408,7 @@ def encode(args: argparse.Namespace) -> int:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     out = open_store(args.output_dir)
-    if read_latent_manifest(list(args.train_shards)) is not None:
+    if latent_manifest_of_shards(list(args.train_shards)) is not None:
         raise EncodeError("--train_shards names latent shards: the encoder reads image shards")
     sources = parse_sources(list(args.train_shards))
     vae = load_vae(args.pretrained_model_name_or_path, args.vae_name_or_path)
@@ -513,7 +496,7 @@ class ShardEncoder:
         self.nonfinite: collections.Counter[str] = collections.Counter()  # per shard
         self.skipped: collections.Counter[str] = collections.Counter()  # this run's, by reason
         self.encoded = 0
-        self.hook = _kill_hook()
+        self.hook = FaultInjector.from_env()  # SD_DS_FAULT: the tests kill a run at a chosen batch or shard
 
     def add(self, item: dict) -> None:
         name = item["name"]

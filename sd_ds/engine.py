@@ -1,5 +1,6 @@
 """The DeepSpeed engine and what it trains: the objective module, parameter groups, LR schedule, the
-engine config derived from flags, the sharded EMA on its partitions, and the frozen encoders' step.
+engine config derived from flags, the sharded EMA on its partitions, the frozen encoders' step, and the weights
+the periodic tasks evaluate with (``evaluation_unet``, ``conditioning_text_encoder``).
 
 The JSON files in ``ds_configs/`` carry engine settings only (ZeRO stage, offload, loss-scale policy).
 Batch sizes, accumulation, clipping, precision and the optimizer are written here from the trainer's flags
@@ -9,23 +10,25 @@ Model and loss code (``sd_ds.models``, ``sd_ds.diffusion``) never import DeepSpe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
 from sd_ds.config import TrainConfig
 from sd_ds.diffusion import training_loss
+from sd_ds.distributed import DistInfo
+from sd_ds.ema import ShardedEMA
+from sd_ds.latents import encode_moments, sample_latents
+from sd_ds.models import Components
+from sd_ds.zero_step import streamline_zero_optimizer
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # deepspeed and diffusers are imported where used: seconds that `--help` does not need
     from deepspeed import DeepSpeedEngine
     from diffusers import DDPMScheduler
-
-    from sd_ds.distributed import DistInfo
-    from sd_ds.ema import ShardedEMA
-    from sd_ds.models import Components
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 # ZeRO-2 gradient buckets, in elements. DeepSpeed's default (5e8) allocates 1 GB bf16 buffers per bucket (two
@@ -78,8 +81,6 @@ def encode_batch(batch: dict, components: "Components", *, train_text_encoder: b
     Pixels travel host→device as uint8 (a quarter of fp32's bytes) and are normalised on the device; latent
     shards carry the VAE posterior's moments instead. Either way a fresh latent is drawn from the moments with
     the run's generator (``sample_latents``: one code path for both)."""
-    from sd_ds.latents import encode_moments, sample_latents
-
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     vae = components.vae
     if "latent_moments" in batch:
@@ -230,167 +231,37 @@ def build_engine(cfg: TrainConfig, components: "Components", dist_info: "DistInf
                                        device_type=dist_info.device.type)
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=param_groups(cfg, module),
                                            config=ds_config, lr_scheduler=lambda opt: lr_schedule(cfg, opt))
-    streamline_zero_optimizer(engine.optimizer)
+    streamline_zero_optimizer(engine.optimizer)  # sd_ds.zero_step: the multi-tensor, sync-free ZeRO step
     return engine
-
-
-# What streamline_zero_optimizer replaces or reads on DeepSpeed's ZeRO-1/2 optimizer (requirements.txt pins it).
-TESTED_DEEPSPEED = "0.19.8"
-STREAMLINED_METHODS = ("has_overflow_partitioned_grads_serial", "get_grad_norm_direct", "unscale_and_clip_grads",
-                       "_update_model_bit16_weights", "step", "allreduce_and_copy_with_multiple_ranks",
-                       "allreduce_bucket", "_add_to_grad_partition_buffer")
-STREAMLINED_ATTRIBUTES = ("averaged_gradients", "dp_process_group", "clip_grad", "loss_scale", "device",
-                          "overlap_comm", "unflatten")
-
-
-def streamline_zero_optimizer(optimizer: Any) -> bool:
-    """Replace three per-tensor loops of DeepSpeed's ZeRO-1/2 optimizer with multi-tensor (foreach) ops.
-
-    DeepSpeed checks each gradient tensor for inf/nan (6 ops each), takes each one's norm (7 ops each) and then
-    tests the clip norm's validity with a host read: ~15,000 kernel launches per step for the SD v1 UNet's 686
-    tensors, 50-100 ms of launch overhead on a GPU (BENCHMARKS.md section 6). Here each becomes one
-    ``torch._foreach_norm`` over the partition's gradients: a tensor's norm is non-finite exactly when it holds
-    an inf or nan, so the same norms answer both questions. Behaviour is unchanged: a step with non-finite
-    gradients is still detected, skipped and counted, clipping uses the same global L2 norm (per-tensor norms
-    in fp32 instead of fp64, summed in fp64), and the clip factor is computed on the device without a host read.
-    Returns False (and changes nothing) for an optimizer this does not recognise, e.g. with CPU offload; raises
-    when DeepSpeed's ZeRO optimizer lacks a method or attribute this relies on (another DeepSpeed version)."""
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    if not isinstance(optimizer, DeepSpeedZeroOptimizer) or optimizer.cpu_offload or optimizer.has_moe_layers:
-        return False
-    # Each replacement relies on DeepSpeed's step() calling these by name with these meanings (checked against
-    # 0.19.8, the pinned version). A DeepSpeed that renamed one would silently keep its slow path (or skip the
-    # replaced clipping): refuse to train instead.
-    missing = [name for name in STREAMLINED_METHODS if not callable(getattr(type(optimizer), name, None))]
-    missing += [name for name in STREAMLINED_ATTRIBUTES if not hasattr(optimizer, name)]
-    if missing:
-        import deepspeed
-
-        raise RuntimeError(
-            f"sd_ds.engine.streamline_zero_optimizer: DeepSpeedZeroOptimizer has no {missing} in deepspeed "
-            f"{deepspeed.__version__}; sd-ds's ZeRO step is written against deepspeed=={TESTED_DEEPSPEED} "
-            f"(`pip install deepspeed=={TESTED_DEEPSPEED}`, as requirements.txt pins)")
-
-    def grad_norms(gradients: list[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
-        present = [g for g in gradients if g is not None]
-        if not present:
-            return None
-        return torch.stack(torch._foreach_norm(present, 2, dtype=torch.float32))
-
-    def has_overflow_partitioned_grads_serial() -> torch.Tensor:
-        flags = [torch.zeros(1, dtype=torch.bool, device=optimizer.device)]
-        for gradients in optimizer.averaged_gradients.values():
-            norms = grad_norms(gradients)
-            if norms is not None:
-                flags.append(~torch.isfinite(norms).all().reshape(1))
-        return torch.stack(flags).any().reshape(1)
-
-    def get_grad_norm_direct(gradients: list[torch.Tensor], params: list[torch.Tensor], norm_type: float = 2) -> torch.Tensor:
-        assert float(norm_type) == 2.0, "sd-ds clips by the global L2 norm"
-        norms = grad_norms(gradients)  # zero paddings add nothing to an L2 norm
-        total = (norms.double().pow(2).sum().float() if norms is not None
-                 else torch.zeros((), dtype=torch.float32, device=optimizer.device))
-        from deepspeed import comm as ds_dist
-
-        ds_dist.all_reduce(total, op=ds_dist.ReduceOp.SUM, group=optimizer.dp_process_group)
-        total = total.sqrt()
-        # DeepSpeed's -1 sentinel for an invalid norm, with a Python scalar: its mask_nan_or_inf_with_val_inplace
-        # fills from a device tensor, which on CUDA is a host-to-device copy plus a read back (2 syncs a step,
-        # seen in the H200 trace, BENCHMARKS section 5).
-        return total.masked_fill_(~torch.isfinite(total), -1.0)
-
-    def unscale_and_clip_grads(grad_groups_flat: list[Any], total_norm: torch.Tensor) -> None:
-        if optimizer.clip_grad == 0.0 and optimizer.loss_scale == 1.0:
-            return
-        combined_scale: Any = optimizer.loss_scale
-        if optimizer.clip_grad > 0.0:
-            # DeepSpeed's rule (an invalid norm clips nothing), as a device-side select instead of a host read.
-            valid = torch.isfinite(total_norm) & (total_norm >= 0)
-            clip_norm = torch.where(valid, total_norm, torch.full_like(total_norm, float("inf")))
-            clip = torch.clamp(((clip_norm / optimizer.loss_scale) + 1e-6) / optimizer.clip_grad, min=1.0)
-            combined_scale = clip * optimizer.loss_scale
-        for grad in grad_groups_flat:
-            for g in grad if isinstance(grad, list) else [grad]:
-                g.data.mul_(1.0 / combined_scale)
-
-    # step() ends by re-pointing every parameter at its view of the flat bf16 buffer ("TODO: we probably don't
-    # need this? just to be safe" in DeepSpeed): 3 ops a tensor. The parameters are those views since init and
-    # the all-gather writes into the buffer in place, so inside step() it is skipped; the checkpoint-load paths,
-    # which do need it, still run it.
-    original_step, original_update = optimizer.step, optimizer._update_model_bit16_weights
-    in_step = [False]
-
-    def update_model_bit16_weights(group_index: int) -> None:
-        if not in_step[0]:
-            original_update(group_index)
-
-    def step(*args: Any, **kwargs: Any) -> Any:
-        in_step[0] = True
-        try:
-            return original_step(*args, **kwargs)
-        finally:
-            in_step[0] = False
-
-    # Gradient reduction. With reduce_scatter on, DeepSpeed slices each backward bucket by the rank that owns each
-    # piece (ZeRO-2 partitions) and then, by default (use_multi_rank_bucket_allreduce), all-reduces the whole
-    # bucket so that every rank receives every slice and keeps its own: 2(n-1)/n x the gradient bytes on the wire
-    # per rank, where a reduce-scatter needs (n-1)/n x (BENCHMARKS.md section 13). Its alternative path (one
-    # reduce per owner) synchronises the whole device before each reduce when overlap_comm is on. Here each
-    # bucket's slices are grouped by owner and reduced to it: one flat `reduce` per owner (a bucket spans 1-3 of
-    # the contiguous partitions), each queued on the current (reduction) stream without a host sync; only the
-    # owner copies the result back, exactly where DeepSpeed's all-reduce path copied it.
-    original_multi_rank = optimizer.allreduce_and_copy_with_multiple_ranks
-
-    def reduce_to_owners(small_bucket: list[torch.Tensor], communication_data_type: torch.dtype, log: Any = None,
-                         divide: bool = True, process_group: Any = None, bucket_ranks: Optional[list] = None,
-                         output_bucket: Optional[list] = None) -> None:
-        owners = [next(iter(r)) if isinstance(r, frozenset) and len(r) == 1 else r for r in bucket_ranks or []]
-        if len(owners) != len(small_bucket) or not all(isinstance(o, int) for o in owners):
-            # a slice several ranks consume (DeepSpeed's Muon split matrices): its all-reduce path
-            return original_multi_rank(small_bucket, communication_data_type, log=log, divide=divide,
-                                       process_group=process_group, bucket_ranks=bucket_ranks,
-                                       output_bucket=output_bucket)
-        from deepspeed import comm as ds_dist
-        from deepspeed.accelerator import get_accelerator
-
-        process_group = optimizer.dp_process_group if process_group is None else process_group
-        local_rank = ds_dist.get_rank(group=process_group)
-        outputs = output_bucket if output_bucket is not None else [None] * len(small_bucket)
-        by_owner: dict[int, list[int]] = {}
-        for index, owner in enumerate(owners):
-            by_owner.setdefault(owner, []).append(index)
-        record = optimizer.overlap_comm and not get_accelerator().resolves_data_dependency()
-        for owner, indices in by_owner.items():
-            grads = [small_bucket[i] for i in indices]
-            # flatten → (dtype cast) → divide → dist.reduce to the owner; the owner gets the cast-back sum
-            reduced = optimizer.allreduce_bucket(grads, communication_data_type, rank=owner, divide=divide,
-                                                 process_group=process_group)
-            if record:
-                reduced.record_stream(optimizer.reduction_stream)
-            if owner != local_rank:
-                continue
-            for i, synced in zip(indices, optimizer.unflatten(reduced, grads)):
-                optimizer._add_to_grad_partition_buffer(outputs[i], synced)
-                small_bucket[i].copy_(synced)
-                if record:
-                    small_bucket[i].record_stream(optimizer.reduction_stream)
-
-    optimizer.allreduce_and_copy_with_multiple_ranks = reduce_to_owners
-    optimizer.has_overflow_partitioned_grads_serial = has_overflow_partitioned_grads_serial
-    optimizer.get_grad_norm_direct = get_grad_norm_direct
-    optimizer.unscale_and_clip_grads = unscale_and_clip_grads
-    optimizer._update_model_bit16_weights = update_model_bit16_weights
-    optimizer.step = step
-    return True
 
 
 def build_ema(cfg: TrainConfig, engine: "DeepSpeedEngine") -> Optional["ShardedEMA"]:
     if not cfg.ema.use_ema:
         return None
-    from sd_ds.ema import ShardedEMA
-
     return ShardedEMA(engine, decay=cfg.ema.ema_decay, warmup=cfg.ema.ema_warmup, start_step=cfg.ema.ema_start_step)
+
+
+def conditioning_text_encoder(engine: "DeepSpeedEngine", components: Components) -> torch.nn.Module:
+    """The text encoder whose hidden states condition the UNet: the engine's when it is trained
+    (--train_text_encoder), else the frozen one."""
+    trained = engine.module.text_encoder
+    return trained if trained is not None else components.text_encoder
+
+
+@contextlib.contextmanager
+def evaluation_unet(engine: "DeepSpeedEngine", ema: Optional[ShardedEMA]) -> Iterator[torch.nn.Module]:
+    """The engine's UNet in eval mode for a block: with ``ema``, holding the EMA weights on every rank (collective:
+    ``ShardedEMA.swapped_into`` all-gathers them into the training weights' own buffers, no copy of the UNet, and
+    gives the training weights back exactly on exit); without, the training weights. Every periodic task that
+    evaluates or draws goes through here."""
+    unet = engine.module.unet
+    with ema.swapped_into(unet) if ema is not None else contextlib.nullcontext(unet):
+        was_training = unet.training
+        unet.eval()
+        try:
+            yield unet
+        finally:
+            unet.train(was_training)
 
 
 def group_lrs(engine: "DeepSpeedEngine") -> dict[str, float]:

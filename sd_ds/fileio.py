@@ -45,12 +45,19 @@ def write_json_atomic(path: Union[str, Path], obj: Any, *, indent: Optional[int]
     return write_atomic(path, text)
 
 
-def save_atomic(path: Union[str, Path], writer: Callable[[Path], None]) -> Path:
-    """``writer(tmp)`` writes the file (e.g. ``torch.save`` or ``safetensors.save_file``); then it is renamed."""
+def save_atomic(path: Union[str, Path], writer: Callable[[Path], None], *, fsync: bool = True) -> Path:
+    """``writer(tmp)`` writes the file (e.g. ``torch.save`` or ``safetensors.save_file``); then it is flushed to
+    disk (``fsync``, as ``write_atomic``) and renamed."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
         writer(tmp)
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -62,14 +69,15 @@ def save_atomic(path: Union[str, Path], writer: Callable[[Path], None]) -> Path:
 # Write-side helpers for outputs that may live on S3/GCS/any fsspec URL as well as on a local disk. Local
 # paths keep the temporary-name-then-os.replace scheme above.
 
+def is_url(path: Union[str, Path]) -> bool:
+    """The one test of what is a URL in sd-ds: ``scheme://...`` (s3://, gs://, http(s)://, file://, any fsspec
+    protocol) is read and written through fsspec; a plain local path (and a ``pipe:`` command) is not."""
+    return "://" in str(path)
+
+
 # Stores where an upload becomes visible only when it is complete (a single PUT, or a multipart upload
 # completed on close): a file is written straight under its final name, and abandoned uploads never appear.
 COMMIT_ON_CLOSE_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
-
-
-def is_fsspec_url(path: Union[str, Path]) -> bool:
-    """True for ``protocol://...`` (s3://, gs://, http(s)://, file://, ...), False for a plain local path."""
-    return "://" in str(path)
 
 
 def url_fs(url: str) -> tuple[Any, str]:
@@ -139,7 +147,7 @@ class AtomicUpload:
 
 def write_atomic_url(url: str, data: Union[bytes, str]) -> None:
     """``write_atomic`` for a local path or any fsspec URL."""
-    if not is_fsspec_url(url):
+    if not is_url(url):
         write_atomic(url, data)
         return
     with AtomicUpload(url) as upload:
@@ -156,17 +164,6 @@ def write_json_atomic_url(url: str, obj: Any, *, indent: Optional[int] = 1) -> N
 # one on local disk. Credentials and endpoints come the standard way of each store (for S3: the AWS_* variables,
 # profiles and AWS_ENDPOINT_URL, read by botocore under s3fs; for GCS: gcsfs's default credentials). A local
 # path never goes through fsspec, so plain runs need none of the optional packages.
-
-def is_url(path: Union[str, Path]) -> bool:
-    """True for ``scheme://...`` (not for ``file://``, which is read as a local path)."""
-    s = str(path)
-    return "://" in s and not s.startswith("file://")
-
-
-def _local(path: Union[str, Path]) -> str:
-    s = str(path)
-    return s[len("file://"):] if s.startswith("file://") else s
-
 
 def _fs(url: str) -> tuple[Any, str]:
     try:
@@ -187,7 +184,7 @@ def join(base: Union[str, Path], name: str) -> str:
     s = str(base)
     if is_url(s):
         return s.rstrip("/") + "/" + name
-    return str(Path(_local(s)) / name)
+    return str(Path(s) / name)
 
 
 def is_pipe(path: Union[str, Path]) -> bool:
@@ -231,7 +228,7 @@ def open_file(path: Union[str, Path], mode: str = "rb", **kwargs: Any) -> Any:
     if is_pipe(path):
         return _PipeStream(str(path)[len("pipe:"):])
     if not is_url(path):
-        return open(_local(path), mode)
+        return open(path, mode)
     fs, p = _fs(str(path))
     return fs.open(p, mode, **kwargs)
 
@@ -240,14 +237,14 @@ def exists(path: Union[str, Path]) -> bool:
     if is_pipe(path):
         return True  # known only by running the command
     if not is_url(path):
-        return os.path.exists(_local(path))
+        return os.path.exists(path)
     fs, p = _fs(str(path))
     return bool(fs.exists(p))
 
 
 def is_file(path: Union[str, Path]) -> bool:
     if not is_url(path):
-        return os.path.isfile(_local(path))
+        return os.path.isfile(path)
     fs, p = _fs(str(path))
     try:
         return bool(fs.isfile(p))
@@ -258,7 +255,7 @@ def is_file(path: Union[str, Path]) -> bool:
 def is_dir(path: Union[str, Path]) -> bool:
     """A local directory, or a URL prefix with objects under it (an HTTP URL ending in '/' that lists)."""
     if not is_url(path):
-        return os.path.isdir(_local(path))
+        return os.path.isdir(path)
     s = str(path)
     if s.rsplit("/", 1)[-1].endswith(".tar") or any(ch in s for ch in "*?[{"):
         return False
@@ -290,7 +287,7 @@ def list_files(directory: Union[str, Path], suffix: str) -> list[str]:
     """Files directly in a directory (local or URL prefix) whose names end with ``suffix``, sorted by name, as
     paths or URLs. HTTP: the links of the server's directory listing."""
     if not is_url(directory):
-        return sorted(str(p) for p in Path(_local(directory)).glob(f"*{suffix}") if p.is_file())
+        return sorted(str(p) for p in Path(directory).glob(f"*{suffix}") if p.is_file())
     fs, p = _fs(str(directory))
     names = fs.ls(p, detail=False)
     out = []
@@ -306,7 +303,7 @@ def glob_urls(pattern: str) -> list[str]:
     if not is_url(pattern):
         import glob as globlib
 
-        return sorted(globlib.glob(_local(pattern)))
+        return sorted(globlib.glob(pattern))
     fs, p = _fs(pattern)
     protocol = pattern.split("://", 1)[0]
     return sorted(m if "://" in m else f"{protocol}://{m}" for m in fs.glob(p))
@@ -314,4 +311,4 @@ def glob_urls(pattern: str) -> list[str]:
 
 def write_bytes_to(path: Union[str, Path], data: bytes) -> None:
     """Write a small file (metadata) to a local path or a URL, whole or not at all (``write_atomic_url``)."""
-    write_atomic_url(str(path) if is_url(path) else _local(path), data)
+    write_atomic_url(str(path), data)

@@ -1,70 +1,75 @@
 """What the trainer shows of its model while it trains: VAE reconstructions of training images, sample grids
 for their captions (guidance 1 and 7.5, at the batch's size: its aspect-ratio bucket when training on buckets)
 and for fixed ``--validation_prompts`` (square), drawn at the training resolution with the EMA weights when EMA is
-on; written to TensorBoard and as PNGs in ``output_dir/samples/``.
+on (swapped into the UNet's own buffers by ``sd_ds.engine.evaluation_unet``); written to TensorBoard and as PNGs in
+``output_dir/samples/``.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 from PIL import Image
 
+from sd_ds.config import TrainConfig
+from sd_ds.distributed import DistInfo
+from sd_ds.ema import ShardedEMA
+from sd_ds.engine import conditioning_text_encoder, evaluation_unet
+from sd_ds.metrics import StepMetrics
+from sd_ds.models import Components
 from sd_ds.pipeline import generate, image_grid, pipeline_from_components, to_pil
-
-if TYPE_CHECKING:
-    from sd_ds.config import TrainConfig
-    from sd_ds.distributed import DistInfo
-    from sd_ds.ema import ShardedEMA
-    from sd_ds.logging import StepMetrics
-    from sd_ds.models import Components
 
 logger = logging.getLogger("sd_ds.image_logging")
 
 MAX_IMAGES = 8
 
 
-def log_training_images(cfg: "TrainConfig", dist_info: "DistInfo", engine: Any, components: "Components",
-                        ema: Optional["ShardedEMA"], batch: dict, metrics: "StepMetrics", step: int) -> None:
-    """Collective (the EMA gather and a barrier); generation runs on the main process while the others wait.
-    Never kills training: a failure is logged and the run goes on."""
-    try:
-        ema_state = ema.full_state_dict() if ema is not None else None
-        if dist_info.is_main_process:
-            _log_on_main(cfg, dist_info.device, engine.module, components, ema_state, batch, metrics, step)
-    except Exception:  # noqa: BLE001 - image logging is best effort by design
-        logger.exception("image logging failed at step %d; training continues", step)
-    finally:
-        dist_info.barrier()
+class ImageLogging:
+    """Sample grids as a periodic task: every ``--image_logging_steps`` optimizer steps (not at the step a run
+    starts from), from the step's last micro batch. Collective (the EMA swap and a barrier); generation runs on the
+    main process while the others wait. Never kills training: a failure is logged and the run goes on."""
 
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, components: Components, *, initial_step: int) -> None:
+        self.cfg, self.dist, self.components = cfg, dist_info, components
+        self.every = cfg.logging.image_logging_steps
+        self.initial_step = initial_step
 
-def _log_on_main(cfg: "TrainConfig", device: torch.device, module: torch.nn.Module, components: "Components",
-                 ema_state: Optional[dict], batch: dict, metrics: "StepMetrics", step: int) -> None:
-    unet = module.unet
-    if ema_state is not None:
-        unet = copy.deepcopy(module.unet)
-        unet.load_state_dict({k[len("unet."):]: v for k, v in ema_state.items() if k.startswith("unet.")})
-    text_encoder = module.text_encoder if module.text_encoder is not None else components.text_encoder
-    was_training = unet.training
-    unet.eval()
-    try:
-        grids, captions = sample_grids(cfg, components, unet, text_encoder, batch, step, device)
-    finally:
-        unet.train(was_training)
-    out_dir = Path(cfg.output_dir) / "samples"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"step_{step:08d}_captions.txt").write_text("\n".join(captions) + "\n")
-    for name, grid in grids.items():
-        grid.save(out_dir / f"step_{step:08d}_{name}.png")
-        metrics.log_images(f"images/{name}", grid, step)
+    def due(self, step: int, batch: Optional[dict]) -> bool:
+        return bool(self.every) and step % self.every == 0 and step != self.initial_step and batch is not None
+
+    def maybe_run(self, step: int, engine: Any, ema: Optional[ShardedEMA], metrics: StepMetrics,
+                  batch: Optional[dict] = None) -> None:
+        if self.due(step, batch):
+            self.run(step, engine, ema, metrics, batch)
+
+    def run(self, step: int, engine: Any, ema: Optional[ShardedEMA], metrics: StepMetrics, batch: dict) -> None:
+        try:
+            with evaluation_unet(engine, ema) as unet:
+                try:
+                    if self.dist.is_main_process:
+                        self._draw_and_write(unet, conditioning_text_encoder(engine, self.components), batch,
+                                             metrics, step)
+                finally:
+                    self.dist.barrier()  # the other ranks wait here while the main process draws
+        except Exception:  # noqa: BLE001 - image logging is best effort by design
+            logger.exception("image logging failed at step %d; training continues", step)
+
+    def _draw_and_write(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, batch: dict,
+                        metrics: StepMetrics, step: int) -> None:
+        grids, captions = sample_grids(self.cfg, self.components, unet, text_encoder, batch, step, self.dist.device)
+        out_dir = Path(self.cfg.output_dir) / "samples"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"step_{step:08d}_captions.txt").write_text("\n".join(captions) + "\n")
+        for name, grid in grids.items():
+            grid.save(out_dir / f"step_{step:08d}_{name}.png")
+            metrics.log_images(f"images/{name}", grid, step)
 
 
 @torch.no_grad()
-def sample_grids(cfg: "TrainConfig", components: "Components", unet: Any, text_encoder: Any, batch: dict, step: int,
+def sample_grids(cfg: TrainConfig, components: Components, unet: Any, text_encoder: Any, batch: dict, step: int,
                  device: torch.device) -> tuple[dict[str, Image.Image], list[str]]:
     vae = components.vae
     pipe = pipeline_from_components(vae, text_encoder, components.tokenizer, unet, components.noise_scheduler)

@@ -1,5 +1,5 @@
-"""Run lifecycle guards: one run per output directory, ranks that die with their launcher, a stop when every
-step is skipped, and the fault-injection hook the fault tests drive.
+"""Run lifecycle guards: one run per output directory, ranks that die with their launcher, and a stop when every
+step is skipped. (The fault-injection points the fault tests drive are ``sd_ds.faults``.)
 
 - ``OutputDirLock``: global rank 0 holds an exclusive lock on ``output_dir`` for the whole run, so a second run
   on a live directory stops at once (naming the holder) instead of training beside it and deleting its
@@ -9,8 +9,6 @@ step is skipped, and the fault-injection hook the fault tests drive.
   launcher, or the per-node ``deepspeed.launcher.launch`` process) dies, instead of training on as an orphan.
 - ``SkipGuard``: stops the run with ``TrainingDiverged`` after N optimizer steps in a row were skipped for
   non-finite gradients, so a run that trains nothing never "succeeds".
-- ``fault_point``: a no-op unless the environment variable ``SD_DS_FAULT`` names the point; then it kills
-  or pauses the process there, so tests land a fault at an exact moment, not after a racing sleep.
 """
 
 from __future__ import annotations
@@ -37,8 +35,6 @@ logger = logging.getLogger("sd_ds.lifecycle")
 LOCK_FILE = ".sd_ds.lock"
 LAUNCHER_PID_ENV = "SD_DS_LAUNCHER_PID"    # exported by run.sh ($$)
 LAUNCHER_HOST_ENV = "SD_DS_LAUNCHER_HOST"  # exported by run.sh ($(hostname)); the pid means nothing elsewhere
-FAULT_ENV = "SD_DS_FAULT"
-FAULT_DIR_ENV = "SD_DS_FAULT_DIR"
 
 
 # --- one run per output directory ------------------------------------------------------------------------
@@ -289,89 +285,3 @@ class SkipGuard:
                 f"the last good weights. Lower --learning_rate, check the data, or turn clipping on "
                 f"(--max_grad_norm); --max_consecutive_skipped_steps {self.max_consecutive} set this limit "
                 f"(0 = never stop).")
-
-
-# --- fault injection (tests) -----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Fault:
-    """Parsed ``SD_DS_FAULT``: ``point[:step[:action[:rank]]]``, several separated by commas.
-
-    - ``point``: a name the trainer passes to ``fault_point`` (see FAULT_POINTS).
-    - ``step``: the optimizer step at which it fires; ``*`` or empty: the first time the point is reached.
-    - ``action``: ``kill`` (SIGKILL this process; the default) or ``pause`` (write ``reached.<rank>`` into
-      ``SD_DS_FAULT_DIR`` and wait until ``go`` appears there, so a test can act on a run that is provably
-      at that point: fill the disk, start a second run, kill the launcher).
-    - ``rank``: only this global rank (default: every rank).
-    """
-
-    point: str
-    step: Optional[int] = None
-    action: str = "kill"
-    rank: Optional[int] = None
-
-
-# The points the Checkpointer passes during a save (each rank), in order. A kill at any of them must leave the
-# newest complete checkpoint loadable and the older ones untouched.
-FAULT_POINTS = (
-    "save_begin",            # the target directory is prepared (all ranks past a barrier), nothing written yet
-    "save_engine_written",   # DeepSpeed's model/optimizer files of this rank are written
-    "save_before_complete",  # this rank's own state (and EMA shard) written; trainer_state.json not yet
-)
-ACTIONS = ("kill", "pause")
-
-_faults: Optional[list[Fault]] = None
-_fired: set[Fault] = set()
-
-
-def parse_faults(spec: str) -> list[Fault]:
-    faults = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        point, step, action, rank = (item.split(":") + ["", "", "", ""])[:4]
-        if point not in FAULT_POINTS:
-            raise ValueError(f"{FAULT_ENV}: unknown fault point {point!r} (known: {', '.join(FAULT_POINTS)})")
-        action = action or "kill"
-        if action not in ACTIONS:
-            raise ValueError(f"{FAULT_ENV}: unknown action {action!r} (known: {', '.join(ACTIONS)})")
-        faults.append(Fault(point, None if step in ("", "*") else int(step), action,
-                            None if rank in ("", "*") else int(rank)))
-    return faults
-
-
-def fault_point(name: str, step: Optional[int] = None) -> None:
-    """Test hook at a named moment of the run; does nothing unless ``SD_DS_FAULT`` names this point (and
-    step); otherwise it costs one check of an empty list."""
-    global _faults
-    if _faults is None:
-        _faults = parse_faults(os.environ.get(FAULT_ENV, ""))
-    if not _faults:
-        return
-    rank = int(os.environ.get("RANK", "0"))
-    for fault in _faults:
-        if (fault.point != name or fault in _fired or (fault.step is not None and fault.step != step)
-                or (fault.rank is not None and fault.rank != rank)):
-            continue
-        _fired.add(fault)
-        _fire(fault, rank, step)
-
-
-def _fire(fault: Fault, rank: int, step: Optional[int]) -> None:
-    where = f"{fault.point} (step {step}, rank {rank})"
-    marker_dir = os.environ.get(FAULT_DIR_ENV)
-    if marker_dir:
-        Path(marker_dir).mkdir(parents=True, exist_ok=True)
-        (Path(marker_dir) / f"fired.{fault.action}.{rank}").write_text(f"{where} {time.time()}\n")
-    print(f"sd_ds: injected fault {fault.action} at {where}", file=sys.stderr, flush=True)
-    if fault.action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(60)  # the signal is delivered asynchronously; never run on past the fault
-    elif fault.action == "pause":
-        if not marker_dir:
-            raise RuntimeError(f"{FAULT_ENV} action pause needs {FAULT_DIR_ENV}")
-        (Path(marker_dir) / f"reached.{rank}").write_text(f"{os.getpid()}\n")
-        go = Path(marker_dir) / "go"
-        deadline = time.time() + 600
-        while not go.exists():
-            if time.time() > deadline:
-                raise RuntimeError(f"fault pause at {where}: nobody created {go} within 600 s")
-            time.sleep(0.1)

@@ -1,8 +1,9 @@
 """Loading the Stable Diffusion components (no DeepSpeed here).
 
 Every component loads with ``from_pretrained`` from a hub id or a local directory: from the subfolders of
-``pretrained_model_name_or_path`` (``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``), each
-overridable on its own. A UNet location holding only a config is built from it and randomly initialised —
+``pretrained_model_name_or_path`` (``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``; SDXL also
+``text_encoder_2``, ``tokenizer_2``), each overridable on its own. The model family (SD v1, SD 2.x, SDXL:
+``sd_ds.families``) is read from the UNet's config, and the parts are checked to make one model of it. A UNet location holding only a config is built from it and randomly initialised —
 pretraining from scratch — with the output projections zeroed as latent diffusion does.
 """
 
@@ -17,11 +18,13 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
+from sd_ds.config import ModelConfig
+from sd_ds.families import SD_V1, Family, check_components, family_of_unet
+
 if TYPE_CHECKING:  # imported lazily below: diffusers/transformers take seconds to import
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from sd_ds.config import ModelConfig
 
 logger = logging.getLogger("sd_ds.models")
 
@@ -41,6 +44,18 @@ class Components:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
+    text_encoder_2: Optional[CLIPTextModelWithProjection] = None  # SDXL's OpenCLIP-bigG
+    tokenizer_2: Optional[CLIPTokenizer] = None
+    family: Family = SD_V1
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The frozen text encoders, in the order the family's pipeline concatenates them."""
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return [self.tokenizer] + ([self.tokenizer_2] if self.tokenizer_2 is not None else [])
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -76,7 +91,7 @@ def _location(override: Optional[str], base: Optional[str], subfolder: str, what
 
 
 @contextlib.contextmanager
-def seeded(seed: Optional[int]) -> Iterator[None]:
+def seeded_torch_rng(seed: Optional[int]) -> Iterator[None]:
     """Seed the CPU RNG for a block and restore the caller's state afterwards: the trainer has already given
     each rank its own RNG stream (noise, timesteps) and must get it back unchanged after a seeded init."""
     if seed is None:
@@ -151,7 +166,7 @@ def build_unet(config: dict[str, Any], seed: Optional[int] = None) -> UNet2DCond
     are the same on every rank and every run, and the caller's RNG state is left as it was."""
     from diffusers import UNet2DConditionModel
 
-    with seeded(seed):
+    with seeded_torch_rng(seed):
         unet = UNet2DConditionModel.from_config(config)
     zero_output_projections(unet)
     return unet
@@ -197,15 +212,18 @@ def save_tokenizer(tokenizer: CLIPTokenizer, directory: str | Path) -> None:
 
 def load_components(pretrained_model_name_or_path: Optional[str], *, unet_name_or_path: Optional[str] = None,
                     vae_name_or_path: Optional[str] = None, text_encoder_name_or_path: Optional[str] = None,
-                    tokenizer_name: Optional[str] = None, prediction_type: Optional[str] = None,
+                    tokenizer_name: Optional[str] = None, text_encoder_2_name_or_path: Optional[str] = None,
+                    tokenizer_2_name: Optional[str] = None, prediction_type: Optional[str] = None,
                     model_max_length: int = 77, seed: Optional[int] = None) -> Components:
-    """All five components, each from ``pretrained_model_name_or_path/<subfolder>`` unless its own path/id is
-    given. ``seed`` seeds a config-only UNet's random init; ``prediction_type`` overrides the scheduler's."""
+    """All components of the UNet's family, each from ``pretrained_model_name_or_path/<subfolder>`` unless its own
+    path/id is given. ``seed`` seeds a config-only UNet's random init; ``prediction_type`` overrides the
+    scheduler's. Parts that do not make one model of the family raise FamilyMismatchError (one line)."""
     from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     base = pretrained_model_name_or_path
     unet = load_unet(*_location(unet_name_or_path, base, "unet", "UNet", "--unet_name_or_path"), seed=seed)
+    family = family_of_unet(dict(unet.config))
 
     def load(cls: Any, what: str, where: tuple[str, Optional[str]], **kw: Any) -> Any:
         return from_pretrained(cls, what, *where, **kw)
@@ -215,12 +233,28 @@ def load_components(pretrained_model_name_or_path: Optional[str], *, unet_name_o
         text_encoder_name_or_path, base, "text_encoder", "text encoder", "--text_encoder_name_or_path"))
     tokenizer = load_tokenizer(*_location(tokenizer_name, base, "tokenizer", "tokenizer", "--tokenizer_name"),
                                model_max_length=model_max_length)
+    text_encoder_2 = tokenizer_2 = None
+    if family.is_sdxl:
+        text_encoder_2 = load(CLIPTextModelWithProjection, "second text encoder (SDXL)", _location(
+            text_encoder_2_name_or_path, base, "text_encoder_2", "second text encoder",
+            "--text_encoder_2_name_or_path"))
+        tokenizer_2 = load_tokenizer(*_location(tokenizer_2_name, base, "tokenizer_2", "second tokenizer",
+                                                "--tokenizer_2_name"), model_max_length=model_max_length)
+    check_components(family, dict(unet.config), [dict(e.config.to_dict()) for e in
+                                                 (text_encoder, text_encoder_2) if e is not None],
+                     where=base or unet_name_or_path or "the model", model_index=_model_index(base))
     # DDPM for training whatever scheduler the folder names (SD v1 ships a PNDM config): only the noise
     # schedule (betas, timesteps, prediction type) is read from it.
     noise_scheduler = load(DDPMScheduler, "noise scheduler",
                            _location(None, base, "scheduler", "noise scheduler", None),
                            **({"prediction_type": prediction_type} if prediction_type else {}))
-    return Components(unet, vae, text_encoder, tokenizer, noise_scheduler)
+    return Components(unet, vae, text_encoder, tokenizer, noise_scheduler, text_encoder_2, tokenizer_2, family)
+
+
+def _model_index(base: Optional[str]) -> Optional[dict]:
+    """A local model folder's model_index.json (hub ids: None; their components are checked all the same)."""
+    path = Path(base) / "model_index.json" if base else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
 
 
 def build_components(model_cfg: "ModelConfig", *, seed: int) -> Components:
@@ -230,7 +264,8 @@ def build_components(model_cfg: "ModelConfig", *, seed: int) -> Components:
     components = load_components(
         model_cfg.pretrained_model_name_or_path, unet_name_or_path=model_cfg.unet_name_or_path,
         vae_name_or_path=model_cfg.vae_name_or_path, text_encoder_name_or_path=model_cfg.text_encoder_name_or_path,
-        tokenizer_name=model_cfg.tokenizer_name, prediction_type=model_cfg.prediction_type,
+        tokenizer_name=model_cfg.tokenizer_name, text_encoder_2_name_or_path=model_cfg.text_encoder_2_name_or_path,
+        tokenizer_2_name=model_cfg.tokenizer_2_name, prediction_type=model_cfg.prediction_type,
         model_max_length=model_cfg.model_max_length, seed=seed)
     configure_unet(components.unet, recompute=model_cfg.recompute,
                    xformers=model_cfg.enable_xformers_memory_efficient_attention, compile=model_cfg.torch_compile)
@@ -238,7 +273,8 @@ def build_components(model_cfg: "ModelConfig", *, seed: int) -> Components:
         torch.backends.cudnn.benchmark = True
     freeze(components.vae)
     if not model_cfg.train_text_encoder:
-        freeze(components.text_encoder)
+        for encoder in components.text_encoders:
+            freeze(encoder)
     return components
 
 

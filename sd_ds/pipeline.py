@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:
+    from sd_ds.families import Family
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -25,6 +28,24 @@ def make_scheduler(name: str, config: Any) -> Any:
     import diffusers
 
     return getattr(diffusers, SCHEDULERS[name]).from_config(config)
+
+
+def assemble_pipeline(family: "Family", *, vae: Any, unet: Any, text_encoders: Sequence[Any], tokenizers: Sequence[Any],
+                      scheduler: Any) -> Any:
+    """The family's diffusers pipeline on these modules: StableDiffusionPipeline (no safety checker) for SD v1/2.x,
+    StableDiffusionXLPipeline (zeros for the empty prompt, as SDXL trains; no watermarker) for SDXL."""
+    import diffusers
+
+    parts = dict(vae=vae, unet=unet, scheduler=scheduler)
+    for sub, module in zip(family.text_encoders, text_encoders):
+        parts[sub] = module
+    for sub, tokenizer in zip(family.tokenizers, tokenizers):
+        parts[sub] = tokenizer
+    if family.is_sdxl:
+        return diffusers.StableDiffusionXLPipeline(
+            **parts, force_zeros_for_empty_prompt=family.force_zeros_for_empty_prompt, add_watermarker=False)
+    return diffusers.StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
 
 
 @torch.no_grad()
@@ -42,13 +63,17 @@ def pipeline_from_components(vae: Any, text_encoder: Any, tokenizer: Any, unet: 
 
 def load_pipeline(model: str | Path, *, scheduler: str = "ddim", device: Optional[str] = None,
                   dtype: Optional[torch.dtype] = None) -> Any:
-    """An exported model (diffusers folder, ``python -m sd_ds.export``) or hub id; fp16 on CUDA, fp32 elsewhere."""
-    from diffusers import StableDiffusionPipeline
+    """An exported model (diffusers folder, ``python -m sd_ds.export``) or hub id, in the pipeline its
+    model_index.json names (StableDiffusionPipeline, StableDiffusionXLPipeline); fp16 on CUDA, fp32 elsewhere
+    (SDXL's VAE overflows in fp16: its ``force_upcast`` config decodes in fp32, or use the fp16-fix VAE)."""
+    from diffusers import DiffusionPipeline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
-    pipe = StableDiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False)
+    index = DiffusionPipeline.load_config(str(model))
+    extra = {} if index.get("_class_name", "").startswith("StableDiffusionXL") else {
+        "safety_checker": None, "requires_safety_checker": False}
+    pipe = DiffusionPipeline.from_pretrained(str(model), torch_dtype=dtype, **extra)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -138,7 +138,7 @@ def train_flags(output_dir: Path, shards: Path, model: Path, **overrides) -> lis
         "output_dir": output_dir, "train_shards": shards, "pretrained_model_name_or_path": model,
         "resolution": 32, "center_crop": "True", "min_size": 32, "per_device_train_batch_size": 4,
         "learning_rate": 1e-3, "max_steps": 6, "logging_steps": 1, "image_logging_steps": 0, "save_steps": 3,
-        "dataloader_num_workers": 1, "shuffle_buffer": 16, "seed": 0, "disable_tqdm": "True",
+        "dataloader_num_workers": 1, "shuffle_block": 16, "seed": 0, "disable_tqdm": "True",
         # Explicit: the multi-rank tests check ZeRO-2 bf16 semantics on every CPU (without it, CPUs lacking
         # native bf16 would train them in fp32: sd_ds.precision).
         "bf16": "True",

@@ -6,7 +6,6 @@ Launch with ``./run.sh [flags]`` (the deepspeed launcher) or ``python -m sd_ds.t
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import time
 from functools import partial
@@ -16,62 +15,20 @@ import torch
 
 from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, TrainState, plan_resume
 from sd_ds.config import TrainConfig, parse_config
-from sd_ds.data import build_train_loader, check_latent_manifest, raise_if_raw_parts, read_latent_manifest
+from sd_ds.data import build_train_loader, check_latent_manifest, latent_manifest_of_shards, raise_if_raw_parts
 from sd_ds.data.buckets import BucketError, BucketList, model_divisor, resolve_buckets
-from sd_ds.distributed import (DistInfo, close_distributed, default_loader_workers, init_distributed, rank_seed,
-                               seed_everything)
-from sd_ds.engine import build_ema, build_engine, encode_batch, grad_norm, group_lrs, weight_dtype
-from sd_ds.evaluate import build_training_evaluation
 from sd_ds.diffusers_export import save_base_components, save_trained_models
-from sd_ds.image_logging import log_training_images
-from sd_ds.lifecycle import SkipGuard, TrainingDiverged, fault_point, hold_output_dir, start_parent_watchdog
-from sd_ds.logging import StepMetrics, setup_console_logging
+from sd_ds.distributed import (DistInfo, StopSignal, close_distributed, default_loader_workers, init_distributed,
+                               rank_seed, seed_everything)
+from sd_ds.engine import build_ema, build_engine, encode_batch, grad_norm, group_lrs, weight_dtype
+from sd_ds.faults import fault_point
+from sd_ds.lifecycle import SkipGuard, TrainingDiverged, hold_output_dir, start_parent_watchdog
+from sd_ds.metrics import StepMetrics, setup_console_logging
 from sd_ds.models import build_components
+from sd_ds.periodic import build_periodic_tasks
 from sd_ds.precision import resolve_precision
 
 logger = logging.getLogger("sd_ds.train")
-
-
-class StopSignal:
-    """SIGTERM/SIGINT ask for a checkpoint at the end of the current step, then a clean exit (status 0)."""
-
-    def __init__(self, dist_info: DistInfo) -> None:
-        self.dist = dist_info
-        self.requested = False
-        self._pending: Optional[tuple[Any, torch.Tensor]] = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def agreed(self) -> bool:
-        """True on every rank at the same call once any rank was signalled (one call after the signal is seen).
-
-        All ranks must stop at the same step, or the checkpoint's collectives would hang. The agreement is a
-        max-all-reduce of a CPU flag on the gloo control group (no device sync), started without waiting at
-        one step and read at the next: the cross-node round trip overlaps a whole training step instead of
-        stalling the host every step. Every rank reads the same completed reduction at the same call, so all
-        stop at the same step, one step after the signal."""
-        import torch.distributed as dist
-
-        if self.dist.control_group is None or self.dist.world_size == 1:
-            return self.requested
-        stop = False
-        if self._pending is not None:
-            work, flag = self._pending
-            work.wait()  # issued a step ago on every rank: complete, or nearly, by now
-            stop = bool(flag[0])
-        flag = torch.tensor([int(self.requested)])
-        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dist.control_group,
-                                         async_op=True), flag)
-        return stop
-
-    def close(self) -> None:
-        """Complete the last agreement (every rank issued it) before the process group goes away."""
-        if self._pending is not None:
-            self._pending[0].wait()
-            self._pending = None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -106,7 +63,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     buckets = training_buckets(cfg, components, dist_info)
     if dist_info.is_main_process:
         save_base_components(components, cfg.output_dir)  # so export never depends on the original model path
-    latent_manifest = read_latent_manifest(cfg.data.train_shards)
+    latent_manifest = latent_manifest_of_shards(cfg.data.train_shards)
     if latent_manifest is not None:
         check_latent_manifest(latent_manifest, components.vae, cfg.data.resolution)  # before the VAE is cast
         components.vae.encoder = None  # latent shards: only the decoder runs (image logging)
@@ -130,7 +87,8 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     checkpointer = Checkpointer(cfg, dist_info, engine=engine, loader=loader, generator=generator, ema=ema,
                                 export_models=export, fault_point=fault_point)
     state = checkpointer.load(resume)
-    evaluation = build_training_evaluation(cfg, dist_info, components, initial_step=state.step)  # validation, FID
+    # image logging, validation loss, FID / CLIP score: one call a step
+    periodic = build_periodic_tasks(cfg, dist_info, components, initial_step=state.step)
     skip_guard = SkipGuard(cfg.optim.max_consecutive_skipped_steps, skipped_total_at_start=engine.skipped_steps)
 
     metrics = StepMetrics(cfg.output_dir, dist_info, max_steps=cfg.max_steps, initial_step=state.step,
@@ -142,7 +100,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
                 dist_info.world_size, cfg.precision)
     batches = iter(loader)
     try:
-        evaluation.maybe_run(state.step, engine, ema, metrics)  # the starting point of a fresh run
+        periodic.maybe_run(state.step, engine, ema, metrics)  # the starting point of a fresh run
         while state.step < cfg.max_steps:
             for _ in range(cfg.optim.gradient_accumulation_steps):
                 t0 = time.perf_counter()
@@ -167,9 +125,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
                 metrics.log(state.step, lrs=group_lrs(engine), grad_norm=grad_norm(engine),
                             samples_seen=state.samples_seen, skipped_steps=state.skipped_steps,
                             extra={f"data/{k}": float(v) for k, v in loader.stats().items()})
-            if cfg.logging.image_logging_steps and state.step % cfg.logging.image_logging_steps == 0:
-                log_training_images(cfg, dist_info, engine, components, ema, batch, metrics, state.step)
-            evaluation.maybe_run(state.step, engine, ema, metrics)
+            periodic.maybe_run(state.step, engine, ema, metrics, batch)
             stopping = stop.agreed()
             if stopping or state.step % cfg.checkpoint.save_steps == 0 or state.step == cfg.max_steps:
                 checkpointer.save(state)

@@ -10,26 +10,27 @@ of a [samples, 8] table of per-sample losses and the table is summed over ranks 
 (every row is non-zero on one rank only, so the sum is exact), then averaged in the same order on every rank.
 The same weights give the same bits on 1 rank and on 64.
 
-With ``--use_ema`` the EMA weights are evaluated too (``validation/loss_ema``).
+With ``--use_ema`` the EMA weights are evaluated too (``validation/loss_ema``), swapped into the UNet's own
+buffers on every rank (``sd_ds.engine.evaluation_unet``).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 
+from sd_ds.config import TrainConfig
+from sd_ds.data import build_train_loader
 from sd_ds.diffusion import add_noise, diffusion_loss, prediction_target
-
-if TYPE_CHECKING:
-    from sd_ds.config import TrainConfig
-    from sd_ds.distributed import DistInfo
-    from sd_ds.ema import ShardedEMA
-    from sd_ds.logging import StepMetrics
-    from sd_ds.models import Components
+from sd_ds.distributed import DistInfo
+from sd_ds.ema import ShardedEMA
+from sd_ds.engine import conditioning_text_encoder, evaluation_unet
+from sd_ds.latents import encode_moments, sample_latents
+from sd_ds.metrics import StepMetrics
+from sd_ds.models import Components
 
 logger = logging.getLogger("sd_ds.validation")
 
@@ -62,17 +63,14 @@ def _sample_generator(seed: int, index: int, what: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def load_held_out(cfg: "TrainConfig", components: "Components", device: torch.device) -> HeldOutSet:
+def load_held_out(cfg: TrainConfig, components: Components, device: torch.device) -> HeldOutSet:
     """The first ``--validation_samples`` samples of ``--validation_shards`` in the (seeded, fixed) order the data
     loader reads them, centre-cropped, captions never dropped. Every rank reads the same samples (a few hundred:
     one pass over a few shards at start-up) and later evaluates only its own batches."""
-    from sd_ds.data import build_train_loader
-    from sd_ds.latents import encode_moments, sample_latents
-
     ev = cfg.evaluation
     n = ev.validation_samples
     data = dataclasses.replace(cfg.data, train_shards=list(ev.validation_shards), center_crop=True, random_flip=False,
-                               caption_dropout_prob=0.0, shuffle_buffer=1, samples_per_epoch=n, resample_shards=False,
+                               caption_dropout_prob=0.0, shuffle_block=1, samples_per_epoch=n, resample_shards=False,
                                dataloader_num_workers=0)
     # One sample per batch: an epoch is then exactly n samples (when the shards hold that many).
     loader = build_train_loader(data, tokenizer=components.tokenizer, model_max_length=cfg.model.model_max_length,
@@ -134,34 +132,11 @@ def per_sample_losses(unet: torch.nn.Module, text_encoder: torch.nn.Module, nois
     return table.cpu()  # one device → host copy per evaluation
 
 
-def ema_unet_on_every_rank(ema: "ShardedEMA", unet: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Collective: a copy of ``unet`` holding the EMA weights, on every rank (the EMA is gathered on rank 0, then
-    broadcast as device tensors on the default process group: the data plane, NCCL on GPUs)."""
-    state = ema.full_state_dict(unet)
-    copy_ = copy.deepcopy(unet)
-    copy_.load_state_dict(_broadcast_from_rank0(state, unet, device))
-    return copy_
-
-
-def _broadcast_from_rank0(state: Optional[dict[str, torch.Tensor]], like: torch.nn.Module,
-                          device: torch.device) -> dict[str, torch.Tensor]:
-    import torch.distributed as dist
-
-    reference = like.state_dict()
-    out = {}
-    for name, ref in reference.items():
-        t = (state[name].to(device=device, dtype=torch.float32) if state is not None
-             else torch.empty(ref.shape, dtype=torch.float32, device=device))
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.broadcast(t, src=0)
-        out[name] = t
-    return out
-
-
 class Validator:
-    """Runs the validation loss every ``--validation_steps`` steps (and at step 0 of a fresh run), logs it."""
+    """The validation loss as a periodic task: every ``--validation_steps`` steps (and at step 0 of a fresh run),
+    of the training weights and, with ``--use_ema``, of the EMA weights; logged as validation/loss[_ema]."""
 
-    def __init__(self, cfg: "TrainConfig", dist_info: "DistInfo", components: "Components",
+    def __init__(self, cfg: TrainConfig, dist_info: DistInfo, components: Components,
                  held_out: Optional[HeldOutSet], *, initial_step: int) -> None:
         self.cfg, self.dist, self.components, self.held_out = cfg, dist_info, components, held_out
         self.every = cfg.evaluation.validation_steps
@@ -174,41 +149,33 @@ class Validator:
         return step % self.every == 0 and (step != self.initial_step or step == 0)
 
     def losses(self, unet: torch.nn.Module, text_encoder: torch.nn.Module, prediction_type: str) -> torch.Tensor:
-        """Collective. [N, 8] float64 per-sample losses of ``unet``, the same on every rank."""
-        was_training = unet.training
-        unet.eval()
-        try:
-            table = per_sample_losses(unet, text_encoder, self.components.noise_scheduler, self.held_out,
-                                      prediction_type=prediction_type,
-                                      batch_size=self.cfg.evaluation.validation_batch_size, rank=self.dist.rank,
-                                      world_size=self.dist.world_size, device=self.dist.device)
-        finally:
-            unet.train(was_training)
+        """Collective. [N, 8] float64 per-sample losses of ``unet`` (in eval mode: ``evaluation_unet``), the same on
+        every rank."""
+        table = per_sample_losses(unet, text_encoder, self.components.noise_scheduler, self.held_out,
+                                  prediction_type=prediction_type,
+                                  batch_size=self.cfg.evaluation.validation_batch_size, rank=self.dist.rank,
+                                  world_size=self.dist.world_size, device=self.dist.device)
         return self.dist.all_reduce(table)  # CPU table on the gloo control group; each row from one rank
 
-    def run(self, step: int, engine: Any, ema: Optional["ShardedEMA"], metrics: "StepMetrics") -> dict[str, float]:
+    def run(self, step: int, engine: Any, ema: Optional[ShardedEMA], metrics: StepMetrics) -> dict[str, float]:
         """Collective: every rank calls it at the same steps. Returns (and logs) the scalars."""
-        module = engine.module
-        text_encoder = module.text_encoder if module.text_encoder is not None else self.components.text_encoder
-        values = self._scalars("validation/loss", self.losses(module.unet, text_encoder, module.prediction_type))
+        text_encoder = conditioning_text_encoder(engine, self.components)
+        prediction_type = engine.module.prediction_type
+        with evaluation_unet(engine, None) as unet:
+            values = self._scalars("validation/loss", self.losses(unet, text_encoder, prediction_type))
         if ema is not None:
-            ema_unet = ema_unet_on_every_rank(ema, module.unet, self.dist.device)
-            values.update(self._scalars("validation/loss_ema",
-                                        self.losses(ema_unet, text_encoder, module.prediction_type)))
-            del ema_unet
-        if self.dist.is_main_process:
-            if metrics.writer is not None:
-                for tag, v in values.items():
-                    metrics.writer.add_scalar(tag, v, step)
-                metrics.writer.flush()
-            msg = f"step {step} validation loss {values['validation/loss']:.5f}" + (
-                f" (EMA {values['validation/loss_ema']:.5f})" if "validation/loss_ema" in values else "") + \
-                f" on {len(self.held_out)} held-out samples x {NUM_TIMESTEPS} timesteps"
-            (metrics.progress.write if metrics.progress is not None else logger.info)(msg)
+            with evaluation_unet(engine, ema) as unet:
+                values.update(self._scalars("validation/loss_ema", self.losses(unet, text_encoder, prediction_type)))
+        metrics.log_scalars(values, step)
+        metrics.write_line(
+            f"step {step} validation loss {values['validation/loss']:.5f}" + (
+                f" (EMA {values['validation/loss_ema']:.5f})" if "validation/loss_ema" in values else "")
+            + f" on {len(self.held_out)} held-out samples x {NUM_TIMESTEPS} timesteps", console=logger)
         return values
 
-    def maybe_run(self, step: int, engine: Any, ema: Optional["ShardedEMA"],
-                  metrics: "StepMetrics") -> Optional[dict[str, float]]:
+    def maybe_run(self, step: int, engine: Any, ema: Optional[ShardedEMA], metrics: StepMetrics,
+                  batch: Optional[dict] = None) -> Optional[dict[str, float]]:
+        """The periodic-task call (``sd_ds.periodic``); ``batch`` is not used."""
         return self.run(step, engine, ema, metrics) if self.due(step) else None
 
     def _scalars(self, tag: str, table: torch.Tensor) -> dict[str, float]:
@@ -218,7 +185,7 @@ class Validator:
         return out
 
 
-def build_validator(cfg: "TrainConfig", dist_info: "DistInfo", components: "Components", *,
+def build_validator(cfg: TrainConfig, dist_info: DistInfo, components: Components, *,
                     initial_step: int) -> Validator:
     """Reads the held-out samples (call after the VAE is on its device); without ``--validation_shards`` a
     validator that never runs."""

@@ -180,6 +180,18 @@ def main():
     result["swap_changes_output"] = not torch.equal(y_ema, y_train)
     result["swap_restored_params"] = all(torch.equal(p, params_before[n]) for n, p in engine.module.named_parameters())
     result["swap_left_masters_alone"] = all(torch.equal(a_, b_) for a_, b_ in zip(masters_before, ema.masters))
+    # A submodule swaps its own parameter group only (as the trainer's UNet beside a trained text encoder): c
+    # (group 1) holds the EMA, a and b (group 0) keep their training weights; b alone shares group 0 with a.
+    with torch.no_grad(), ema.swapped_into(engine.module.c):
+        result["swap_submodule_group_only"] = torch.equal(engine.module.c.weight, ref["c.weight"].to(torch.bfloat16)) \
+            and all(torch.equal(p, params_before[n]) for n, p in engine.module.named_parameters() if n[0] != "c")
+    result["swap_submodule_restored"] = all(torch.equal(p, params_before[n])
+                                            for n, p in engine.module.named_parameters())
+    try:
+        with ema.swapped_into(engine.module.b):
+            result["swap_refuses_a_shared_group"] = False
+    except ValueError:
+        result["swap_refuses_a_shared_group"] = True
 
     ckpt.mkdir(parents=True, exist_ok=True)
     save_ema_shard(ema, ckpt, rank)

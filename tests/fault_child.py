@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sd_ds import lifecycle  # noqa: E402
+from sd_ds import faults, lifecycle  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
@@ -48,7 +48,7 @@ def main(argv: list[str]) -> None:
     elif mode == "steps":
         for step in range(1, int(args[0]) + 1):
             print(f"step {step}", flush=True)
-            lifecycle.fault_point("save_begin", step)
+            faults.fault_point("save_begin", step)
         print("done", flush=True)
     else:
         raise SystemExit(f"unknown mode {mode}")

@@ -25,7 +25,7 @@ def main() -> None:
     from sd_ds.models import build_components
 
     if mode == "deepspeed":
-        engine_lib.streamline_zero_optimizer = lambda optimizer: False
+        engine_lib.streamline_zero_optimizer = lambda optimizer: False  # the name build_engine calls
     cfg = parse_config(["--pretrained_model_name_or_path", model_dir, "--per_device_train_batch_size", "2",
                         "--model_max_length", "16", "--output_dir", out_dir, "--train_shards", "unused",
                         "--max_grad_norm", "0.05", "--learning_rate", "1e-3",

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from sd_ds.config import build_parser, parse_config
+from sd_ds.config import build_parser, config_from_dict, parse_config
 from tests.helpers import REPO_ROOT, subprocess_env
 from sd_ds.engine import build_deepspeed_config
 
@@ -68,6 +68,15 @@ def test_precision_resolution_and_fp16_levels(capsys):
 def test_image_logging_steps_must_be_multiple_of_logging_steps():
     with pytest.raises(SystemExit):
         parse_config(["--logging_steps", "10", "--image_logging_steps", "15"])
+
+
+def test_shuffle_block_takes_the_seeds_spelling_too():
+    assert parse_config(["--shuffle_block", "64"]).data.shuffle_block == 64
+    assert parse_config(["--shuffle_buffer", "32"]).data.shuffle_block == 32  # the seed's spelling
+    assert "--shuffle_block SHUFFLE_BLOCK, --shuffle_buffer SHUFFLE_BLOCK" in build_parser().format_help()
+    saved = parse_config([]).to_dict()
+    saved["data"]["shuffle_buffer"] = saved["data"].pop("shuffle_block") // 2  # a config saved before the rename
+    assert config_from_dict(saved).data.shuffle_block == 500
 
 
 def test_help_documents_every_flag():

@@ -59,8 +59,7 @@ STOP_AGREEMENT = """
 import os, random, sys, time
 import torch.distributed as dist
 import torch
-from sd_ds.distributed import DistInfo
-from sd_ds.train import StopSignal
+from sd_ds.distributed import DistInfo, StopSignal
 
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo")

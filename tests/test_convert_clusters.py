@@ -60,7 +60,7 @@ def _convert_with_a_worker_killed(parts, tmp_path, engine_args: list, env: dict)
     out = tmp_path / "o"
     marker = tmp_path / "killed"
     run_tool("--file_list", root / "train.filelist.list", "--output_dir", out, "--samples_per_shard", SPP,
-             *engine_args, env={**env, "SD_DS_CONVERT_KILL_WORKER_AT": f"sample:3:{marker}"})
+             *engine_args, env={**env, "SD_DS_FAULT": f"sample:action=kill_worker:count=3:once={marker}"})
     assert marker.exists()  # a worker process really died mid-part; its task ran again elsewhere
     assert output_files(out) == output_files(reference)
 

@@ -21,7 +21,7 @@ import pytest
 
 from laion_parts import bad_lines, crops
 from sd_ds.convert.engines import EngineSettings
-from sd_ds.convert.hooks import FaultInjection
+from sd_ds.faults import Fault, FaultInjector
 from sd_ds.convert.parts import write_part
 from sd_ds.convert.planning import ConvertOptions, collect_sources
 from sd_ds.convert.run import convert
@@ -98,7 +98,7 @@ def test_identical_bytes_and_worker_killed_mid_run(parts, tmp_path, request, eng
     assert stats["successes"] == 40 and output_files(out) == output_files(reference)
 
     marker = tmp_path / "killed"
-    hook = FaultInjection(kill_point="sample", kill_count=3, worker_marker=str(marker))
+    hook = FaultInjector([Fault("sample", action="kill_worker", count=3, once=str(marker))])
     out = tmp_path / "faulty"
     _convert_in_process(root, out, settings, hook=hook)
     assert marker.exists()  # a worker really died mid-part
@@ -115,7 +115,7 @@ def test_killed_driver_resumes_identically(parts, tmp_path, engine, extra):
     args = ["--file_list", root / "train.filelist.list", "--output_dir", out, "--samples_per_shard", SPP,
             "--engine", engine, *extra]
     tag = f"SD_DS_TEST_RUN={uuid.uuid4().hex}"
-    proc = run_tool(*args, env={"SD_DS_CONVERT_KILL_AT": "main_shard:3", tag.split("=")[0]: tag.split("=")[1]},
+    proc = run_tool(*args, env={"SD_DS_FAULT": "main_shard:count=3", tag.split("=")[0]: tag.split("=")[1]},
                     check_rc=None)
     for pid in _processes_tagged(tag):  # a SIGKILLed driver's local Ray leaves its agents behind: end them
         os.kill(pid, signal.SIGKILL)

@@ -140,7 +140,7 @@ def test_kill_mid_upload_leaves_no_partial_shard(s3_server, tmp_path):  # noqa: 
     local = tmp_path / "local"
     run_tool(url, "--output_dir", local, "--samples_per_shard", 12, env=s3_server.env)
     args = [url, "--output_dir", "s3://noise/out", "--samples_per_shard", 12]
-    proc = run_tool(*args, env={**s3_server.env, "SD_DS_CONVERT_KILL_AT": "shard_chunk:2",
+    proc = run_tool(*args, env={**s3_server.env, "SD_DS_FAULT": "shard_chunk:count=2",
                                 "SD_DS_CONVERT_UPLOAD_BLOCK": str(5 << 20)}, check_rc=None)
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
     client = s3_server.client()

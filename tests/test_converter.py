@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from laion_parts import Dataset, bad_lines, crops, encode, photo
-from sd_ds.convert.hooks import KILL_AT_ENV, SLOW_ENV, FaultInjection, no_hook
+from sd_ds.faults import FAULT_ENV, Fault, FaultInjector, no_hook
 from sd_ds.convert.image_header import PIL_MAX_IMAGE_PIXELS, ImageRejected, probe_image
 from sd_ds.convert.parts import (LAYOUTS, LineRejected, PartStreamError, decode_image_base64, iter_part_lines,
                                  read_file_list_list, read_filelist, split_line, write_part)
@@ -217,12 +217,11 @@ def test_frontier_cuts_each_source_into_full_shards_in_input_order():
 
 
 def test_fault_injection_hook():
-    assert FaultInjection.from_env({}) is no_hook
-    hook = FaultInjection.from_env({KILL_AT_ENV: "part:3", SLOW_ENV: "0.5"})
-    assert (hook.kill_point, hook.kill_count, hook.sleep_per_sample_s) == ("part", 3, 0.5)
-    assert FaultInjection.from_env({KILL_AT_ENV: "shard"}).kill_count == 1
-    code = ("import os; from sd_ds.convert.hooks import FaultInjection\n"
-            "hook = FaultInjection('part', 2)\nhook('sample'); hook('part'); print('alive', flush=True)\n"
+    assert FaultInjector.from_env({}) is no_hook
+    hook = FaultInjector.from_env({FAULT_ENV: "part:count=3,sample:action=sleep:seconds=0.5"})
+    assert hook.faults == [Fault("part", count=3), Fault("sample", action="sleep", seconds=0.5)]
+    code = ("import os; from sd_ds.faults import Fault, FaultInjector\n"
+            "hook = FaultInjector([Fault('part', count=2)])\nhook('sample'); hook('part'); print('alive', flush=True)\n"
             "hook('part'); print('not reached')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert proc.returncode == -signal.SIGKILL and proc.stdout == "alive\n", proc.stderr
@@ -496,17 +495,17 @@ def many_parts(tmp_path_factory) -> tuple[list[Path], Path]:
 
 
 @pytest.mark.parametrize("kill_at,processes", [
-    ("sample:7", 1),        # inside the second part, fragment half written
-    ("part:3", 2),          # a worker, right after its third part is recorded
-    ("shard_chunk:2", 1),   # inside the second shard, tar half written
-    ("shard:4", 1),         # right after a shard is renamed into place
-    ("main_shard:5", 2),    # the main process, after five shards are done
+    ("sample:count=7", 1),        # inside the second part, fragment half written
+    ("part:count=3", 2),          # a worker, right after its third part is recorded
+    ("shard_chunk:count=2", 1),   # inside the second shard, tar half written
+    ("shard:count=4", 1),         # right after a shard is renamed into place
+    ("main_shard:count=5", 2),    # the main process, after five shards are done
 ])
 def test_resume_after_sigkill(many_parts, tmp_path, kill_at, processes):
     parts, reference = many_parts
     out = tmp_path / "o"
     args = [*parts, "--output_dir", out, "--samples_per_shard", 3, "--processes", processes]
-    proc = run_tool(*args, env={"SD_DS_CONVERT_KILL_AT": kill_at}, check_rc=None)
+    proc = run_tool(*args, env={"SD_DS_FAULT": kill_at}, check_rc=None)
     assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
     assert not (out / "stats.json").exists()  # really killed mid-run
     run_tool(*args)
@@ -521,7 +520,7 @@ def test_resume_after_external_sigkill_of_the_main_process(many_parts, tmp_path)
     args = [sys.executable, str(TOOL), *map(str, parts), "--output_dir", str(out), "--samples_per_shard", "3",
             "--processes", "2", "--no_progress"]
     # slow the workers down (0.2 s per sample written) so the kill lands mid-run, whatever the machine
-    env = {**os.environ, "SD_DS_CONVERT_SLOW_TEST": "0.1"}
+    env = {**os.environ, "SD_DS_FAULT": "sample:action=sleep:seconds=0.1"}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not (out / "00000.tar").exists() and time.monotonic() < deadline:

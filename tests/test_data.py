@@ -33,7 +33,7 @@ def tokenizer():
 def loader(shards, tokenizer, *, micro_batch_size: int = 4, seed: int = 7, rank: int = 0, world_size: int = 1,
            **data_fields):
     """build_train_loader as the trainer calls it; data_fields override DataConfig's fields."""
-    fields = dict(resolution=RES, dataloader_num_workers=0, shuffle_buffer=8, random_flip=True,
+    fields = dict(resolution=RES, dataloader_num_workers=0, shuffle_block=8, random_flip=True,
                   caption_dropout_prob=0.2)
     fields.update(data_fields)
     return build_train_loader(DataConfig(train_shards=[str(s) for s in shards], **fields), tokenizer=tokenizer,
@@ -164,7 +164,7 @@ def test_small_images_are_upscaled_unless_min_size_skips_them(tmp_path, tokenize
     originals = images_by_key(tmp_path)
 
     # Default, as the seed's transform: the shorter side is upscaled to int(R / 0.9), nothing is skipped.
-    data = loader([tmp_path], tokenizer, shuffle_buffer=1, center_crop=True, random_flip=False)
+    data = loader([tmp_path], tokenizer, shuffle_block=1, center_crop=True, random_flip=False)
     by_key = {k: px for b in take(data, 3) for k, px in zip(b["keys"], b["pixel_values"].numpy())}
     assert set(by_key) == set(keys) and data.stats() == {}
     for key in small:
@@ -174,7 +174,7 @@ def test_small_images_are_upscaled_unless_min_size_skips_them(tmp_path, tokenize
 
     # Opt-in: --min_size skips them and counts them. (The epoch's 12 positions hold 8 big ones: the first two
     # batches serve them; a skipped sample's place in the batches is taken by a repeat at the end of the span.)
-    strict = loader([tmp_path], tokenizer, shuffle_buffer=1, min_size=RES)
+    strict = loader([tmp_path], tokenizer, shuffle_block=1, min_size=RES)
     seen = {k for b in take(strict, 2) for k in b["keys"]}
     assert seen == set(keys) - set(small)
     assert strict.stats() == {"too_small": 4}
@@ -192,7 +192,7 @@ def test_corrupt_samples_are_skipped_counted_and_warned_about_sparingly(tmp_path
     keys = write_photo_shards(tmp_path, [40 + 6], special=special)  # 18 bad, 28 good; the last sample is good
     caplog.set_level(logging.WARNING, logger="sd_ds.data")
     # Shuffle block 1: the samples in shard order, 46 positions for 23 batches of 2; the 28 good ones fill 14.
-    data = loader([tmp_path], tokenizer, shuffle_buffer=1, micro_batch_size=2)
+    data = loader([tmp_path], tokenizer, shuffle_block=1, micro_batch_size=2)
     seen = {k for b in take(data, 14) for k in b["keys"]}
     assert seen == set(keys) - set(special)
     assert data.stats() == {"undecodable": 14, "missing_image": 2, "missing_caption": 2}
@@ -372,7 +372,7 @@ def test_ranks_read_disjoint_samples_and_an_epoch_reads_every_sample_once(tmp_pa
     keys = write_photo_shards(tmp_path, [8] * 8)
     per_rank = []
     for rank in (0, 1):
-        data = loader([tmp_path], tokenizer, rank=rank, world_size=2, dataloader_num_workers=2, shuffle_buffer=100)
+        data = loader([tmp_path], tokenizer, rank=rank, world_size=2, dataloader_num_workers=2, shuffle_block=100)
         assert data.batches_per_epoch == 8  # 64 samples / (2 ranks x 2 workers x 4) = 4 per worker
         per_rank.append([k for b in take(data, 8) for k in b["keys"]])
     assert sorted(per_rank[0] + per_rank[1]) == sorted(keys)  # each sample exactly once

@@ -451,7 +451,7 @@ def test_square_runs_and_other_lists_do_not_resume_bucketed_positions(tmp_path, 
 # --- latent shards -------------------------------------------------------------------------------------
 
 def test_latent_shards_encoded_at_their_buckets_train_on_the_same_buckets(tmp_path, tokenizer):
-    from sd_ds.data import read_latent_manifest
+    from sd_ds.data import latent_manifest_of_shards
     from sd_ds.encode_latents import main as encode_main
     from tests.helpers import make_tiny_model
 
@@ -463,7 +463,7 @@ def test_latent_shards_encoded_at_their_buckets_train_on_the_same_buckets(tmp_pa
              "--disable_tqdm"]
     assert encode_main(flags + ["--vae_name_or_path", str(model / "vae")]) == 2  # the divisor needs the UNet's config
     assert encode_main(flags + ["--pretrained_model_name_or_path", str(model)]) == 0
-    manifest = read_latent_manifest([str(latents)])
+    manifest = latent_manifest_of_shards([str(latents)])
     assert manifest["buckets"] == BUCKETS.to_json()
     assert len(read_size_index(str(latents / "00001.tar"))) == 8  # the trainer's bucket metadata, written with it
     kw = dict(center_crop=True, random_flip=False, caption_dropout_prob=0.0, micro_batch_size=3)

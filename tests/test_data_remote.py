@@ -39,7 +39,7 @@ def converted(tmp_path_factory):
 
 
 def loader(url, tokenizer, **fields):
-    base = dict(resolution=RES, dataloader_num_workers=0, shuffle_buffer=8, random_flip=True, caption_dropout_prob=0.2)
+    base = dict(resolution=RES, dataloader_num_workers=0, shuffle_block=8, random_flip=True, caption_dropout_prob=0.2)
     base.update(fields)
     return build_train_loader(DataConfig(train_shards=[str(url)], **base), tokenizer=tokenizer, model_max_length=77,
                               micro_batch_size=4, seed=3)
@@ -73,6 +73,16 @@ def test_http_and_s3_give_the_local_batches(converted, tokenizer, http_server_fa
     same(take(loader(http.url(pattern), tokenizer), 3), take(loader(f"{converted}/{pattern}", tokenizer), 3))
 
 
+def test_a_file_url_is_a_url_and_gives_the_local_batches(converted, tokenizer):
+    """One definition of a URL (sd_ds.fileio.is_url): file:// is one, read through fsspec, and gives the plain
+    path's batches; the converter and the trainer agree on it."""
+    from sd_ds.fileio import is_url
+
+    assert is_url(f"file://{converted}") and is_url("s3://bucket/x") and is_url("https://host/x.tar")
+    assert not is_url(converted) and not is_url(str(converted)) and not is_url("pipe:cat 00000.tar")
+    same(take(loader(f"file://{converted}", tokenizer), 14), take(loader(converted, tokenizer), 14))
+
+
 def test_resume_reads_a_bounded_number_of_bytes_whatever_the_step(tmp_path, tokenizer,
                                                                    http_server_factory):  # noqa: F811
     """Bytes read from the server before the first resumed batch, early vs late in the epoch: the same bound (one
@@ -81,13 +91,13 @@ def test_resume_reads_a_bounded_number_of_bytes_whatever_the_step(tmp_path, toke
     write_photo_shards(root, [40] * 10)  # 400 samples, one reader: 100 batches
     http = http_server_factory(root)
     shard_bytes = max(p.stat().st_size for p in root.glob("*.tar"))
-    everything = take(loader(http.url(), tokenizer, shuffle_buffer=16), 90)
+    everything = take(loader(http.url(), tokenizer, shuffle_block=16), 90)
     read = {}
     for step in (5, 85):
-        first = loader(http.url(), tokenizer, shuffle_buffer=16)
+        first = loader(http.url(), tokenizer, shuffle_block=16)
         take(first, step)
         state = json.loads(json.dumps(first.state_dict()))
-        resumed = loader(http.url(), tokenizer, shuffle_buffer=16)
+        resumed = loader(http.url(), tokenizer, shuffle_block=16)
         resumed.load_state_dict(state)
         http.reset_counts()
         batch = take(resumed, 1)
@@ -98,7 +108,7 @@ def test_resume_reads_a_bounded_number_of_bytes_whatever_the_step(tmp_path, toke
 
 
 def test_a_latent_directory_on_s3(tmp_path, tokenizer, s3_server):  # noqa: F811
-    from sd_ds.data import read_latent_manifest
+    from sd_ds.data import latent_manifest_of_shards
     from tests.test_latents import encode_flags, encode_in_process
 
     images, latents = tmp_path / "images", tmp_path / "latents"
@@ -112,7 +122,7 @@ def test_a_latent_directory_on_s3(tmp_path, tokenizer, s3_server):  # noqa: F811
         AutoencoderKL(**TINY_VAE).save_pretrained(tmp_path / "vae")
     assert encode_in_process(encode_flags(images, latents, tmp_path / "vae")) == 0
     url = s3_server.upload_dir(latents, "latents", "run1")
-    assert read_latent_manifest([url]) == read_latent_manifest([str(latents)])
+    assert latent_manifest_of_shards([url]) == latent_manifest_of_shards([str(latents)])
     kw = dict(center_crop=True, random_flip=False)
     same(take(loader(url, tokenizer, **kw), 3), take(loader(latents, tokenizer, **kw), 3))
 

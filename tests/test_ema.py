@@ -111,6 +111,8 @@ def test_swapped_into_puts_ema_in_the_module_and_restores(runs, resumed):
         for rk in r["ranks"]:
             assert rk["swap_params_are_bf16_ema"] and rk["swap_changes_output"]
             assert rk["swap_restored_params"] and rk["swap_left_masters_alone"]
+            assert rk["swap_submodule_group_only"] and rk["swap_submodule_restored"]
+            assert rk["swap_refuses_a_shared_group"]
 
 
 @pytest.mark.slow

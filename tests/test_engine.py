@@ -1,4 +1,4 @@
-"""The streamlined ZeRO step (sd_ds.engine.streamline_zero_optimizer) trains exactly as DeepSpeed's own: the same
+"""The streamlined ZeRO step (sd_ds.zero_step.streamline_zero_optimizer) trains exactly as DeepSpeed's own: the same
 gradient norms and clipping, a non-finite step detected, skipped and counted, the same weights after."""
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def test_streamlining_refuses_a_deepspeed_without_a_replaced_method(monkeypatch)
     train on silently with half the replacements (here: 0.19.8's class with get_grad_norm_direct removed)."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    from sd_ds.engine import STREAMLINED_ATTRIBUTES, streamline_zero_optimizer
+    from sd_ds.zero_step import STREAMLINED_ATTRIBUTES, streamline_zero_optimizer
 
     optimizer = object.__new__(DeepSpeedZeroOptimizer)  # no engine needed: the check runs before any patching
     optimizer.cpu_offload, optimizer.has_moe_layers = False, False

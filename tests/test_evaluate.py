@@ -24,7 +24,7 @@ except Exception as e:  # noqa: BLE001
     pytest.skip(f"the eval extra (requirements-eval.txt, tools/setup_env.sh --eval) is not usable here: {e!r}",
                 allow_module_level=True)
 
-from sd_ds import evaluate  # noqa: E402
+from sd_ds import fid_clip  # noqa: E402
 from tests.helpers import REPO_ROOT, free_port, make_tiny_model, subprocess_env  # noqa: E402
 
 TINY_CLIP = {"embed_dim": 16,
@@ -71,7 +71,7 @@ def eval_assets(tmp_path_factory):
                 m.bias.mul_(0.01)
     hub = root / "hub"
     (hub / "checkpoints").mkdir(parents=True)
-    weights = hub / "checkpoints" / evaluate.FID_WEIGHTS_FILE
+    weights = hub / "checkpoints" / fid_clip.FID_WEIGHTS_FILE
     torch.save(net.state_dict(), weights)
     # A tiny random open_clip model: its config file and its weights.
     config = root / "tiny-clip.json"
@@ -159,7 +159,7 @@ def test_missing_weights_offline_is_one_line_naming_the_file_and_where_it_goes(t
                      env=empty_caches)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert evaluate.FID_WEIGHTS_FILE in lines[-1] and "fetch https://" in lines[-1] and "--fid_weights" in lines[-1]
+    assert fid_clip.FID_WEIGHTS_FILE in lines[-1] and "fetch https://" in lines[-1] and "--fid_weights" in lines[-1]
     assert not any("Traceback" in line for line in lines)
     proc = _evaluate("--images", str(tmp_path), "--prompts", str(tmp_path / "p.txt"), "--metrics", "clip",
                      check=False, env=empty_caches)
@@ -225,16 +225,16 @@ def test_shard_reference_is_each_image_centre_cropped_and_prompts_are_their_capt
 
     shards = write_tiny_shards(tmp_path / "shards", num_shards=2, samples_per_shard=3, size=40)
     device = torch.device("cpu")
-    inception = evaluate.load_fid_inception(eval_assets["fid_weights"], device)
-    mu, sigma = evaluate.reference_statistics(str(shards), inception, None, batch_size=4, resolution=32,
+    inception = fid_clip.load_fid_inception(eval_assets["fid_weights"], device)
+    mu, sigma = fid_clip.reference_statistics(str(shards), inception, None, batch_size=4, resolution=32,
                                               device=device)
     import webdataset as wds
 
     samples = list(wds.tarfile_samples([{"url": str(p)} for p in sorted(shards.glob("*.tar"))]))
-    images = [evaluate.center_crop_resize(Image.open(io.BytesIO(s["png"])).convert("RGB"), 32)
+    images = [fid_clip.center_crop_resize(Image.open(io.BytesIO(s["png"])).convert("RGB"), 32)
               for s in samples]
     assert images[0].size == (32, 32)
-    features = np.concatenate([evaluate.inception_features(inception, images[:4], device),
-                               evaluate.inception_features(inception, images[4:], device)])
-    np.testing.assert_array_equal(mu, evaluate.fid_statistics(features)[0])
-    assert evaluate.read_prompts(str(shards)) == [s["txt"].decode() for s in samples]
+    features = np.concatenate([fid_clip.inception_features(inception, images[:4], device),
+                               fid_clip.inception_features(inception, images[4:], device)])
+    np.testing.assert_array_equal(mu, fid_clip.fid_statistics(features)[0])
+    assert fid_clip.read_prompts(str(shards)) == [s["txt"].decode() for s in samples]

@@ -37,7 +37,8 @@ from typing import Optional
 import psutil
 import pytest
 
-from sd_ds.lifecycle import Fault, OutputDirLock, OutputDirLocked, SkipGuard, TrainingDiverged, parse_faults
+from sd_ds.faults import Fault, parse_faults
+from sd_ds.lifecycle import OutputDirLock, OutputDirLocked, SkipGuard, TrainingDiverged
 from tests.helpers import REPO_ROOT, free_port, subprocess_env, train_flags, write_tiny_shards
 
 CHILD = Path(__file__).with_name("fault_child.py")
@@ -203,29 +204,37 @@ def test_skip_guard_counts_only_skips_in_a_row():
 
 
 def test_fault_specs_parse_and_typos_are_errors():
-    assert parse_faults("save_begin:3") == [Fault("save_begin", 3, "kill", None)]
-    assert parse_faults("save_engine_written:*:pause:1, save_before_complete") == [
-        Fault("save_engine_written", None, "pause", 1), Fault("save_before_complete", None, "kill", None)]
+    assert parse_faults("save_begin:step=3") == [Fault("save_begin", step=3)]
+    assert parse_faults("save_engine_written:action=pause:rank=1, save_before_complete") == [
+        Fault("save_engine_written", action="pause", rank=1), Fault("save_before_complete")]
+    assert parse_faults("sample:action=kill_worker:count=3:once=/tmp/m,sample:action=sleep:seconds=0.5") == [
+        Fault("sample", action="kill_worker", count=3, once="/tmp/m"), Fault("sample", action="sleep", seconds=0.5)]
     assert parse_faults("") == []
     with pytest.raises(ValueError, match="unknown fault point"):
-        parse_faults("save_beginn:3")
+        parse_faults("save_beginn:step=3")
     with pytest.raises(ValueError, match="unknown action"):
-        parse_faults("save_begin:3:explode")
+        parse_faults("save_begin:step=3:action=explode")
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        parse_faults("save_begin:3")  # the positional form is not accepted: every option says what it is
+    with pytest.raises(ValueError, match="not a number"):
+        parse_faults("part:count=three")
 
 
 def test_fault_point_kills_at_the_named_step_only_on_the_named_rank(tmp_path):
-    proc = _spawn("steps", "5", env={"SD_DS_FAULT": "save_begin:3", "SD_DS_FAULT_DIR": str(tmp_path), "RANK": "0"})
+    proc = _spawn("steps", "5", env={"SD_DS_FAULT": "save_begin:step=3", "SD_DS_FAULT_DIR": str(tmp_path),
+                                     "RANK": "0"})
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert out.split() == ["step", "1", "step", "2", "step", "3"]
     assert (tmp_path / "fired.kill.0").is_file()
-    other_rank = _spawn("steps", "5", env={"SD_DS_FAULT": "save_begin:3:kill:1", "RANK": "0"})
+    other_rank = _spawn("steps", "5", env={"SD_DS_FAULT": "save_begin:step=3:rank=1", "RANK": "0"})
     out, err = other_rank.communicate(timeout=60)
     assert other_rank.returncode == 0 and out.strip().endswith("done"), err
 
 
 def test_fault_pause_holds_the_process_until_go(tmp_path):
-    proc = _spawn("steps", "3", env={"SD_DS_FAULT": "save_begin:2:pause", "SD_DS_FAULT_DIR": str(tmp_path)})
+    proc = _spawn("steps", "3", env={"SD_DS_FAULT": "save_begin:step=2:action=pause",
+                                     "SD_DS_FAULT_DIR": str(tmp_path)})
     try:
         deadline = time.time() + 60
         while not (tmp_path / "reached.0").exists():
@@ -319,7 +328,7 @@ def test_kills_during_a_run_lose_nothing_and_leave_no_process(assets, tmp_path):
 
     try:
         # 1. Every rank SIGKILLed in the middle of saving checkpoint-4 (DeepSpeed's files written, ours not).
-        run = launch("kill_all_mid_save", "save_engine_written:4")
+        run = launch("kill_all_mid_save", "save_engine_written:step=4")
         assert run.wait() != 0
         assert (tmp_path / "kill_all_mid_save" / "fired.kill.0").is_file(), run.tail()
         assert _complete(out) == ["checkpoint-2"] and (out / "checkpoint-4").is_dir()
@@ -327,7 +336,7 @@ def test_kills_during_a_run_lose_nothing_and_leave_no_process(assets, tmp_path):
 
         # 2. Paused at the next save: a second run on the live output_dir is refused, naming the holder; then
         #    kill -9 run.sh: every process of the run must be gone within seconds.
-        run = launch("kill_run_sh", "save_begin:4:pause")
+        run = launch("kill_run_sh", "save_begin:step=4:action=pause")
         run.wait_reached(ranks=2)
         assert f"resumed from {out / 'checkpoint-2'} at step 2" in run.text(), run.tail()
         holder_pid = int((tmp_path / "kill_run_sh" / "reached.0").read_text())
@@ -343,7 +352,7 @@ def test_kills_during_a_run_lose_nothing_and_leave_no_process(assets, tmp_path):
         assert _wait_gone(sorted(run.seen), timeout=10) == [], "processes outlived run.sh"
 
         # 3. The same with the deepspeed launcher (the runner run.sh started) killed instead.
-        run = launch("kill_launcher", "save_begin:4:pause")
+        run = launch("kill_launcher", "save_begin:step=4:action=pause")
         run.wait_reached(ranks=2)
         (runner,) = [c for c in psutil.Process(run.proc.pid).children()
                      if "deepspeed" in " ".join(c.cmdline()) and "deepspeed.launcher.launch" not in " ".join(c.cmdline())]
@@ -352,7 +361,7 @@ def test_kills_during_a_run_lose_nothing_and_leave_no_process(assets, tmp_path):
         assert run.wait(timeout=10) != 0
 
         # 4. One rank killed (rank 1, its part of checkpoint-4 written): the run exits non-zero within seconds.
-        run = launch("kill_one_rank", "save_before_complete:4:kill:1")
+        run = launch("kill_one_rank", "save_before_complete:step=4:rank=1")
         rc = run.wait()
         exited_at = time.time()
         fired = tmp_path / "kill_one_rank" / "fired.kill.1"
@@ -393,7 +402,7 @@ def small_disk(tmp_path):
 @pytest.mark.slow
 def test_disk_full_while_saving_names_the_checkpoint_and_keeps_the_previous_one(assets, small_disk, tmp_path):
     out, fault_dir = small_disk / "out", tmp_path / "fault"
-    run = Run(out, assets, tmp_path / "run.log", nproc=1, fault="save_begin:4:pause", fault_dir=fault_dir,
+    run = Run(out, assets, tmp_path / "run.log", nproc=1, fault="save_begin:step=4:action=pause", fault_dir=fault_dir,
               max_steps=4, save_steps=2, dataloader_num_workers=0)
     try:
         run.wait_reached(ranks=1)

@@ -22,9 +22,10 @@ import torch
 
 from sd_ds.config import DataConfig
 from sd_ds.data import (LATENT_MANIFEST, ImageTransform, build_train_loader, check_latent_manifest,
-                        load_latent_manifest, read_latent_manifest)
+                        latent_manifest_in_dir, latent_manifest_of_shards)
 from sd_ds.data.manifest import vae_fingerprint
-from sd_ds.encode_latents import KILL_AT_ENV, main
+from sd_ds.encode_latents import main
+from sd_ds.faults import FAULT_ENV
 from sd_ds.latents import encode_moments, sample_latents
 from tests.helpers import REPO_ROOT, photo_sample, subprocess_env, write_photo_shards
 
@@ -124,7 +125,7 @@ def source_samples(images: Path) -> dict[str, dict[str, bytes]]:
 
 
 def stored_moments(latents: Path, member: str = "moments") -> dict[str, torch.Tensor]:
-    manifest = load_latent_manifest(latents)
+    manifest = latent_manifest_in_dir(latents)
     out = {}
     for shard in sorted(latents.glob("*.tar")):
         for name, data in tar_members(shard).items():
@@ -135,7 +136,7 @@ def stored_moments(latents: Path, member: str = "moments") -> dict[str, torch.Te
 
 
 def data_config(shards: list, **fields) -> DataConfig:
-    base = dict(resolution=RES, center_crop=True, random_flip=False, caption_dropout_prob=0.0, shuffle_buffer=8,
+    base = dict(resolution=RES, center_crop=True, random_flip=False, caption_dropout_prob=0.0, shuffle_block=8,
                 dataloader_num_workers=0)
     base.update(fields)
     return DataConfig(train_shards=[str(s) for s in shards], **base)
@@ -220,7 +221,7 @@ def test_the_loader_gives_the_image_runs_samples_as_moments(tmp_path, vae_dir, t
     latents = tmp_path / "latents"
     assert encode_in_process(encode_flags(images, latents, vae_dir)) == 0
     vae = load_vae(vae_dir)
-    check_latent_manifest(read_latent_manifest([str(latents)]), vae, RES)
+    check_latent_manifest(latent_manifest_of_shards([str(latents)]), vae, RES)
     from_images, from_latents = take(loader([images], tokenizer), 3), take(loader([latents], tokenizer), 3)
     for image_batch, latent_batch in zip(from_images, from_latents):
         assert image_batch["keys"] == latent_batch["keys"] and image_batch["captions"] == latent_batch["captions"]
@@ -245,11 +246,11 @@ def test_kill_9_mid_encode_then_rerun_gives_the_uninterrupted_bytes(tmp_path, en
     out = tmp_path / "dst"
     flags = encode_flags(images, out, vae_dir, "--flip_variants")
     # Killed right after shard 00000.tar was renamed into place, before it was recorded: redone.
-    code, output = finish(encode_subprocess(flags, {KILL_AT_ENV: "shard:1"}))
+    code, output = finish(encode_subprocess(flags, {FAULT_ENV: "shard:count=1"}))
     assert code == -9, output
     assert (out / "00000.tar").is_file() and not (out / ".encode" / "00000.tar.json").exists()
     # Killed mid-way through a shard (its second batch written to the temporary file).
-    code, output = finish(encode_subprocess(flags, {KILL_AT_ENV: "batch:5"}))
+    code, output = finish(encode_subprocess(flags, {FAULT_ENV: "batch:count=5"}))
     assert code == -9, output
     assert list(out.glob(".*.tar.tmp.*")) and not (out / LATENT_MANIFEST).exists()
     code, output = finish(encode_subprocess(flags))
@@ -279,7 +280,7 @@ def test_a_dead_ranks_shard_is_encoded_by_another_rank(tmp_path, encoded, images
     out = tmp_path / "dst"
     flags = encode_flags(images, out, vae_dir, "--flip_variants")
     two = {"WORLD_SIZE": "2"}
-    code, output = finish(encode_subprocess(flags, {**two, "RANK": "1", "LOCAL_RANK": "1", KILL_AT_ENV: "batch:1"}))
+    code, output = finish(encode_subprocess(flags, {**two, "RANK": "1", "LOCAL_RANK": "1", FAULT_ENV: "batch"}))
     assert code == -9, output
     assert [p.name for p in (out / ".encode" / "claims").iterdir()] == ["00001.tar.json"]  # its claim, left
     code, output = finish(encode_subprocess(flags, {**two, "RANK": "0", "LOCAL_RANK": "0"}))
@@ -340,7 +341,7 @@ def test_corrupt_latent_members_are_skipped_and_counted(tmp_path, encoded, token
     rewrite_member(latents / "00000.tar", "000000000.moments", b"\x00" * 100)  # cut short
     rewrite_member(latents / "00002.tar", "000020000.moments", b"\x00\x7e" * 512)  # NaN
     # One source, samples in shard order: 12 good samples need all three shards, each read from its first sample.
-    data = loader([f"{latents}/{{00000..00002}}.tar"], tokenizer, shuffle_buffer=1)
+    data = loader([f"{latents}/{{00000..00002}}.tar"], tokenizer, shuffle_block=1)
     keys = [k for b in take(data, 3) for k in b["keys"]]
     assert len(set(keys)) == 12 and not {"000000000", "000020000"} & set(keys)
     assert data.stats() == {"corrupt_latent": 2}
@@ -364,7 +365,7 @@ def test_random_flip_picks_the_flipped_moments_and_needs_them(tmp_path, encoded,
 
 
 def test_vae_resolution_and_scaling_factor_mismatches_are_rejected(encoded, vae_dir):
-    manifest = read_latent_manifest([str(encoded)])
+    manifest = latent_manifest_of_shards([str(encoded)])
     vae = load_vae(vae_dir)
     check_latent_manifest(manifest, vae, RES)  # the VAE it was made with: fine
     with pytest.raises(ValueError, match="--resolution 32, this run trains at 64"):
@@ -387,13 +388,13 @@ def test_vae_resolution_and_scaling_factor_mismatches_are_rejected(encoded, vae_
 
 
 def test_mixed_and_unfinished_sources_are_rejected(tmp_path, encoded, images, tokenizer):
-    assert read_latent_manifest([str(images)]) is None
+    assert latent_manifest_of_shards([str(images)]) is None
     with pytest.raises(ValueError, match="mixes latent shards .* with image shards"):
-        read_latent_manifest([str(encoded), f"{images}::2"])
+        latent_manifest_of_shards([str(encoded), f"{images}::2"])
     with pytest.raises(ValueError, match="mixes latent shards"):
         loader([encoded, images], tokenizer)
     with pytest.raises(ValueError, match="names latent shards .* and image shards together"):
-        read_latent_manifest([f"{{{encoded},{images}}}/00000.tar"])
+        latent_manifest_of_shards([f"{{{encoded},{images}}}/00000.tar"])
     unfinished = tmp_path / "unfinished"
     shutil.copytree(encoded, unfinished)
     (unfinished / LATENT_MANIFEST).unlink()

@@ -46,11 +46,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sd_ds.convert.engines import ENGINES, EngineSettings, EngineUnavailable, check_installed  # noqa: E402
-from sd_ds.convert.hooks import FaultInjection  # noqa: E402
 from sd_ds.convert.image_header import PIL_MAX_IMAGE_PIXELS  # noqa: E402
 from sd_ds.convert.planning import ConvertOptions, OutputDirError, collect_sources  # noqa: E402
 from sd_ds.convert.reasons import FAILURE_REASONS  # noqa: E402
 from sd_ds.convert.run import available_cores, convert, format_summary  # noqa: E402
+from sd_ds.faults import FaultInjector  # noqa: E402
 
 DOC = __doc__.replace("{reasons}", textwrap.fill(", ".join(FAILURE_REASONS), 106, initial_indent="  ",
                                                 subsequent_indent="  "))
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stats = convert(sources, args.output_dir, options, processes=args.processes, progress=not args.no_progress,
                         inflate_thread={"auto": None, "yes": True, "no": False}[args.inflate_thread],
-                        hook=FaultInjection.from_env(),  # the tests' way in to kill a run at a chosen point
+                        hook=FaultInjector.from_env(),  # SD_DS_FAULT: the tests' way in to kill a run at a chosen point
                         engine=EngineSettings(args.engine, args.processes, args.spark_master, args.ray_address))
     except (OutputDirError, EngineUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sd_ds.fileio import is_fsspec_url, write_atomic, write_atomic_url  # noqa: E402
+from sd_ds.fileio import is_url, write_atomic, write_atomic_url  # noqa: E402
 
 # ppdiffusers' filelist: 60,000 LAION-400M parts under /data/laion400m
 PPDIFFUSERS_PATTERN = "/data/laion400m/part-{:05}.gz"
@@ -34,7 +34,7 @@ def part_paths(pattern: str, count: int, start: int = 0) -> list[str]:
 
 
 def write_filelist(path: str | os.PathLike, parts: list[str]) -> None:
-    if is_fsspec_url(path):
+    if is_url(path):
         write_atomic_url(str(path), "".join(f"{part}\n" for part in parts))
         return
     path = Path(path)
@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_exists:
         from sd_ds.convert.parts import url_sizes
 
-        sizes = url_sizes([part for part in parts if is_fsspec_url(part)])
-        missing = [part for part in parts if (sizes[part] is None if is_fsspec_url(part) else not os.path.isfile(part))]
+        sizes = url_sizes([part for part in parts if is_url(part)])
+        missing = [part for part in parts if (sizes[part] is None if is_url(part) else not os.path.isfile(part))]
         if missing:
             print(f"{len(missing):,} of {len(parts):,} parts do not exist, e.g.:", file=sys.stderr)
             for part in missing[:10]:

@@ -10,7 +10,6 @@ Modules, one concern each:
 - ``planning``: options, sources, the plan record a resume must match, the frontier that orders shards;
 - ``workers``: what a worker process runs (a part into a fragment, a shard from fragments);
 - ``run``: the run loop on a process pool, its progress bar, and the totals it writes;
-- ``hooks``: the one injectable hook the tests use to kill or slow a run at a chosen point.
 
 Output (OUT = --output_dir)::
 

@@ -29,8 +29,8 @@ from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from sd_ds.convert.hooks import Hook, no_hook
 from sd_ds.convert.workers import run_task, worker_init
+from sd_ds.faults import Hook, no_hook
 
 __all__ = ["ENGINES", "EngineUnavailable", "EngineSettings", "LocalEngine", "SparkEngine", "RayEngine",
            "build_engine", "check_installed", "TASK_ATTEMPTS"]

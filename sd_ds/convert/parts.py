@@ -26,7 +26,7 @@ from typing import BinaryIO, Iterable, Iterator, Optional, Union
 
 from sd_ds.convert.image_header import ImageRejected, probe_image
 from sd_ds.convert.reasons import Rejected
-from sd_ds.fileio import is_fsspec_url, url_fs
+from sd_ds.fileio import is_url, url_fs
 
 __all__ = [
     "LAYOUTS", "Layout", "LineRejected", "split_line", "decode_text", "decode_image_base64",
@@ -153,9 +153,9 @@ def decode_image_base64(data: Union[bytes, memoryview]) -> bytes:
 def resolve_listed_path(entry: str, listing_file: Union[str, Path]) -> str:
     """A path read from a list file: as written if it exists (as ppdiffusers did), else next to the list. A
     URL is taken as written; a relative entry in a list at a URL is taken next to the list."""
-    if is_fsspec_url(entry) or os.path.isabs(entry):
+    if is_url(entry) or os.path.isabs(entry):
         return entry
-    if is_fsspec_url(listing_file):
+    if is_url(listing_file):
         return f"{str(listing_file).rsplit('/', 1)[0]}/{entry}"
     if os.path.exists(entry):
         return entry
@@ -164,7 +164,7 @@ def resolve_listed_path(entry: str, listing_file: Union[str, Path]) -> str:
 
 
 def _list_lines(path: Union[str, Path]) -> Iterator[str]:
-    with (open(path, encoding="utf-8") if not is_fsspec_url(path) else _open_url(str(path), text=True)) as f:
+    with (open(path, encoding="utf-8") if not is_url(path) else _open_url(str(path), text=True)) as f:
         for line in f:
             line = line.strip()
             if line and not line.startswith("#"):
@@ -233,7 +233,7 @@ def iter_part_lines(path: Union[str, Path], raw_position: list[int] | None = Non
     error: Optional[PartStreamError] = None
     for mode in dict.fromkeys((reader, "exact")):
         try:
-            raw = open(path, "rb", buffering=1 << 20) if not is_fsspec_url(path) else _open_url(str(path))
+            raw = open(path, "rb", buffering=1 << 20) if not is_url(path) else _open_url(str(path))
         except OSError as e:
             raise PartStreamError("unreadable_part", done, f"{type(e).__name__}: {e}") from None
         with raw:
@@ -260,7 +260,7 @@ def iter_part_lines(path: Union[str, Path], raw_position: list[int] | None = Non
 
 def part_size(path: Union[str, Path]) -> int:
     """Bytes of a part on disk or in its store (its share of the progress bar); 0 when it cannot be read."""
-    if is_fsspec_url(path):
+    if is_url(path):
         if str(path) not in _url_sizes:
             _url_sizes.update(url_sizes([str(path)]))
         return _url_sizes[str(path)] or 0

@@ -23,7 +23,7 @@ from sd_ds.convert.image_header import PIL_MAX_IMAGE_PIXELS
 from sd_ds.convert.parts import LAYOUTS, _url_sizes, part_size, read_file_list_list, read_filelist, url_sizes
 from sd_ds.convert.tar_writing import PartSpan, ShardJob
 from sd_ds.convert.storage import LocalStore, Store
-from sd_ds.fileio import glob_urls, is_fsspec_url
+from sd_ds.fileio import glob_urls, is_url
 
 __all__ = ["ConvertOptions", "PartSource", "CollectedInputs", "collect_sources", "OutputDirError", "plan_record",
            "open_output", "Frontier", "SourceResult", "WORK_DIR"]
@@ -148,7 +148,7 @@ def collect_sources(file_lists: Iterable[str] = (), filelists: Iterable[str] = (
     loose: list[str] = []
     for pattern in inputs:
         if glob.has_magic(pattern):
-            matches = sorted(glob.glob(pattern)) if not is_fsspec_url(pattern) else glob_urls(pattern)
+            matches = sorted(glob.glob(pattern)) if not is_url(pattern) else glob_urls(pattern)
             loose.extend(matches)
             if not matches:
                 missing_inputs.append(pattern)
@@ -159,13 +159,13 @@ def collect_sources(file_lists: Iterable[str] = (), filelists: Iterable[str] = (
     if loose:
         named.append(("inputs", 1.0, [part for part in loose if _is_file(part)]))
     # every listed part at a URL, sized in one go (a listing per folder): 60,000 parts, not 60,000 requests
-    url_sizes([part for _, _, parts in named for part in parts if is_fsspec_url(part) and part not in _url_sizes])
+    url_sizes([part for _, _, parts in named for part in parts if is_url(part) and part not in _url_sizes])
     sources = []
     seen: set[str] = set()  # real paths of the parts listed so far
     for name, weight, listed_parts in named:
         parts, missing, duplicates = [], [], []
         for part in listed_parts:
-            identity = part if is_fsspec_url(part) else os.path.realpath(part)
+            identity = part if is_url(part) else os.path.realpath(part)
             if identity in seen:
                 duplicates.append(part)
                 continue
@@ -177,7 +177,7 @@ def collect_sources(file_lists: Iterable[str] = (), filelists: Iterable[str] = (
 
 def _is_file(path: str) -> bool:
     """A local file, or a URL that exists (its size is known from ``url_sizes``)."""
-    if not is_fsspec_url(path):
+    if not is_url(path):
         return os.path.isfile(path)
     if path not in _url_sizes:
         url_sizes([path])

@@ -18,11 +18,11 @@ from dataclasses import replace
 from typing import Any, Callable, Optional
 
 from sd_ds.convert.engines import EngineSettings, build_engine
-from sd_ds.convert.hooks import Hook, no_hook
 from sd_ds.convert.planning import WORK_DIR, ConvertOptions, Frontier, PartSource, open_output, plan_record
 from sd_ds.convert.storage import Store, open_store
 from sd_ds.convert.tar_writing import PARTS_DIR, ShardJob, fragment_paths, shard_name, stats_name
 from sd_ds.convert.workers import PartJob, assemble_shard_job, convert_part
+from sd_ds.faults import Hook, no_hook
 
 __all__ = ["convert", "ConversionRun", "Progress", "available_cores", "format_summary"]
 
@@ -43,7 +43,7 @@ def convert(sources: list[PartSource], output_dir: str | os.PathLike, options: C
 
     ``inflate_thread``: inflate each part in a thread of its own, overlapping the parsing (None: when
     ``processes`` leaves cores idle; never on a cluster engine). The output is the same either way. ``hook``:
-    called at the points ``sd_ds.convert.hooks`` lists, in the main process and (a copy) in each worker.
+    called at the converter's points ``sd_ds.faults.POINTS`` lists, in the main process and (a copy) in each worker.
     ``engine``: where the tasks run (default: ``processes`` local worker processes); never changes the
     output."""
     engine = engine or EngineSettings("local", processes)

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import IO, Any, Optional
 
-from sd_ds.fileio import (AtomicUpload, is_fsspec_url, temporary_path, url_fs, write_atomic, write_json_atomic,
+from sd_ds.fileio import (AtomicUpload, is_url, temporary_path, url_fs, write_atomic, write_json_atomic,
                           write_json_atomic_url)
 
 __all__ = ["Store", "LocalStore", "RemoteStore", "open_store", "UPLOAD_BLOCK_ENV"]
@@ -227,5 +227,5 @@ class RemoteStore(Store):
 
 def open_store(output_dir: str | os.PathLike) -> Store:
     """The store of ``--output_dir``: a URL (``protocol://``) is an fsspec store, anything else a local path."""
-    return RemoteStore(str(output_dir)) if is_fsspec_url(output_dir) else LocalStore(output_dir)
+    return RemoteStore(str(output_dir)) if is_url(output_dir) else LocalStore(output_dir)
 

@@ -18,8 +18,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
-from sd_ds.convert.hooks import Hook
 from sd_ds.convert.storage import Store
+from sd_ds.faults import Hook
 
 __all__ = ["KeyFormat", "tar_header", "FragmentPaths", "fragment_paths", "FragmentWriter", "PartSpan", "ShardJob",
            "assemble_shard", "shard_name", "stats_name", "KEY_SHARD_DIGITS", "PARTS_DIR"]

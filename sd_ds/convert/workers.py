@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from sd_ds.convert.hooks import Hook, no_hook
 from sd_ds.convert.image_header import ImageInfo, ImageRejected, probe_image
 from sd_ds.convert.parts import (LAYOUTS, Layout, LineRejected, PartStreamError, decode_image_base64, detect_layout,
                                  iter_part_lines, line_metadata, part_size, split_line)
@@ -23,6 +22,7 @@ from sd_ds.convert.planning import ConvertOptions
 from sd_ds.convert.storage import open_store
 from sd_ds.convert.tar_writing import (FragmentWriter, KeyFormat, PartSpan, ShardJob, assemble_shard,
                                        fragment_paths)
+from sd_ds.faults import Hook, no_hook
 
 __all__ = ["PartJob", "worker_init", "run_task", "convert_part", "assemble_shard_job", "PROGRESS_INTERVAL_S"]
 

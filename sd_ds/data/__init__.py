@@ -18,15 +18,15 @@ One concern per module:
 
 from sd_ds.data.loader import DEBUG_KEYS_ENV, ShardStream, TrainLoader, build_train_loader
 from sd_ds.data.manifest import (LATENT_COMPATIBLE, LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MOMENTS,
-                                 MOMENTS_FLIPPED, check_latent_manifest, load_latent_manifest)
-from sd_ds.data.sources import (ShardSource, UnreadableShardError, count_samples, parse_sources, raise_if_raw_parts,
-                                read_latent_manifest, sizes_json_count)
+                                 MOMENTS_FLIPPED, check_latent_manifest, latent_manifest_in_dir)
+from sd_ds.data.sources import (ShardSource, UnreadableShardError, count_samples, latent_manifest_of_shards,
+                                parse_sources, raise_if_raw_parts, sizes_json_count)
 from sd_ds.data.transforms import IMAGE_EXTS, ImageSamples, ImageTransform, LatentSamples, SkipLog, SkipSample
 
 __all__ = [
     "DEBUG_KEYS_ENV", "IMAGE_EXTS", "LATENT_COMPATIBLE", "LATENT_DTYPES", "LATENT_MANIFEST", "LATENT_WORK_DIR",
     "MOMENTS", "MOMENTS_FLIPPED", "ImageSamples", "ImageTransform", "LatentSamples", "ShardSource", "ShardStream",
     "SkipLog", "SkipSample", "TrainLoader", "UnreadableShardError", "build_train_loader", "check_latent_manifest",
-    "count_samples", "load_latent_manifest", "parse_sources", "raise_if_raw_parts", "read_latent_manifest",
+    "count_samples", "latent_manifest_in_dir", "latent_manifest_of_shards", "parse_sources", "raise_if_raw_parts",
     "sizes_json_count",
 ]

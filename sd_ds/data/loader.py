@@ -39,21 +39,20 @@ import multiprocessing.util
 import os
 import random
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 
+from sd_ds.config import DataConfig
 from sd_ds.data import order as order_lib
 from sd_ds.data.bucket_order import BucketedEpoch, plan_summary
 from sd_ds.data.buckets import BucketList
 from sd_ds.data.image_sizes import BucketMeta, build_bucket_meta
 from sd_ds.data.reading import SourceCursor, basename
-from sd_ds.data.sources import (ShardSource, count_here, count_missing, parse_sources, read_latent_manifest,
+from sd_ds.data.sources import (ShardSource, count_here, count_missing, latent_manifest_of_shards, parse_sources,
                                 shared_counter)
 from sd_ds.data.transforms import ImageSamples, ImageTransform, LatentSamples, SkipLog, SkipSample
-
-if TYPE_CHECKING:
-    from sd_ds.config import DataConfig
+from sd_ds.models import tokenize
 
 logger = logging.getLogger("sd_ds.data")
 
@@ -279,8 +278,6 @@ class _BatchMaker:
         return None
 
     def collate(self, samples: list[dict], raw: Optional[int] = None) -> dict:
-        from sd_ds.models import tokenize
-
         st = self.stream
         captions = [s["caption"] for s in samples]
         geometry = torch.tensor([s["geometry"] for s in samples], dtype=torch.int64)  # [B, 6]
@@ -496,11 +493,11 @@ def build_train_loader(data: "DataConfig", *, tokenizer: Any, model_max_length: 
                        all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                        buckets: Optional[BucketList] = None) -> TrainLoader:
     """This rank's loader for the ``--train_shards`` in ``data``: image shards, or latent shards when their
-    directory holds an encoder manifest (``read_latent_manifest``). ``all_reduce`` (a sum over the ranks on
+    directory holds an encoder manifest (``latent_manifest_of_shards``). ``all_reduce`` (a sum over the ranks on
     CPU tensors, the trainer's control group) shares the counting of shards that no sizes.json lists, and the
     reading of image sizes for ``buckets``: each shard is read by one rank. ``buckets``: aspect-ratio buckets
     (``sd_ds.data.buckets.resolve_buckets``), None for squares."""
-    manifest = read_latent_manifest(list(data.train_shards))
+    manifest = latent_manifest_of_shards(list(data.train_shards))
     if manifest is not None:
         check_latent_buckets(manifest, buckets)
     sources = parse_sources(list(data.train_shards))
@@ -524,7 +521,7 @@ def build_train_loader(data: "DataConfig", *, tokenizer: Any, model_max_length: 
     dataset = ShardStream(
         sources, tokenizer=tokenizer, samples=samples, micro_batch_size=micro_batch_size,
         model_max_length=model_max_length, caption_dropout_prob=data.caption_dropout_prob,
-        shuffle_block=data.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
+        shuffle_block=data.shuffle_block, seed=seed, rank=rank, world_size=world_size,
         num_workers=data.dataloader_num_workers, resample=data.resample_shards, epoch_length=total,
         # About two passes over a worker's share with nothing usable: broken data, not bad luck.
         max_skips_in_a_row=2 * math.ceil(total / (world_size * workers)) + 1000,
@@ -534,7 +531,7 @@ def build_train_loader(data: "DataConfig", *, tokenizer: Any, model_max_length: 
         # Tokenising happens in the workers; a Rust tokenizer's own thread pool there only oversubscribes.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     fingerprint = {"sources": [[m.key, s.weight, len(s.shards), s.samples] for m, s in zip(dataset.metas, sources)],
-                   "seed": seed, "shuffle_block": data.shuffle_buffer, "resample_shards": data.resample_shards,
+                   "seed": seed, "shuffle_block": data.shuffle_block, "resample_shards": data.resample_shards,
                    "epoch_length": total}
     if manifest is not None:
         # Latent shards lack the samples the encoder skipped: a position in an image run's stream means

@@ -32,7 +32,7 @@ LATENT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 LATENT_COMPATIBLE = ("resolution", "crop", "dtype", "shape", "flip_variants", "vae", "buckets")
 
 
-def load_latent_manifest(directory: Union[str, Path]) -> Optional[dict]:
+def latent_manifest_in_dir(directory: Union[str, Path]) -> Optional[dict]:
     """The manifest of a latent-shard directory (local or URL); None for a directory that is not one; an error
     for a local one whose encoding has not finished."""
     manifest = fileio.read_json_if_exists(fileio.join(directory, LATENT_MANIFEST))

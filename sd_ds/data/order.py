@@ -54,8 +54,8 @@ class _Cache(collections.OrderedDict):
         return value
 
 
-def seeded(*parts: object) -> np.random.Generator:
-    """A numpy generator from a string of the parts (stable across processes, runs and machines)."""
+def hashed_rng(*parts: object) -> np.random.Generator:
+    """A numpy generator seeded by a hash of the parts (stable across processes, runs and machines)."""
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
 
@@ -106,7 +106,7 @@ class EpochOrder:
 
     def _block_items(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.taken_before(j), self.taken_before(j + 1)
-        rng = seeded(self.seed, self.epoch, "block", j)
+        rng = hashed_rng(self.seed, self.epoch, "block", j)
         r = self.length - j * self.block
         if r >= self.block:
             src = np.concatenate([np.full(h - l, s, dtype=np.int64) for s, (l, h) in enumerate(zip(lo, hi))])
@@ -140,7 +140,7 @@ class EpochOrder:
 
     def _pass_order(self, s: int, epoch_pass: int) -> tuple[np.ndarray, np.ndarray]:
         sizes = self._sizes[s]
-        rng = seeded(self.seed, self.epoch, self.sources[s].key, "shards", epoch_pass)
+        rng = hashed_rng(self.seed, self.epoch, self.sources[s].key, "shards", epoch_pass)
         if self.resample:
             # With replacement, until the pass holds at least the source's sample count.
             need, order = int(sizes.sum()), []

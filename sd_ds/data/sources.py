@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from sd_ds import fileio
-from sd_ds.data.manifest import LATENT_COMPATIBLE, load_latent_manifest
+from sd_ds.data.manifest import LATENT_COMPATIBLE, latent_manifest_in_dir
 from sd_ds.data.reading import basename, pipe_target
 
 logger = logging.getLogger("sd_ds.data")
@@ -151,7 +151,7 @@ def parse_sources(train_shards: list[str]) -> list[ShardSource]:
     for entry in train_shards:
         url, weight = split_weight(entry)
         is_dir = fileio.is_dir(url)
-        manifest = load_latent_manifest(url) if is_dir else None
+        manifest = latent_manifest_in_dir(url) if is_dir else None
         if manifest is not None:
             # Each source under the name the encoder gave it (its image source's).
             sources.extend(_with_sizes(ShardSource(s["name"], float(s["weight"]) * weight,
@@ -260,15 +260,15 @@ def raise_if_raw_parts(path: str) -> None:
 def _latent_directory(url: str) -> Optional[str]:
     """The latent directory an entry reads from: itself, or the directory of the shards it names."""
     if fileio.is_dir(url):
-        return url if load_latent_manifest(url) is not None else None
+        return url if latent_manifest_in_dir(url) is not None else None
     parents = {_parent(s) for s in expand(url)}
-    latent = [p for p in sorted(parents) if load_latent_manifest(p) is not None]
+    latent = [p for p in sorted(parents) if latent_manifest_in_dir(p) is not None]
     if latent and len(latent) < len(parents):
         raise ValueError(f"--train_shards {url!r} names latent shards ({latent[0]}) and image shards together")
     return latent[0] if latent else None
 
 
-def read_latent_manifest(train_shards: list[str]) -> Optional[dict]:
+def latent_manifest_of_shards(train_shards: list[str]) -> Optional[dict]:
     """The latent manifest ``--train_shards`` trains on (that of the first latent directory; all of them must
     agree on everything in LATENT_COMPATIBLE), or None for image shards. Mixing latent and image sources, or
     latent directories made differently, is an error."""
@@ -276,7 +276,7 @@ def read_latent_manifest(train_shards: list[str]) -> Optional[dict]:
     for entry in train_shards:
         url, _ = split_weight(entry)
         directory = _latent_directory(url)
-        manifests[entry] = load_latent_manifest(directory) if directory is not None else None
+        manifests[entry] = latent_manifest_in_dir(directory) if directory is not None else None
     latent = [e for e, m in manifests.items() if m is not None]
     images = [e for e, m in manifests.items() if m is None]
     if not latent:

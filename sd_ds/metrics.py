@@ -1,4 +1,4 @@
-"""Training metrics: TensorBoard scalars and images, a console line, and the progress bar.
+"""Training metrics: TensorBoard scalars and images, a console line, and the progress bar (``StepMetrics``).
 
 Only the main process writes; every rank contributes to the reduced values (loss, throughput), so
 ``StepMetrics.log`` must be called on all ranks at the same steps. Between logging steps the loss is summed
@@ -13,16 +13,13 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
-from sd_ds.distributed import device_memory_stats
-
-if TYPE_CHECKING:
-    from sd_ds.distributed import DistInfo
+from sd_ds.distributed import DistInfo, device_memory_stats
 
 logger = logging.getLogger("sd_ds")
 
@@ -120,19 +117,33 @@ class StepMetrics:
                            "(each worker decodes ~150 images/s per core), or train on latent shards "
                            "(python -m sd_ds.encode_latents)", 100 * data_wait_frac, step)
         if self.is_main_process:
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, v, step)
-            self.writer.flush()
-            msg = (f"step {step} loss {loss:.4f} lr {next(iter(lrs.values()), 0):.3e} "
-                   f"grad_norm {scalars.get('train/grad_norm', float('nan')):.3f} "
-                   f"img/s {scalars['train/images_per_s']:.1f} data_wait {100 * data_wait_frac:.1f}% "
-                   f"skipped {skipped_steps}")
+            self.log_scalars(scalars, step)
             if self.progress is not None:
                 self.progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                self.progress.write(msg)
-            else:
-                logger.info(msg)
+            self.write_line(f"step {step} loss {loss:.4f} lr {next(iter(lrs.values()), 0):.3e} "
+                            f"grad_norm {scalars.get('train/grad_norm', float('nan')):.3f} "
+                            f"img/s {scalars['train/images_per_s']:.1f} data_wait {100 * data_wait_frac:.1f}% "
+                            f"skipped {skipped_steps}")
         self._reset()
+
+    def log_scalars(self, values: dict[str, float], step: int) -> None:
+        """Each value to TensorBoard at ``step`` (main process; elsewhere nothing). The one way scalars are
+        written: the loop's, the validation loss, the training-time FID / CLIP score."""
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def write_line(self, message: str, console: Optional[logging.Logger] = None) -> None:
+        """A console line (main process; elsewhere nothing): through the progress bar when there is one (so it
+        does not break the bar), else through ``console`` (default: the ``sd_ds`` logger)."""
+        if not self.is_main_process:
+            return
+        if self.progress is not None:
+            self.progress.write(message)
+        else:
+            (console or logger).info(message)
 
     def log_images(self, tag: str, grid: Image.Image, step: int) -> None:
         if self.writer is not None:
