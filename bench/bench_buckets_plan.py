@@ -83,7 +83,7 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=512)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--micro_batch_size", type=int, default=8)
-    p.add_argument("--block", type=int, default=1000, help="shuffle block (--shuffle_buffer)")
+    p.add_argument("--block", type=int, default=1000, help="shuffle block (--shuffle_block)")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--divisor", type=int, default=64)
     p.add_argument("--probe_readers", type=int, default=8)

@@ -60,7 +60,7 @@ def shaped_shards(out: Path, shard_sizes: list[int], *, extra: dict | None = Non
 
 def loader(shards, tokenizer, *, micro_batch_size: int = 4, seed: int = 7, rank: int = 0, world_size: int = 1,
            buckets: BucketList | None = BUCKETS, **fields):
-    base = dict(resolution=RES, dataloader_num_workers=0, shuffle_buffer=8, random_flip=True, caption_dropout_prob=0.2)
+    base = dict(resolution=RES, dataloader_num_workers=0, shuffle_block=8, random_flip=True, caption_dropout_prob=0.2)
     base.update(fields)
     return build_train_loader(DataConfig(train_shards=[str(s) for s in shards], **base), tokenizer=tokenizer,
                               model_max_length=77, micro_batch_size=micro_batch_size, seed=seed, rank=rank,
@@ -516,8 +516,13 @@ def test_two_ranks_train_on_buckets_resume_exactly_elastically_and_on_latent_sha
         run_sh(flags, nproc=nproc, timeout=900, extra_env={DEBUG_KEYS_ENV: str(out / "batches")})
         return [v for _, v in scalars(out / "runs", "train/loss")]
 
-    full = run(tmp_path / "full")
+    full = run(tmp_path / "full", image_logging_steps=steps, num_inference_steps=2)
     assert len(full) == steps
+    # Image logging draws the step's batch captions at its bucket: a non-square grid of 2 (the micro batch).
+    last_shape = batch_log(tmp_path / "full/batches", "shapes", 0)[-1][1]
+    height, width = map(int, last_shape.split("x"))
+    with Image.open(tmp_path / f"full/samples/step_{steps:08d}_samples_guidance_1.png") as grid:
+        assert grid.size == (2 * width, height)
     for rank in (0, 1):
         keys, shapes = batch_log(tmp_path / "full/batches", "keys", rank), batch_log(tmp_path / "full/batches",
                                                                                    "shapes", rank)
