@@ -101,7 +101,17 @@ class DataConfig:
     file_list: Optional[str] = _f(
         None, "The seed's train.filelist.list of raw LAION parts. Not read directly: convert it first with "
         "tools/convert_laion_to_wds.py (the trainer says how).")
-    resolution: int = _f(256, "Training image size (square crops).")
+    resolution: int = _f(256, "Training image size (square crops; with --aspect_ratio_buckets, the buckets' area is "
+                         "about resolution²).")
+    aspect_ratio_buckets: str = _f(
+        "off", "off (square crops), auto, or FILE (one WxH per line): train on aspect-ratio buckets, one bucket per "
+        "micro batch. auto: sides a multiple of the model's divisor (VAE x UNet downsampling: 64 px for SD v1/v2/"
+        "SDXL, 16 for the tiny preset), aspect 1:4 to 4:1, area within (0.9, 1] x resolution² (SDXL's list at "
+        "1024). A sample goes to the bucket nearest its aspect ratio (by the width/height in its JSON or its image "
+        "header; beyond the list: the extreme bucket, counted as data/aspect_clamped), is resized to cover it and "
+        "cropped (--center_crop, --random_flip as for squares). Sizes come from each shard's .sizes index "
+        "(python -m sd_ds.data.index) or are read once per run. Latent shards must have been encoded with the "
+        "same list (python -m sd_ds.encode_latents --aspect_ratio_buckets).", metavar="auto|FILE|off")
     center_crop: bool = _f(False, "Center crop instead of random crop (latent shards hold the centre crop they "
                            "were encoded with).")
     random_flip: bool = _f(False, "Random horizontal flip (latent shards: needs shards encoded with --flip_variants).")
@@ -284,6 +294,10 @@ class TrainConfig:
         if self.max_steps < 1:
             raise ValueError("--max_steps must be >= 1")
         self._check_ranges()
+        if self.data.aspect_ratio_buckets not in ("off", "auto"):
+            from sd_ds.data.buckets import read_bucket_file
+
+            read_bucket_file(self.data.aspect_ratio_buckets)  # its lines now; the model's divisor when it is loaded
         lg = self.logging
         if lg.logging_steps < 1:
             raise ValueError("--logging_steps must be >= 1")
@@ -314,6 +328,10 @@ class TrainConfig:
             (d.resolution > 0 and d.resolution % 8 == 0,
              f"--resolution must be a positive multiple of 8, the VAE's downsampling factor (got {d.resolution})"),
             (d.min_size is None or d.min_size >= 1, f"--min_size must be >= 1 (got {d.min_size})"),
+            (d.aspect_ratio_buckets in ("off", "auto") or os.path.isfile(d.aspect_ratio_buckets),
+             f"--aspect_ratio_buckets must be auto, off or a file of WxH lines (no file {d.aspect_ratio_buckets!r})"),
+            (d.aspect_ratio_buckets == "off" or not d.resample_shards,
+             "--aspect_ratio_buckets does not support --resample_shards"),
             (d.dataloader_num_workers is None or d.dataloader_num_workers >= 0,
              f"--dataloader_num_workers must be >= 0 (got {d.dataloader_num_workers})"),
             (d.samples_per_epoch is None or d.samples_per_epoch >= 1,

@@ -1,7 +1,8 @@
 """Encode image shards once with the frozen VAE: latent shards that the trainer reads instead of images.
 
     python -m sd_ds.encode_latents --train_shards SRC... --output_dir DST --pretrained_model_name_or_path M \\
-        [--vae_name_or_path V] --resolution 256 [--flip_variants] [--batch_size 32] [--dtype fp16|bf16]
+        [--vae_name_or_path V] --resolution 256 [--flip_variants] [--batch_size 32] [--dtype fp16|bf16] \\
+        [--aspect_ratio_buckets auto|FILE]
     torchrun --nproc_per_node 8 -m sd_ds.encode_latents ...              # every local GPU
     deepspeed --hostfile HOSTFILE --module sd_ds.encode_latents ...       # several nodes, as training
 
@@ -12,7 +13,8 @@ Work split: shards are handed out dynamically. Every data-loader worker of every
 torchrun / the deepspeed launcher; one process alone is rank 0 of 1) claims its next shard through a claim file
 in DST (``.encode/claims/``), starting at its own place in the shard order, so a rank that finishes early takes
 more and no process group is needed. A worker reads its shard through the trainer's own ``ImageTransform``
-(centre crop, no flip, the same skips), its rank encodes it on its device (``cuda:LOCAL_RANK``, else the CPU)
+(centre crop, no flip, the same skips; with --aspect_ratio_buckets each image at its bucket, as the trainer
+assigns it from the sample's metadata), its rank encodes it on its device (``cuda:LOCAL_RANK``, else the CPU)
 and writes one output shard per source shard. A claim not refreshed for --claim_lease_s (its rank died) is
 taken over by another rank; rank 0 waits for the last shards and writes the manifest once. DST and the source
 shards may be local or at any fsspec URL (s3://, gs://, ...); output names are the source shards' file names,
@@ -24,11 +26,18 @@ DST after a finished run:
                    with the same keys: .txt and .json as in the source, .moments = the VAE posterior's mean then
                    log-variance channels [2C, R/f, R/f] as raw little-endian fp16 (or bf16) bytes — the
                    distribution, not a sample, so training still draws a fresh latent each step as the online path
-                   does; with --flip_variants also .moments_flip, the horizontally flipped image's
+                   does; with --flip_variants also .moments_flip, the horizontally flipped image's; .microcond
+                   (and .microcond_flip): the variant's micro-conditioning, six little-endian int32 (original
+                   height, width; crop top, left; target height, width: sd_ds.data.transforms). With
+                   --aspect_ratio_buckets each sample's moments are [2C, H/f, W/f] for its bucket (encoded in
+                   batches of one bucket, written in the source's order, so the trainer's batches are the image
+                   run's)
+    NNNNN.tar.sizes  with --aspect_ratio_buckets: each sample's source image size (sd_ds.data.image_sizes), in the
+                   shard's order, from which the trainer assigns the same buckets
     sizes.json     samples per output shard
-    latents.json   the manifest: what a trainer checks (resolution, crop, dtype, shape, the VAE's config, weight
-                   fingerprint and scaling_factor) and what was done (sources with their mixture weights and sample
-                   counts, skips by reason, per shard)
+    latents.json   the manifest: what a trainer checks (resolution, crop, dtype, shape, the bucket list, the VAE's
+                   config, weight fingerprint and scaling_factor) and what was done (sources with their mixture
+                   weights and sample counts, skips by reason, per shard)
     .encode/       the plan (the settings a rerun must match) and one record per finished shard
 
 Resumable per shard: a shard is written under a temporary name and renamed into place, then recorded; a rerun
@@ -55,14 +64,18 @@ import tarfile
 import time
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
+import numpy as np
 import torch
 
 from sd_ds.convert.planning import first_difference
 from sd_ds.convert.storage import LocalStore, Store, open_store
 from sd_ds.data import (ImageTransform, ShardSource, SkipLog, SkipSample, latent_manifest_of_shards, parse_sources,
                         sizes_json_count)
-from sd_ds.data.manifest import (FORMAT, LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MOMENTS, MOMENTS_FLIPPED,
-                                 VERSION, vae_record)
+from sd_ds.data.buckets import BucketList, model_divisor, resolve_buckets
+from sd_ds.data.image_sizes import SIZES_SUFFIX, sample_sizes, sizes_bytes
+from sd_ds.data.manifest import (FORMAT, LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MICROCOND,
+                                 MICROCOND_FLIPPED, MOMENTS, MOMENTS_FLIPPED, VERSION, vae_record)
+from sd_ds.data.transforms import ImageSamples, geometry_bytes, mirrored
 from sd_ds.faults import FaultInjector
 from sd_ds.latents import encode_moments, latent_shape
 from sd_ds.lifecycle import pid_alive
@@ -75,6 +88,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("sd_ds.encode_latents")
 
+REORDER_WINDOW = 32  # batches: how far a bucket's open batch may hold back the samples written after it
 CLAIM_POLL_S = 1.0  # how often rank 0 looks whether the shards others claimed are done
 # log-variance range DiagonalGaussianDistribution clamps to: stored clamped, so fp16 cannot overflow on it.
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -100,7 +114,8 @@ def _output_name(url: str) -> str:
 
 
 def build_plan(sources: list[ShardSource], vae: "AutoencoderKL", *, resolution: int, min_size: Optional[int],
-               dtype: str, flip_variants: bool, vae_dtype: str, batch_size: int) -> dict:
+               dtype: str, flip_variants: bool, vae_dtype: str, batch_size: int,
+               buckets: Optional[BucketList] = None) -> dict:
     """Everything that decides the output bytes; a rerun into the same directory must have the same plan."""
     names: dict[str, str] = {}
     for source in sources:
@@ -111,7 +126,7 @@ def build_plan(sources: list[ShardSource], vae: "AutoencoderKL", *, resolution: 
                                   f"{url}): encode each source into its own --output_dir and train with both "
                                   f"(--train_shards DST1::w1 DST2::w2)")
             names[name] = url
-    return {
+    plan = {
         "format": FORMAT, "version": VERSION, "resolution": resolution, "crop": "center", "min_size": min_size,
         "dtype": dtype, "shape": latent_shape(vae, resolution), "byte_order": "little",
         "flip_variants": flip_variants, "vae": vae_record(vae), "vae_dtype": vae_dtype, "batch_size": batch_size,
@@ -119,6 +134,9 @@ def build_plan(sources: list[ShardSource], vae: "AutoencoderKL", *, resolution: 
         "sources": [{"name": redact_url(s.name), "weight": s.weight, "source_samples": s.samples,
                      "shards": [[redact_url(url), _output_name(url)] for url in s.shards]} for s in sources],
     }
+    if buckets is not None:  # squares keep the plan they always had (a rerun of an older encoding still matches)
+        plan["buckets"] = buckets.to_json()
+    return plan
 
 
 def open_output(out: Store, plan: dict) -> None:
@@ -237,6 +255,9 @@ def finalize(out: Store, plan: dict) -> Optional[dict]:
         "members": {MOMENTS: "mean then log-variance channels of the VAE posterior, raw bytes, shape and dtype "
                              "above",
                     MOMENTS_FLIPPED: "the same for the horizontally flipped image" if plan["flip_variants"] else None,
+                    MICROCOND: "the moments' micro-conditioning: original height, width; crop top, left; target "
+                               "height, width; six little-endian int32",
+                    MICROCOND_FLIPPED: "the same for the flipped image" if plan["flip_variants"] else None,
                     "txt": "caption, as in the source", "json": "metadata, as in the source (when it had one)"},
         "sources": sources, "samples": sum(s["samples"] for s in sources), "skipped": dict(sorted(skipped.items())),
         "shards": records,
@@ -251,13 +272,14 @@ def finalize(out: Store, plan: dict) -> Optional[dict]:
 
 class ShardImages(torch.utils.data.IterableDataset):
     """The shards a rank's data-loader workers claim (``ShardClaims``), each worker its own: per shard, batches
-    of centre-cropped uint8 images in the shard's order, the last one flagged with the shard's skip counts.
-    ``rank``/``world_size``: where this rank's workers sit among all ranks' workers."""
+    of centre-cropped uint8 images in the shard's order (with ``buckets``: per bucket, each batch one bucket's,
+    as they fill), the last one flagged with the shard's skip counts. ``rank``/``world_size``: where this rank's
+    workers sit among all ranks' workers."""
 
     def __init__(self, claims: ShardClaims, transform: ImageTransform, batch_size: int, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, buckets: Optional[BucketList] = None) -> None:
         self.claims, self.transform, self.batch_size = claims, transform, batch_size
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.buckets = rank, world_size, buckets
 
     def __iter__(self) -> Iterator[dict]:
         import webdataset as wds
@@ -266,6 +288,7 @@ class ShardImages(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         log = SkipLog(f"encode worker {worker}")  # warns about the first few of each reason, counts all
         unused_rng = random.Random(0)  # a centre crop without flip draws nothing
+        samples = ImageSamples(self.transform)
         refresh_every = self.claims.lease_s / 4
         for url, name in self.claims.claimed(self.rank * workers + worker, self.world_size * workers):
             refreshed = time.monotonic()
@@ -275,7 +298,8 @@ class ShardImages(torch.utils.data.IterableDataset):
                 skipped["tar_errors"] += 1
                 return log.tar_error(exn)
 
-            batch: list[tuple[str, torch.Tensor, bytes, Optional[bytes]]] = []
+            batches: dict[Optional[int], list[tuple]] = {}  # bucket (None: squares) -> its batch filling up
+            seq = 0  # the shard's usable samples, numbered in its order: the writer writes them in that order
             for sample in wds.tarfile_samples([{"url": url}], handler=tar_error):
                 if time.monotonic() - refreshed > refresh_every:  # still alive: keep the claim
                     self.claims.refresh(name)
@@ -287,23 +311,43 @@ class ShardImages(torch.utils.data.IterableDataset):
                     log.skip("unsafe_member_name", f"{url}: member name {sample['__key__']!r}: not a relative "
                                                    f"path inside the shard")
                     continue
+                sizes = sample_sizes(sample)  # the metadata the trainer assigns the bucket from
+                bucket = None if self.buckets is None else int(self.buckets.assign([sizes[0]], [sizes[1]])[0][0])
                 try:
-                    img, _ = self.transform.decode(sample)
+                    pixels, _, geometry, resized_width = samples.prepare_with_width(sample, unused_rng,
+                                                                                   self._target(bucket))
                 except SkipSample as skip:
                     skipped[skip.reason] += 1
                     log.skip(skip.reason, f"{url}:{sample['__key__']}: {skip}")
                     continue
-                batch.append((sample["__key__"], self.transform(img, unused_rng), sample["txt"], sample.get("json")))
+                batch = batches.setdefault(bucket, [])
+                batch.append((sample["__key__"], pixels, sample["txt"], sample.get("json"), geometry,
+                              mirrored(geometry, resized_width), sizes, seq))
+                seq += 1
                 if len(batch) == self.batch_size:
-                    yield self._pack(name, batch, None)
-                    batch = []
-            yield self._pack(name, batch, dict(skipped))
+                    yield self._pack(name, batches.pop(bucket), bucket, None)
+                # The writer keeps the shard's order, so a rare bucket's open batch would hold back every sample
+                # after it: encode it early (a smaller batch) once it holds back more than REORDER_WINDOW batches.
+                while batches and seq - min(b[0][7] for b in batches.values()) > REORDER_WINDOW * self.batch_size:
+                    oldest = min(batches, key=lambda b: batches[b][0][7])
+                    yield self._pack(name, batches.pop(oldest), oldest, None)
+            rest = sorted(batches, key=lambda b: batches[b][0][7])  # by their first sample: a fixed order
+            for bucket in rest[:-1]:
+                yield self._pack(name, batches[bucket], bucket, None)
+            yield self._pack(name, batches[rest[-1]] if rest else [], rest[-1] if rest else None, dict(skipped))
 
-    def _pack(self, name: str, batch: list, skipped: Optional[dict]) -> dict:
-        r = self.transform.resolution
+    def _target(self, bucket: Optional[int]) -> Optional[tuple[int, int]]:
+        return None if bucket is None or self.buckets is None else self.buckets.sizes[bucket]
+
+    def _pack(self, name: str, batch: list, bucket: Optional[int], skipped: Optional[dict]) -> dict:
+        tw, th = self._target(bucket) or (self.transform.resolution, self.transform.resolution)
         return {"name": name, "keys": [b[0] for b in batch], "txt": [b[2] for b in batch],
-                "json": [b[3] for b in batch], "last": skipped is not None, "skipped": skipped or {},
-                "pixels": torch.stack([b[1] for b in batch]) if batch else torch.empty(0, 3, r, r, dtype=torch.uint8)}
+                "json": [b[3] for b in batch], "geometry": [b[4] for b in batch],
+                "geometry_flip": [b[5] for b in batch],
+                "sizes": [b[6] for b in batch], "seq": [b[7] for b in batch], "last": skipped is not None,
+                "skipped": skipped or {},
+                "pixels": torch.stack([b[1] for b in batch]) if batch else torch.empty(0, 3, th, tw,
+                                                                                      dtype=torch.uint8)}
 
 
 def is_safe_member_key(key: str) -> bool:
@@ -325,6 +369,22 @@ class LatentShardWriter:
         self.file = out.writer(name, fsync=True)
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
         self.samples = 0
+        self.sizes: list[tuple[int, int, int, int]] = []  # each sample's source image size, in the shard's order
+        # Encoded samples waiting for an earlier one (bucket batches complete out of order): seq -> (key, members,
+        # sizes, PAX headers), or None for one that will not be written (non-finite moments).
+        self.waiting: dict[int, Optional[tuple[str, dict[str, bytes], tuple, dict]]] = {}
+        self.next_seq = 0
+
+    def put(self, seq: int, sample: Optional[tuple[str, dict[str, bytes], tuple, dict]]) -> None:
+        """Write the shard's samples in their order, each once every earlier one has come."""
+        self.waiting[seq] = sample
+        while self.next_seq in self.waiting:
+            ready = self.waiting.pop(self.next_seq)
+            self.next_seq += 1
+            if ready is not None:
+                key, members, sizes, headers = ready
+                self.add(key, members, headers)
+                self.sizes.append(sizes)
 
     def add(self, key: str, members: dict[str, bytes], headers: Optional[dict[str, dict[str, str]]] = None) -> None:
         """``headers``: {member extension: PAX records} (written for the shard's first sample only)."""
@@ -379,8 +439,10 @@ def encode(args: argparse.Namespace) -> int:
     sources = parse_sources(list(args.train_shards))
     vae = load_vae(args.pretrained_model_name_or_path, args.vae_name_or_path)
     vae.requires_grad_(False).eval()
+    buckets = encoding_buckets(args, vae)
     plan = build_plan(sources, vae, resolution=args.resolution, min_size=args.min_size, dtype=args.dtype,
-                      flip_variants=args.flip_variants, vae_dtype=args.vae_dtype, batch_size=args.batch_size)
+                      flip_variants=args.flip_variants, vae_dtype=args.vae_dtype, batch_size=args.batch_size,
+                      buckets=buckets)
     open_output(out, plan)
     vae.to(device)
     if args.vae_dtype != "fp32":
@@ -399,13 +461,14 @@ def encode(args: argparse.Namespace) -> int:
     progress = _progress(sizes_json_count(url for url, _ in todo) if world_size == 1 else None,
                          disable=args.disable_tqdm or rank != 0)
     encoder = ShardEncoder(vae, out, dict((name, url) for url, name in todo), claims,
-                           store_dtype=LATENT_DTYPES[args.dtype], flip_variants=args.flip_variants, progress=progress)
+                           store_dtype=LATENT_DTYPES[args.dtype], flip_variants=args.flip_variants, progress=progress,
+                           size_index=buckets is not None)
     started = time.perf_counter()
     manifest = None
     try:
         while True:
             loader = torch.utils.data.DataLoader(
-                ShardImages(claims, transform, args.batch_size, rank, world_size), batch_size=None,
+                ShardImages(claims, transform, args.batch_size, rank, world_size, buckets), batch_size=None,
                 num_workers=workers, pin_memory=device.type == "cuda", prefetch_factor=4 if workers > 0 else None)
             for item in loader:
                 encoder.add(item)
@@ -426,13 +489,34 @@ def encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def encoding_buckets(args: argparse.Namespace, vae: "AutoencoderKL") -> Optional[BucketList]:
+    """--aspect_ratio_buckets with the model's divisor: the VAE's downsampling and the UNet's, from the unet/ config
+    of --pretrained_model_name_or_path."""
+    if args.aspect_ratio_buckets == "off":
+        return None
+    if not args.pretrained_model_name_or_path:
+        raise EncodeError("--aspect_ratio_buckets needs --pretrained_model_name_or_path: its unet/ config gives the "
+                          "buckets' divisor (VAE x UNet downsampling)")
+    from diffusers import UNet2DConditionModel
+
+    try:
+        unet_config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet")
+    except (OSError, ValueError) as e:
+        raise EncodeError(f"--aspect_ratio_buckets: cannot read the UNet config of "
+                          f"{args.pretrained_model_name_or_path} ({type(e).__name__}): it gives the divisor") from None
+    buckets = resolve_buckets(args.aspect_ratio_buckets, args.resolution, model_divisor(vae.config, unet_config))
+    logger.info("aspect-ratio buckets (width x height): %s", buckets.key())
+    return buckets
+
+
 class ShardEncoder:
     """The main process's side: encodes each batch from the loader on the VAE's device, streams it into its
     shard's temporary file, and renames and records a shard when its last batch has come."""
 
     def __init__(self, vae: "AutoencoderKL", out: Store, urls: dict[str, str], claims: ShardClaims, *,
-                 store_dtype: torch.dtype, flip_variants: bool, progress: Any) -> None:
+                 store_dtype: torch.dtype, flip_variants: bool, progress: Any, size_index: bool = False) -> None:
         self.vae, self.out, self.urls, self.claims = vae, out, urls, claims
+        self.size_index = size_index  # write NNNNN.tar.sizes (bucketed latents: the trainer's bucket metadata)
         self.shards = 0  # finished by this process
         self.store_dtype, self.flip_variants, self.progress = store_dtype, flip_variants, progress
         self.writers: dict[str, LatentShardWriter] = {}  # one per worker's shard in progress
@@ -453,12 +537,17 @@ class ShardEncoder:
             for i, key in enumerate(item["keys"]):
                 if not finite[i]:  # a VAE in fp16 can overflow; training must never see it
                     self.nonfinite[name] += 1
+                    writer.put(item["seq"][i], None)
                     continue
                 members = {"txt": item["txt"][i]}
                 if item["json"][i] is not None:
                     members["json"] = item["json"][i]
                 members.update({ext: _raw(m[i]) for ext, m in variants.items()})
-                writer.add(key, members, {ext: self._layout(m[i]) for ext, m in variants.items()})
+                members[MICROCOND] = geometry_bytes(item["geometry"][i])
+                if self.flip_variants:
+                    members[MICROCOND_FLIPPED] = geometry_bytes(item["geometry_flip"][i])
+                writer.put(item["seq"][i], (key, members, tuple(item["sizes"][i]),
+                                               {ext: self._layout(m[i]) for ext, m in variants.items()}))
             self.encoded += int(finite.sum())
             self.progress.update(len(item["keys"]))
             self.hook("batch")
@@ -477,7 +566,10 @@ class ShardEncoder:
         shard_skipped = +shard_skipped  # without zero counts
         self.skipped.update(shard_skipped)
         writer = self.writers.pop(name)
+        assert not writer.waiting, f"{name}: samples {sorted(writer.waiting)} were never preceded"
         if writer.samples:
+            if self.size_index:  # before the shard is in place: a trainer never sees it without its sizes
+                self.out.write_bytes(name + SIZES_SUFFIX, sizes_bytes(np.asarray(writer.sizes, dtype=np.int32)))
             writer.commit()
             self.hook("shard")
         else:
@@ -523,6 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_size", type=int, default=None,
                    help="skip (and count) images whose shorter side is smaller; default: none, smaller images are "
                         "upscaled as in training")
+    p.add_argument("--aspect_ratio_buckets", default="off", metavar="auto|FILE|off",
+                   help="encode each image at its aspect-ratio bucket, as the trainer's --aspect_ratio_buckets (auto: "
+                        "from --resolution and the model's divisor, read from --pretrained_model_name_or_path's unet/ "
+                        "config; FILE: one WxH per line); train with the same flag (default: off, squares)")
     p.add_argument("--flip_variants", action="store_true",
                    help="also store the horizontally flipped image's moments, so that --random_flip works")
     p.add_argument("--batch_size", type=int, default=32, help="images per VAE forward on each device (default: 32)")

@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--resolution", type=int, default=None,
                      help="generated (and shard reference) image size; default: the training resolution recorded at "
                      "export, else the model's default")
+    gen.add_argument("--width", type=int, default=None, help="generated image width (default: --resolution's)")
+    gen.add_argument("--height", type=int, default=None, help="generated image height (default: --resolution's)")
     gen.add_argument("--batch_size", type=int, default=16, help="images per generation/scoring batch")
     gen.add_argument("--save_images", default=None, help="also write the generated images here (NNNNNN.png)")
     gen.add_argument("--device", default=None, help="default: this rank's GPU, else cpu")
@@ -143,10 +145,12 @@ def run(args: argparse.Namespace, dist_info: "DistInfo") -> Optional[dict[str, A
             save_dir = Path(args.save_images) / f"guidance_{guidance:g}" if args.save_images else None
             result = evaluate_generated(pipe, prompts, scorers, dist_info, seed=args.seed, steps=args.steps,
                                         guidance_scale=guidance, batch_size=args.batch_size, resolution=resolution,
+                                        width=args.width, height=args.height,
                                         save_dir=save_dir)
             if result is not None:
                 results.append({**result, "model": args.model, "ema": args.ema, "steps": args.steps,
                                 "guidance_scale": guidance, "resolution": resolution, "scheduler": "ddim",
+                                "width": args.width or resolution, "height": args.height or resolution,
                                 **settings})
     if not dist_info.is_main_process or not results:
         return None

@@ -313,17 +313,19 @@ def metrics_from(merged: dict[int, tuple[Optional[np.ndarray], Optional[float]]]
 
 def evaluate_generated(pipe: Any, prompts: Sequence[str], scorers: Scorers, dist_info: Optional["DistInfo"], *,
                        seed: int, steps: int, guidance_scale: float, batch_size: int, resolution: Optional[int],
-                       save_dir: Optional[Path] = None, strict: bool = True) -> Optional[dict[str, Any]]:
+                       save_dir: Optional[Path] = None, strict: bool = True, width: Optional[int] = None,
+                       height: Optional[int] = None) -> Optional[dict[str, Any]]:
     """Collective. Generate image i for prompts[i] from seed + i on the rank that owns its batch, score it there,
-    gather on rank 0: the metrics on rank 0, None elsewhere. Used by the CLI and by training-time evaluation."""
+    gather on rank 0: the metrics on rank 0, None elsewhere. Used by the CLI and by training-time evaluation.
+    Images are ``width`` x ``height`` (each default: ``resolution``)."""
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info is not None else (0, 1)
 
     def batches() -> Iterator[tuple[range, list[Image.Image], list[str]]]:
         for indices in my_batches(len(prompts), batch_size, rank, world):
             captions = [prompts[i] for i in indices]
             images = generate(pipe, captions, seeds=[seed + i for i in indices], steps=steps,
-                              guidance_scale=guidance_scale, batch_size=len(captions), width=resolution,
-                              height=resolution)
+                              guidance_scale=guidance_scale, batch_size=len(captions), width=width or resolution,
+                              height=height or resolution)
             if save_dir is not None:
                 save_dir.mkdir(parents=True, exist_ok=True)
                 for i, img in zip(indices, images):

@@ -1,7 +1,8 @@
 """What the trainer shows of its model while it trains: VAE reconstructions of training images, sample grids
-for their captions (guidance 1 and 7.5) and for fixed ``--validation_prompts``, drawn at the training
-resolution with the EMA weights when EMA is on (swapped into the UNet's own buffers by
-``sd_ds.engine.evaluation_unet``); written to TensorBoard and as PNGs in ``output_dir/samples/``.
+for their captions (guidance 1 and 7.5, at the batch's size: its aspect-ratio bucket when training on buckets)
+and for fixed ``--validation_prompts`` (square), drawn at the training resolution with the EMA weights when EMA is
+on (swapped into the UNet's own buffers by ``sd_ds.engine.evaluation_unet``); written to TensorBoard and as PNGs in
+``output_dir/samples/``.
 """
 
 from __future__ import annotations
@@ -74,11 +75,14 @@ def sample_grids(cfg: TrainConfig, components: Components, unet: Any, text_encod
     pipe = pipeline_from_components(components, unet, text_encoders)
     n = min(MAX_IMAGES, len(batch["captions"]))
     captions = list(batch["captions"][:n])
-    # The training resolution, not the UNet config's sample_size (512 px for SD v1 even when training at 256).
+    # The training resolution, not the UNet config's sample_size (512 px for SD v1 even when training at 256);
+    # with aspect-ratio buckets the batch's bucket, so its captions are drawn at the shape they were trained at.
+    height, width = batch["target_size"][0].tolist() if "target_size" in batch else (cfg.data.resolution,) * 2
     # All of a grid's images in one batch: one UNet call per denoising step instead of one per image (on 2 CPU
     # cores the demo's three grids took 9 s one by one); each image keeps its own seed, so batching does not
     # change which image a caption gets.
-    draw = {"height": cfg.data.resolution, "width": cfg.data.resolution, "batch_size": MAX_IMAGES}
+    draw = {"height": height, "width": width, "batch_size": MAX_IMAGES}
+    square = {**draw, "height": cfg.data.resolution, "width": cfg.data.resolution}
     steps = cfg.logging.num_inference_steps
     grids = {}
     if "pixel_values" in batch:
@@ -96,5 +100,5 @@ def sample_grids(cfg: TrainConfig, components: Components, unet: Any, text_encod
         grids[f"samples_guidance_{guidance:g}"] = image_grid(images, cols=n)
     if cfg.logging.validation_prompts:
         grids["validation_prompts"] = image_grid(
-            generate(pipe, cfg.logging.validation_prompts, steps=steps, guidance_scale=7.5, seed=0, **draw))
+            generate(pipe, cfg.logging.validation_prompts, steps=steps, guidance_scale=7.5, seed=0, **square))
     return grids, captions

@@ -9,7 +9,7 @@ import logging
 import sys
 import time
 from functools import partial
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -17,6 +17,7 @@ from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, TrainState, pla
 from sd_ds.config import TrainConfig, parse_config
 from sd_ds.data import (MetadataError, build_train_loader, check_latent_manifest, check_shard_metadata,
                         latent_manifest_of_shards, raise_if_raw_parts)
+from sd_ds.data.buckets import BucketError, BucketList, model_divisor, resolve_buckets
 from sd_ds.diffusers_export import save_base_components, save_trained_models
 from sd_ds.distributed import (DistInfo, StopSignal, close_distributed, default_loader_workers, init_distributed,
                                rank_seed, seed_everything)
@@ -70,6 +71,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     seed_everything(rank_seed(cfg.seed, dist_info.rank))
     # Same seed on every rank: all ranks build the same random UNet (DeepSpeed also broadcasts rank 0's).
     components = build_components(cfg.model, seed=cfg.seed)
+    buckets = training_buckets(cfg, components, dist_info)
     if dist_info.is_main_process:
         save_base_components(components, cfg.output_dir)  # so export never depends on the original model path
     latent_manifest = latent_manifest_of_shards(cfg.data.train_shards)
@@ -89,7 +91,8 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     loader = build_train_loader(cfg.data, tokenizer=components.tokenizer, model_max_length=cfg.model.model_max_length,
                                 micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, rank=dist_info.rank,
                                 world_size=dist_info.world_size, pin_memory=device.type == "cuda",
-                                all_reduce=dist_info.all_reduce)  # shards without sizes.json: one rank counts each
+                                all_reduce=dist_info.all_reduce,  # shards without sizes.json: one rank counts each
+                                buckets=buckets)
     # The generator behind every random draw of the objective (VAE sample, noise, timesteps); per rank.
     generator = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed, dist_info.rank))
     export = (partial(save_trained_models, engine, components, ema, is_main_process=dist_info.is_main_process)
@@ -149,6 +152,21 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     if any(skipped.values()):
         logger.info("data: samples skipped by reason over the run: %s", skipped)
     return state
+
+
+def training_buckets(cfg: TrainConfig, components: Any, dist_info: DistInfo) -> Optional[BucketList]:
+    """--aspect_ratio_buckets with the model's divisor; a list that does not fit the model ends the run (one line,
+    exit status 2)."""
+    try:
+        buckets = resolve_buckets(cfg.data.aspect_ratio_buckets, cfg.data.resolution,
+                                  model_divisor(components.vae.config, components.unet.config))
+    except BucketError as e:
+        if dist_info.is_main_process:
+            print(f"sd_ds.train: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if buckets is not None:
+        logger.info("aspect-ratio buckets (width x height): %s", buckets.key())
+    return buckets
 
 
 if __name__ == "__main__":

@@ -202,8 +202,10 @@ def build_validator(cfg: TrainConfig, dist_info: DistInfo, components: Component
         return Validator(cfg, dist_info, components, None, initial_step=initial_step)
     held_out = load_held_out(cfg, components, dist_info.device)
     timesteps = validation_timesteps(components.noise_scheduler.config.num_train_timesteps)
-    logger.info("validation: %d held-out samples x %d timesteps %s every %d steps, in batches of %d over %d rank(s)",
-                len(held_out), NUM_TIMESTEPS, timesteps, cfg.evaluation.validation_steps,
-                cfg.evaluation.validation_batch_size, dist_info.world_size)
+    logger.info("validation: %d held-out samples x %d timesteps %s every %d steps, in batches of %d over %d rank(s); "
+                "square centre crops at %d px%s", len(held_out), NUM_TIMESTEPS, timesteps,
+                cfg.evaluation.validation_steps, cfg.evaluation.validation_batch_size, dist_info.world_size,
+                cfg.data.resolution, "" if cfg.data.aspect_ratio_buckets == "off" else
+                " (training uses aspect-ratio buckets; validation keeps squares, comparable across runs)")
     return Validator(cfg, dist_info, components, held_out, initial_step=initial_step)
 

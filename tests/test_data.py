@@ -72,7 +72,12 @@ def test_batch_layout_range_and_tokens(tmp_path, tokenizer):
     expected = tokenizer(batch["captions"], padding="max_length", max_length=77, truncation=True,
                          return_tensors="pt").input_ids
     assert torch.equal(batch["input_ids"], expected)
-    assert set(batch) == {"pixel_values", "input_ids", "captions", "keys"}  # internal fields removed
+    # SDXL's micro-conditioning per sample, int64 [B, 2] (height, width) / (top, left): here square crops.
+    assert set(batch) == {"pixel_values", "input_ids", "captions", "keys", "original_size", "crop_top_left",
+                          "target_size"}  # internal fields removed
+    for name in ("original_size", "crop_top_left", "target_size"):
+        assert batch[name].shape == (4, 2) and batch[name].dtype == torch.int64
+    assert batch["target_size"].tolist() == [[RES, RES]] * 4
 
     dropped = take(loader([tmp_path], tokenizer, caption_dropout_prob=1.0), 1)[0]
     assert dropped["captions"] == [""] * 4

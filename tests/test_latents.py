@@ -226,7 +226,10 @@ def test_the_loader_gives_the_image_runs_samples_as_moments(tmp_path, vae_dir, t
     for image_batch, latent_batch in zip(from_images, from_latents):
         assert image_batch["keys"] == latent_batch["keys"] and image_batch["captions"] == latent_batch["captions"]
         assert torch.equal(image_batch["input_ids"], latent_batch["input_ids"])
-        assert set(latent_batch) == {"latent_moments", "input_ids", "captions", "keys"}
+        assert set(latent_batch) == {"latent_moments", "input_ids", "captions", "keys", "original_size",
+                                     "crop_top_left", "target_size"}
+        for name in ("original_size", "crop_top_left", "target_size"):  # stored with the moments: the image run's
+            assert torch.equal(latent_batch[name], image_batch[name]), name
         moments = latent_batch["latent_moments"]
         assert moments.shape == (4, 8, 8, 8) and moments.dtype == torch.float16
         pixels = image_batch["pixel_values"]

@@ -1,11 +1,13 @@
-"""Index shard directories once: the missing sizes.json, and a member index per shard.
+"""Index shard directories once: the missing sizes.json, and a member index and a size index per shard.
 
     python -m sd_ds.data.index s3://bucket/shards/ /data/more_shards/ [--workers 16]
 
 For each directory (local or any fsspec URL), every ``*.tar`` that its sizes.json does not list yet, or that has
-no member index, is read once (in parallel threads): its sample count is merged into sizes.json and the byte
+no member index or size index, is read (in parallel threads): its sample count is merged into sizes.json, the byte
 offset of each sample goes to ``NNNNN.tar.offsets`` beside it, so that a reader starting inside a shard (each
-epoch's span boundaries, every resume) seeks to its sample instead of reading the shard from its start. Files are
+epoch's span boundaries, every resume) seeks to its sample instead of reading the shard from its start, and each
+sample's image size (from its JSON, else its image header) to ``NNNNN.tar.sizes`` (``sd_ds.data.image_sizes``),
+so that aspect-ratio bucketing reads one small file per shard instead of the shard. Files are
 written beside the shards (local ones atomically, objects in one PUT). Unreadable shards are reported and left
 out. The converter and the latent encoder write sizes.json themselves: without the member index a reader skips
 at most one shard's samples.
@@ -21,6 +23,7 @@ import sys
 from typing import Optional
 
 from sd_ds import fileio
+from sd_ds.data.image_sizes import SIZES_SUFFIX, read_shard_sizes, write_size_index
 from sd_ds.data.reading import OFFSETS_SUFFIX, basename, offsets_bytes, sample_offsets
 from sd_ds.data.sources import SIZES_JSON
 
@@ -28,17 +31,20 @@ logger = logging.getLogger("sd_ds.data.index")
 
 
 def index_shard(shard: str) -> Optional[int]:
-    """Write the shard's member index; its sample count (None: not a readable tar)."""
+    """Write the shard's member index and size index; its sample count (None: not a readable tar)."""
     import tarfile
 
     try:
         offsets = sample_offsets(shard)
         with fileio.open_file(shard, "rb") as f:
             size = f.seek(0, 2)
+        sizes = read_shard_sizes(shard)  # a second read: the JSON members and image headers
     except (tarfile.TarError, OSError, ValueError, EOFError) as e:
         logger.warning("%s: not a readable tar (%s: %s): left out", shard, type(e).__name__, e)
         return None
     fileio.write_bytes_to(shard + OFFSETS_SUFFIX, offsets_bytes(size, offsets))
+    if len(sizes) == len(offsets):
+        write_size_index(shard, sizes)
     return len(offsets)
 
 
@@ -47,9 +53,10 @@ def index_directory(directory: str, workers: int = 8) -> dict[str, int]:
     sizes = fileio.read_json_if_exists(fileio.join(directory, SIZES_JSON)) or {}
     shards = fileio.list_files(directory, ".tar")
     indexed = {basename(s)[:-len(OFFSETS_SUFFIX)] for s in fileio.list_files(directory, ".tar" + OFFSETS_SUFFIX)}
-    todo = [s for s in shards if basename(s) not in sizes or basename(s) not in indexed]
+    sized = {basename(s)[:-len(SIZES_SUFFIX)] for s in fileio.list_files(directory, ".tar" + SIZES_SUFFIX)}
+    todo = [s for s in shards if basename(s) not in sizes or basename(s) not in indexed or basename(s) not in sized]
     if not todo:
-        logger.info("%s: every shard has its size and member index", directory)
+        logger.info("%s: every shard has its sample count, member index and size index", directory)
         return sizes
     with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
         for shard, n in zip(todo, pool.map(index_shard, todo)):

@@ -8,7 +8,18 @@ Per epoch, in each data-loader worker (one *reader*: rank x workers + worker) of
       resize, crop, flip (latent shards: pick the stored moments) ─ caption dropout ─ batch + tokenise
     ─ exactly batches_per_worker batches
 
-Image shards give uint8 ``pixel_values`` [B,3,R,R]; latent shards give ``latent_moments`` [B,2C,R/f,R/f].
+A batch (a dict):
+
+- ``pixel_values`` uint8 [B,3,H,W] (image shards) or ``latent_moments`` [B,2C,H/f,W/f] in the stored dtype
+  (latent shards): H = W = --resolution, or one aspect-ratio bucket's size per batch (--aspect_ratio_buckets);
+- ``input_ids`` int64 [B, model_max_length], ``captions`` (after caption dropout), ``keys``;
+- SDXL's micro-conditioning, int64 [B,2] each (``sd_ds.data.transforms``): ``original_size`` (height, width) of the
+  source image before any resize, ``crop_top_left`` (top, left) of the crop in the resized image (mirrored with a
+  flip), ``target_size`` (height, width) of the crop.
+
+With --aspect_ratio_buckets every micro batch holds one bucket (ranks may be in different buckets at one step): the
+readers serve micro batches formed over the whole epoch's order (``sd_ds.data.bucket_order``) instead of
+positions, and a reader's position is the number of batches it served.
 Randomness: the order from (seed, epoch, sources' metadata); a sample's crop, flip and caption dropout from
 (seed, epoch, shard name, sample key, repeat). Each batch carries which worker made it and how many raw
 positions of its span that worker had consumed; ``TrainLoader`` records that as it hands batches to the training
@@ -34,6 +45,9 @@ import torch
 
 from sd_ds.config import DataConfig
 from sd_ds.data import order as order_lib
+from sd_ds.data.bucket_order import BucketedEpoch, plan_summary
+from sd_ds.data.buckets import BucketList
+from sd_ds.data.image_sizes import BucketMeta, build_bucket_meta
 from sd_ds.data.reading import SourceCursor, basename
 from sd_ds.data.sources import (ShardSource, count_here, count_missing, latent_manifest_of_shards, parse_sources,
                                 shared_counter)
@@ -45,7 +59,9 @@ logger = logging.getLogger("sd_ds.data")
 
 DEBUG_KEYS_ENV = "SD_DS_DATA_KEYS"
 """Debug/test hook: a directory; each rank appends the keys of every batch the training loop takes to
-``keys.rank{r}.txt`` there (epoch, then the keys), so a test can check which samples were served."""
+``keys.rank{r}.txt`` there (epoch, then the keys), and the batch tensor's height and width to
+``shapes.rank{r}.txt`` (epoch, then HxW of ``pixel_values`` or ``latent_moments``), so a test can check which
+samples were served and at which size."""
 
 
 def _rng(*parts: Any) -> random.Random:
@@ -74,8 +90,14 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, sources: list[ShardSource], *, tokenizer: Any, samples: "ImageSamples | LatentSamples",
                  micro_batch_size: int, model_max_length: int, caption_dropout_prob: float, shuffle_block: int,
                  seed: int, rank: int, world_size: int, num_workers: int, resample: bool, epoch_length: int,
-                 max_skips_in_a_row: int, retry_policy: Optional[RetryPolicy] = None) -> None:
+                 max_skips_in_a_row: int, retry_policy: Optional[RetryPolicy] = None,
+                 bucket_meta: Optional[BucketMeta] = None) -> None:
         self.sources, self.tokenizer, self.samples = sources, tokenizer, samples
+        # Bucketed: the units the readers' spans cut are micro batches (one bucket each), not positions.
+        self.bucket_meta = bucket_meta
+        self.unit = 1 if bucket_meta is not None else micro_batch_size
+        self.unit_name = "batches" if bucket_meta is not None else "samples"
+        self._units: dict[int, int] = {}
         self.metas = [order_lib.SourceMeta(s.seed_key(i), s.weight, tuple(s.sizes or ()))
                       for i, s in enumerate(sources)]
         self.micro_batch_size, self.model_max_length = micro_batch_size, model_max_length
@@ -87,17 +109,35 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.retry_policy = retry_policy or default_policy()  # travels with the dataset into the workers
         self.epoch = 0
         self.resume: dict[int, tuple[int, int]] = {}  # worker -> (batches taken, raw positions consumed)
-        self.set_segment([(0, epoch_length)])
+        self.set_segment([(0, self.epoch_units(0))])
 
     def set_segment(self, intervals: order_lib.Intervals) -> None:
-        """The positions this epoch still serves (all, or what a resumed run left), cut into this run's spans."""
+        """The units (positions, or bucketed batches) this epoch still serves (all, or what a resumed run left),
+        cut into this run's spans."""
         self.intervals = [(int(a), int(b)) for a, b in intervals]
-        self.span = order_lib.span_length(order_lib.total(self.intervals), self.readers, self.micro_batch_size)
-        self.batches_per_worker = self.span // self.micro_batch_size
+        self.span = order_lib.span_length(order_lib.total(self.intervals), self.readers, self.unit)
+        self.batches_per_worker = self.span // self.unit
 
-    def order(self) -> order_lib.EpochOrder:
-        return order_lib.EpochOrder(self.metas, seed=self.seed, epoch=self.epoch, length=self.epoch_length,
-                                    block=self.shuffle_block, resample=self.resample)
+    def epoch_units(self, epoch: int) -> int:
+        """The units an epoch serves: its positions, or (bucketed) the micro batches its buckets fill."""
+        if self.bucket_meta is None:
+            return self.epoch_length
+        if epoch not in self._units:
+            units = self.bucketed(epoch).total_batches()
+            if units < 1:
+                raise ValueError(f"aspect-ratio buckets: no bucket fills a micro batch of {self.micro_batch_size} in "
+                                 f"an epoch of {self.epoch_length} samples: use a smaller micro batch, fewer "
+                                 f"buckets or more data")
+            self._units[epoch] = units
+        return self._units[epoch]
+
+    def order(self, epoch: Optional[int] = None) -> order_lib.EpochOrder:
+        return order_lib.EpochOrder(self.metas, seed=self.seed, epoch=self.epoch if epoch is None else epoch,
+                                    length=self.epoch_length, block=self.shuffle_block, resample=self.resample)
+
+    def bucketed(self, epoch: Optional[int] = None) -> BucketedEpoch:
+        assert self.bucket_meta is not None
+        return BucketedEpoch(self.order(epoch), self.bucket_meta, self.micro_batch_size)
 
     def _raw_samples(self, worker: int, start: int, log: SkipLog) -> Iterator[dict]:
         """This reader's raw samples from raw position ``start`` on (endless: the span repeats if skipped
@@ -153,44 +193,113 @@ class ShardStream(torch.utils.data.IterableDataset):
         if batches_done >= self.batches_per_worker:
             return  # this worker's share of the epoch was taken before the checkpoint
         log = SkipLog(f"data rank {self.rank} worker {worker} epoch {self.epoch}")
-        skips_in_a_row = 0
-
-        def prepare(sample: dict) -> Optional[dict]:
-            nonlocal skips_in_a_row
-            # The sample's own RNG: its random choices do not depend on which samples came before it.
-            rng = _rng(self.seed, self.epoch, basename(sample["__url__"]), sample["__key__"], sample["__repeat__"])
-            try:
-                data, caption = self.samples.prepare(sample, rng)
-            except SkipSample as skip:
-                log.skip(skip.reason, f"{sample.get('__url__')}:{sample['__key__']}: {skip}")
-                skips_in_a_row += 1
-                if skips_in_a_row > self.max_skips_in_a_row:  # a stream with nothing usable must not spin forever
-                    raise RuntimeError(f"rank {self.rank} worker {worker}: {skips_in_a_row} samples in a row were "
-                                       f"unusable ({dict(log.counts)}); check the shards and --min_size/--resolution")
-                return None
-            skips_in_a_row = 0
-            caption = "" if rng.random() < self.caption_dropout_prob else caption  # for CFG
-            return {"data": data, "caption": caption, "key": sample["__key__"], "index": sample["__index__"]}
-
-        batch_numbers = itertools.count(batches_done + 1)
-
-        def collate(samples: list[dict]) -> dict:
-            captions = [s["caption"] for s in samples]
-            return {
-                self.samples.batch_key: self.samples.collate([s["data"] for s in samples]),
-                "input_ids": tokenize(self.tokenizer, captions, self.model_max_length),  # [B, model_max_length]
-                "captions": captions,
-                "keys": [s["key"] for s in samples],
-                # (epoch, worker, batches made, raw positions consumed) for TrainLoader's exact state
-                "__position__": torch.tensor([self.epoch, worker, next(batch_numbers), samples[-1]["index"] + 1]),
-                "__stats__": dict(log.counts),
-            }
-
+        maker = _BatchMaker(self, worker, log, batches_done)
+        if self.bucket_meta is not None:
+            yield from self._bucketed_batches(worker, raw_done, log, maker)
+            return
         yield from wds.DataPipeline(
             lambda: self._raw_samples(worker, raw_done, log),
-            wds.map(prepare),
-            _batched(self.micro_batch_size, collate),
+            wds.map(maker.prepare),
+            _batched(self.micro_batch_size, maker.collate),
         ).with_epoch(self.batches_per_worker - batches_done)
+
+    def _bucketed_batches(self, worker: int, raw_done: int, log: SkipLog, maker: "_BatchMaker") -> Iterator[dict]:
+        """This reader's bucketed batches from raw index ``raw_done`` (batches of its span served) on: each batch
+        ordinal of its span gives one batch. A skipped sample's place is taken by a repeat of a good sample of its
+        batch; a batch with none is replaced by the reader's previous batch (or, at its start, its next one)."""
+        epoch = self.bucketed()
+        base = epoch.base
+        span = order_lib.reader_span(self.intervals, self.rank * self.num_workers + worker, self.readers, self.span)
+        span_len = order_lib.total(span)
+        cursors = [SourceCursor(s.shards, log.tar_error, Backoff(self.retry_policy, log.storage_retry))
+                   for s in self.sources]
+        sizes = self.bucket_meta.buckets.sizes  # type: ignore[union-attr]
+        raw = raw_done
+        previous: Optional[list[dict]] = None
+        owed: list[int] = []  # raw indices of batches with no usable sample, before any usable one
+        try:
+            for a, b in order_lib.cut(span, raw_done, span_len - raw_done):
+                held: dict[int, tuple[Optional[dict], int]] = {}
+                for plan in epoch.walk(a, b):
+                    items = sorted((base.item(p), p) for p in plan.read)
+                    for (s, k), p in items:  # source by source, in shard order: each shard streamed once
+                        shard, member, epoch_pass = base.locate(s, k)
+                        held[p] = (cursors[s].get(shard, member), epoch_pass)
+                    for _, bucket, members in plan.batches:
+                        raw += 1
+                        target = sizes[bucket]
+                        good = []
+                        for p in members:
+                            sample, epoch_pass = held.pop(p)
+                            prepared = maker.prepare({**sample, "__index__": raw - 1, "__repeat__": epoch_pass},
+                                                     target) if sample is not None else maker.missing()
+                            if prepared is not None:
+                                good.append(prepared)
+                        if not good:
+                            if previous is None:
+                                owed.append(raw)
+                                continue
+                            good = previous
+                        batch = [good[i % len(good)] for i in range(self.micro_batch_size)]
+                        for owed_raw in owed:  # the first usable batch stands in for the empty ones before it
+                            yield maker.collate(batch, raw=owed_raw)
+                        owed = []
+                        previous = good
+                        yield maker.collate(batch, raw=raw)
+        finally:
+            for cursor in cursors:
+                cursor.close()
+
+
+class _BatchMaker:
+    """One reader's preparation of samples (decode/transform or stored moments, caption dropout, skip accounting)
+    and batches (tensors, tokens, geometry, its position for TrainLoader)."""
+
+    def __init__(self, stream: ShardStream, worker: int, log: SkipLog, batches_done: int) -> None:
+        self.stream, self.worker, self.log = stream, worker, log
+        self.skips_in_a_row = 0
+        self.batch_numbers = itertools.count(batches_done + 1)
+
+    def prepare(self, sample: dict, target: Optional[tuple[int, int]] = None) -> Optional[dict]:
+        st = self.stream
+        # The sample's own RNG: its random choices do not depend on which samples came before it.
+        rng = _rng(st.seed, st.epoch, basename(sample["__url__"]), sample["__key__"], sample["__repeat__"])
+        try:
+            data, caption, geometry = st.samples.prepare(sample, rng, target)
+        except SkipSample as skip:
+            self.log.skip(skip.reason, f"{sample.get('__url__')}:{sample['__key__']}: {skip}")
+            return self.missing()
+        self.skips_in_a_row = 0
+        caption = "" if rng.random() < st.caption_dropout_prob else caption  # for CFG
+        return {"data": data, "caption": caption, "key": sample["__key__"], "index": sample["__index__"],
+                "geometry": geometry}
+
+    def missing(self) -> None:
+        """A sample that could not be used (skipped, or missing from its shard)."""
+        self.skips_in_a_row += 1
+        if self.skips_in_a_row > self.stream.max_skips_in_a_row:  # a stream with nothing usable must not spin
+            raise RuntimeError(f"rank {self.stream.rank} worker {self.worker}: {self.skips_in_a_row} samples in a "
+                               f"row were unusable ({dict(self.log.counts)}); check the shards and "
+                               f"--min_size/--resolution")
+        return None
+
+    def collate(self, samples: list[dict], raw: Optional[int] = None) -> dict:
+        st = self.stream
+        captions = [s["caption"] for s in samples]
+        geometry = torch.tensor([s["geometry"] for s in samples], dtype=torch.int64)  # [B, 6]
+        return {
+            st.samples.batch_key: st.samples.collate([s["data"] for s in samples]),
+            "input_ids": tokenize(st.tokenizer, captions, st.model_max_length),  # [B, model_max_length]
+            "captions": captions,
+            "keys": [s["key"] for s in samples],
+            "original_size": geometry[:, 0:2].contiguous(),  # [B, 2] (height, width)
+            "crop_top_left": geometry[:, 2:4].contiguous(),  # [B, 2] (top, left)
+            "target_size": geometry[:, 4:6].contiguous(),  # [B, 2] (height, width)
+            # (epoch, worker, batches made, raw positions consumed) for TrainLoader's exact state
+            "__position__": torch.tensor([st.epoch, self.worker, next(self.batch_numbers),
+                                          samples[-1]["index"] + 1 if raw is None else raw]),
+            "__stats__": dict(self.log.counts),
+        }
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -234,7 +343,7 @@ class TrainLoader:
         self._stats_before: collections.Counter[str] = collections.Counter()  # earlier epochs and runs
         self._stats_epoch: dict[int, dict] = {}  # worker -> its counts this epoch, as of the last batch taken
         self._workers: Optional[Iterator] = None  # the running DataLoader iterator
-        self._keys_file = self._open_keys_log()
+        self._keys_file, self._shapes_file = self._open_debug_log("keys"), self._open_debug_log("shapes")
         _LIVE_LOADERS.add(self)
 
     @property
@@ -243,12 +352,12 @@ class TrainLoader:
         readers)."""
         return self.dataset.batches_per_worker * max(1, self.num_workers)
 
-    def _open_keys_log(self) -> Any:
+    def _open_debug_log(self, what: str) -> Any:
         directory = os.environ.get(DEBUG_KEYS_ENV)
         if not directory:
             return None
         os.makedirs(directory, exist_ok=True)
-        return open(os.path.join(directory, f"keys.rank{self.dataset.rank}.txt"), "a", buffering=1)
+        return open(os.path.join(directory, f"{what}.rank{self.dataset.rank}.txt"), "a", buffering=1)
 
     def _loader(self) -> torch.utils.data.DataLoader:
         self.dataset.epoch = self.epoch
@@ -278,6 +387,8 @@ class TrainLoader:
                         next_number += 1
                         if self._keys_file is not None:
                             self._keys_file.write(f"{self.epoch} {' '.join(ready['keys'])}\n")
+                            height, width = ready[self.dataset.samples.batch_key].shape[-2:]
+                            self._shapes_file.write(f"{self.epoch} {height}x{width}\n")
                         yield ready
             except StorageUnavailable as e:  # from a worker: its message, not the worker's traceback
                 raise StorageUnavailable(e.one_line()) from None
@@ -300,7 +411,7 @@ class TrainLoader:
         self._stats_epoch = {}
         self._taken = {}
         self.epoch += 1
-        self.dataset.set_segment([(0, self.dataset.epoch_length)])
+        self.dataset.set_segment([(0, self.dataset.epoch_units(self.epoch))])
 
     def _stats_total(self) -> collections.Counter[str]:
         total = collections.Counter(self._stats_before)
@@ -321,7 +432,7 @@ class TrainLoader:
         taken = sum(b for b, _ in self._taken.values())
         done = taken == self.batches_per_epoch
         return {"epoch": self.epoch + 1 if done else self.epoch,
-                "intervals": [[0, d.epoch_length]] if done else [list(i) for i in d.intervals],
+                "intervals": [[0, d.epoch_units(self.epoch + 1)]] if done else [list(i) for i in d.intervals],
                 "readers": d.readers, "span": d.span, "rank": d.rank,
                 "workers": [] if done else [[w, b, r] for w, (b, r) in sorted(self._taken.items())],
                 "world_size": d.world_size, "num_workers": self.num_workers, "fingerprint": self.fingerprint,
@@ -338,9 +449,12 @@ class TrainLoader:
         self._stats_epoch = {}
         self.epoch = int(state["epoch"])
         self._taken = {}
-        self.dataset.set_segment([(0, self.dataset.epoch_length)])
+        self.dataset.set_segment([(0, self.dataset.epoch_units(self.epoch))])
+        saved_fingerprint = state.get("fingerprint", {})
+        # Both ways: a key only the saved run had (e.g. its bucket list, resumed without buckets) is a change too.
         changed = [f"{name}={saved!r} (now {now!r})" for name, saved, now in (
-            (k, state.get("fingerprint", {}).get(k), v) for k, v in self.fingerprint.items()) if saved != now]
+            (k, saved_fingerprint.get(k), self.fingerprint.get(k))
+            for k in [*self.fingerprint, *(k for k in saved_fingerprint if k not in self.fingerprint)]) if saved != now]
         if changed or "intervals" not in state:
             logger.warning("data state was saved with %s: the saved position means other samples now, so data "
                            "epoch %d restarts from its beginning", ", ".join(changed) or "an older format", self.epoch)
@@ -356,7 +470,7 @@ class TrainLoader:
         if states is None:
             logger.warning("data state was saved by %d ranks and their states are not available: data epoch %d "
                            "restarts from its beginning", state["world_size"], self.epoch)
-            self.dataset.set_segment([(0, self.dataset.epoch_length)])
+            self.dataset.set_segment([(0, self.dataset.epoch_units(self.epoch))])
             return
         consumed = {}
         for s in states:
@@ -368,28 +482,32 @@ class TrainLoader:
         served = order_lib.total(intervals) - order_lib.total(left)
         if not left:
             self.epoch += 1
-            self.dataset.set_segment([(0, self.dataset.epoch_length)])
+            self.dataset.set_segment([(0, self.dataset.epoch_units(self.epoch))])
             logger.info("elastic data resume: data epoch %d was finished by the saved run; epoch %d starts",
                         self.epoch - 1, self.epoch)
             return
         self.dataset.set_segment(left)
         logger.info(
             "elastic data resume: saved by %d rank(s) x %d worker(s), now %d x %d: data epoch %d continues with the "
-            "%d samples its readers had not consumed (%d served before), cut into %d spans of %d; no sample of "
+            "%d %s its readers had not consumed (%d served before), cut into %d spans of %d; no sample of "
             "the epoch is served twice or skipped (but for the last %d that do not fill a batch on every reader)",
             state["world_size"], max(1, state["num_workers"]), self.dataset.world_size, max(1, self.num_workers),
-            self.epoch, order_lib.total(left), served, self.dataset.readers, self.dataset.span,
-            order_lib.total(left) - self.dataset.readers * self.dataset.span)
+            self.epoch, order_lib.total(left), self.dataset.unit_name, served, self.dataset.readers,
+            self.dataset.span, order_lib.total(left) - self.dataset.readers * self.dataset.span)
 
 
 def build_train_loader(data: "DataConfig", *, tokenizer: Any, model_max_length: int, micro_batch_size: int,
                        seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
-                       all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> TrainLoader:
+                       all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                       buckets: Optional[BucketList] = None) -> TrainLoader:
     """This rank's loader for the ``--train_shards`` in ``data``: image shards, or latent shards when their
     directory holds an encoder manifest (``latent_manifest_of_shards``). ``all_reduce`` (a sum over the ranks on
-    CPU tensors, the trainer's control group) shares the counting of shards that no sizes.json lists: each is
-    read by one rank."""
+    CPU tensors, the trainer's control group) shares the counting of shards that no sizes.json lists, and the
+    reading of image sizes for ``buckets``: each shard is read by one rank. ``buckets``: aspect-ratio buckets
+    (``sd_ds.data.buckets.resolve_buckets``), None for squares."""
     manifest = latent_manifest_of_shards(list(data.train_shards))
+    if manifest is not None:
+        check_latent_buckets(manifest, buckets)
     sources = parse_sources(list(data.train_shards))
     counter = shared_counter(rank, world_size, all_reduce) if all_reduce is not None and world_size > 1 else count_here
     sources, unreadable = count_missing(sources, counter)
@@ -414,7 +532,9 @@ def build_train_loader(data: "DataConfig", *, tokenizer: Any, model_max_length: 
         shuffle_block=data.shuffle_block, seed=seed, rank=rank, world_size=world_size,
         num_workers=data.dataloader_num_workers, resample=data.resample_shards, epoch_length=total,
         # About two passes over a worker's share with nothing usable: broken data, not bad luck.
-        max_skips_in_a_row=2 * math.ceil(total / (world_size * workers)) + 1000)
+        max_skips_in_a_row=2 * math.ceil(total / (world_size * workers)) + 1000,
+        bucket_meta=build_bucket_meta(sources, buckets, rank=rank, world_size=world_size, all_reduce=all_reduce)
+        if buckets is not None else None)
     if data.dataloader_num_workers > 0:
         # Tokenising happens in the workers; a Rust tokenizer's own thread pool there only oversubscribes.
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -425,10 +545,38 @@ def build_train_loader(data: "DataConfig", *, tokenizer: Any, model_max_length: 
         # Latent shards lack the samples the encoder skipped: a position in an image run's stream means
         # other samples there, although the source names (hence the shuffles) are the same.
         fingerprint["latents"] = True
+    if dataset.bucket_meta is not None:
+        # A bucketed position is a batch ordinal: it means the same samples only with the same buckets, the same
+        # samples in them and the same micro batch.
+        fingerprint.update(buckets=buckets.key(), bucket_histograms=dataset.bucket_meta.digest(),
+                           micro_batch_size=micro_batch_size)
+        if dataset.bucket_meta.clamped:
+            shard_stats["aspect_clamped"] = dataset.bucket_meta.clamped
     loader = TrainLoader(dataset, num_workers=data.dataloader_num_workers, pin_memory=pin_memory,
                          fingerprint=fingerprint, shard_stats=shard_stats)
     logger.info("data: %d %s source(s), %d samples/epoch, %d batches/epoch on each rank (%d worker(s) x %d); "
                 "%d readers serve every sample once per epoch (elastic: a resume on other ranks/workers continues "
                 "the epoch)", len(sources), "image" if manifest is None else "latent", total, loader.batches_per_epoch,
                 workers, dataset.batches_per_worker, dataset.readers)
+    if dataset.bucket_meta is not None:
+        summary = plan_summary(dataset.bucketed(0))
+        logger.info("data: aspect-ratio buckets, one per micro batch: epoch 0 has %d batches of %d (samples per "
+                    "bucket %s); %d samples do not fill their bucket's last batch", summary["batches"],
+                    micro_batch_size, ", ".join(f"{k} {v}" for k, v in summary["per_bucket"].items() if v),
+                    summary["bucket_remainder"])
     return loader
+
+
+def check_latent_buckets(manifest: dict, buckets: Optional[BucketList]) -> None:
+    """Latent shards hold the crops of the bucket list they were encoded with (or squares): training with another
+    list (or none) is an error saying so."""
+    saved = manifest.get("buckets")
+    now = buckets.to_json() if buckets is not None else None
+    if saved == now:
+        return
+    def name(sizes: Optional[list]) -> str:
+        return "squares (--aspect_ratio_buckets off)" if sizes is None else \
+            f"aspect-ratio buckets {BucketList.from_json(sizes).key()}"
+    raise ValueError(f"latent shards ({manifest.get('output_dir', 'the --train_shards directory')}) were encoded "
+                     f"with {name(saved)}, this run trains with {name(now)}: train with the list they were encoded "
+                     f"with, or encode again with this run's --aspect_ratio_buckets")

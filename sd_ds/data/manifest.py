@@ -26,9 +26,11 @@ VERSION = 1
 LATENT_MANIFEST = "latents.json"  # in the output directory, written when every shard is encoded
 LATENT_WORK_DIR = ".encode"       # the encoder's plan and per-shard records while it runs
 MOMENTS, MOMENTS_FLIPPED = "moments", "moments_flip"  # sample members: raw little-endian [2C, R/f, R/f]
+# Sample members: each variant's micro-conditioning geometry, six little-endian int32 (sd_ds.data.transforms).
+MICROCOND, MICROCOND_FLIPPED = "microcond", "microcond_flip"
 LATENT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # What a cache fixes and every latent directory of one run must share.
-LATENT_COMPATIBLE = ("resolution", "crop", "dtype", "shape", "flip_variants", "vae")
+LATENT_COMPATIBLE = ("resolution", "crop", "dtype", "shape", "flip_variants", "vae", "buckets")
 
 
 def latent_manifest_in_dir(directory: Union[str, Path]) -> Optional[dict]:
