@@ -87,6 +87,7 @@ def worker(mode: str, model_dir: str, out: str) -> None:
     from diffusers import UNet2DConditionModel
 
     from bench_step_ops import NARROW_SD_V1_UNET
+    from sd_ds.conditioning import Conditioning
     from sd_ds.config import parse_config
     from sd_ds.distributed import init_distributed
     from sd_ds.engine import build_engine
@@ -117,7 +118,7 @@ def worker(mode: str, model_dir: str, out: str) -> None:
     generator = torch.Generator().manual_seed(1)
     for step in range(WARMUP + STEPS):
         recorder.counting = step >= WARMUP
-        loss = engine(latents, hidden, ids, generator)
+        loss = engine(latents, Conditioning(hidden), generator)
         engine.backward(loss)
         engine.step()
         recorder.counting = False

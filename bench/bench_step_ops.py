@@ -134,6 +134,7 @@ def plain_loop(steps: int, batch_size: int) -> dict:
 def sd_ds_engine(steps: int, batch_size: int, model_dir: Path) -> dict:
     from diffusers import UNet2DConditionModel
 
+    from sd_ds.conditioning import Conditioning
     from sd_ds.config import parse_config
     from sd_ds.distributed import init_distributed
     from sd_ds.engine import build_ema, build_engine
@@ -163,7 +164,7 @@ def sd_ds_engine(steps: int, batch_size: int, model_dir: Path) -> dict:
         device_syncs.counting = step >= 1
         with counter:
             with counter.counting("forward"):
-                loss = engine(latents, hidden, batch["input_ids"], generator)
+                loss = engine(latents, Conditioning(hidden), generator)
             with counter.counting("backward"):
                 engine.backward(loss)
             with counter.counting("optimizer step"):

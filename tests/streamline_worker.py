@@ -20,6 +20,7 @@ from bench_step_ops import OpCounter, SyncCounter  # noqa: E402
 def main() -> None:
     mode, model_dir, out_dir = sys.argv[1], sys.argv[2], sys.argv[3]
     import sd_ds.engine as engine_lib
+    from sd_ds.conditioning import Conditioning
     from sd_ds.config import parse_config
     from sd_ds.distributed import init_distributed
     from sd_ds.models import build_components
@@ -46,7 +47,7 @@ def main() -> None:
         counted = step in (2, 4)  # DeepSpeed's throughput timer starts timing at its step 2; 3 is the NaN step
         device_syncs.counting = counted
         with host_reads if counted else contextlib.nullcontext():
-            loss = engine(latents, hidden, ids, generator)
+            loss = engine(latents, Conditioning(hidden), generator)
             if step == 3:
                 loss = loss * float("nan")  # non-finite gradients everywhere: the step must be skipped
             engine.backward(loss)
