@@ -91,12 +91,13 @@ def loader_throughput(shard_dir: Path, tokenizer, *, num_workers: int, batches: 
     make the batches, main-process CPU ms per image), after each worker made its first batches. CPU time is
     what other jobs on a shared machine do not inflate much; wall-clock rates are what the trainer sees."""
     from sd_ds.config import DataConfig
+    from sd_ds.conditioning import CaptionTokenizer
     from sd_ds.data import build_train_loader
 
     data_cfg = DataConfig(train_shards=[str(shard_dir)], resolution=resolution, random_flip=random_flip,
                           center_crop=center_crop, dataloader_num_workers=num_workers, shuffle_block=200,
                           samples_per_epoch=10**7)  # no epoch end (worker restart) inside
-    data = build_train_loader(data_cfg, tokenizer=tokenizer, model_max_length=77, micro_batch_size=micro_batch_size,
+    data = build_train_loader(data_cfg, tokenize=CaptionTokenizer((tokenizer,), 77), micro_batch_size=micro_batch_size,
                               seed=0)
     it = iter(data)
     for _ in range(2 * max(1, num_workers)):  # fork, fill the shuffle buffer

@@ -79,6 +79,7 @@ def main() -> None:
     from transformers import CLIPTokenizer
 
     from sd_ds.config import DataConfig
+    from sd_ds.conditioning import CaptionTokenizer
     from sd_ds.data import build_train_loader
     from sd_ds.data.index import main as index_main
     from sd_ds.models import CLIP_TOKENIZER_DIR
@@ -97,8 +98,8 @@ def main() -> None:
         cfg = dict(resolution=32, dataloader_num_workers=0, shuffle_block=args.block, caption_dropout_prob=0.0)
         with HTTPFileServer(shards) as http:
             def new():
-                return build_train_loader(DataConfig(train_shards=[http.url()], **cfg), tokenizer=tokenizer,
-                                          model_max_length=77, micro_batch_size=mb, seed=0)
+                return build_train_loader(DataConfig(train_shards=[http.url()], **cfg),
+                                          tokenize=CaptionTokenizer((tokenizer,), 77), micro_batch_size=mb, seed=0)
 
             def before():
                 return old.build_train_loader(DataConfig(train_shards=[str(shards)], **cfg), tokenizer=tokenizer,

@@ -64,27 +64,35 @@ def time_ids(original_size: torch.Tensor, crop_top_left: torch.Tensor, target_si
     return torch.cat([original_size, crop_top_left, target_size], dim=1).float()
 
 
+@dataclass(frozen=True)
+class CaptionTokenizer:
+    """Captions → {input_ids[, input_ids_2]: [B, max_length]} plus [B] bool ``empty_caption``: the family's
+    tokenizers, each padding with its own pad token. Holds no model weights: it runs in the data loader's workers."""
+
+    tokenizers: tuple[Any, ...]
+    max_length: int
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        out = {key: tokenize(tok, captions, self.max_length) for key, tok in zip(TOKEN_KEYS, self.tokenizers)}
+        out[EMPTY_CAPTION_KEY] = torch.tensor([c == "" for c in captions], dtype=torch.bool)
+        return out
+
+
 class PromptEncoder:
-    """The family's prompt encoding: ``tokenize`` (captions → token ids per tokenizer) and ``encode`` (token ids →
-    Conditioning). ``text_encoders`` are the frozen ones; ``encode`` takes the trained ones when they train."""
+    """The family's prompt encoding: ``tokenize`` (a CaptionTokenizer: captions → token ids per tokenizer) and
+    ``encode`` (token ids → Conditioning). ``text_encoders`` are the frozen ones; ``encode`` takes the trained ones
+    when they train."""
 
     def __init__(self, family: Family, tokenizers: Sequence[Any], text_encoders: Sequence[torch.nn.Module], *,
                  max_length: int) -> None:
         if len(tokenizers) != len(family.tokenizers) or len(text_encoders) != len(family.text_encoders):
             raise ValueError(f"{family.name} needs {len(family.tokenizers)} tokenizer(s) and text encoder(s)")
-        self.family, self.tokenizers, self.text_encoders = family, list(tokenizers), list(text_encoders)
-        self.max_length = max_length
+        self.family, self.text_encoders = family, list(text_encoders)
+        self.tokenize = CaptionTokenizer(tuple(tokenizers), max_length)  # what the data loader's workers call
 
     @classmethod
     def for_components(cls, components: Components, max_length: int) -> "PromptEncoder":
         return cls(components.family, components.tokenizers, components.text_encoders, max_length=max_length)
-
-    def tokenize(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """{input_ids[, input_ids_2]: [B, max_length]} plus [B] bool ``empty_caption`` (picklable tensors: this runs
-        in the data loader's workers)."""
-        out = {key: tokenize(tok, captions, self.max_length) for key, tok in zip(TOKEN_KEYS, self.tokenizers)}
-        out[EMPTY_CAPTION_KEY] = torch.tensor([c == "" for c in captions], dtype=torch.bool)
-        return out
 
     def encode(self, tokens: dict[str, torch.Tensor], geometry: Optional[dict[str, torch.Tensor]] = None,
                text_encoders: Optional[Sequence[torch.nn.Module]] = None) -> Conditioning:

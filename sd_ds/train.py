@@ -88,9 +88,9 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     ema = build_ema(cfg, engine)
     if cfg.data.dataloader_num_workers is None:
         cfg.data.dataloader_num_workers = default_loader_workers(device)
-    loader = build_train_loader(cfg.data, tokenizer=components.tokenizer, model_max_length=cfg.model.model_max_length,
-                                micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, rank=dist_info.rank,
-                                world_size=dist_info.world_size, pin_memory=device.type == "cuda",
+    loader = build_train_loader(cfg.data, tokenize=prompt_encoder.tokenize, micro_batch_size=cfg.micro_batch_size,
+                                seed=cfg.seed, rank=dist_info.rank, world_size=dist_info.world_size,
+                                pin_memory=device.type == "cuda",
                                 all_reduce=dist_info.all_reduce,  # shards without sizes.json: one rank counts each
                                 buckets=buckets)
     # The generator behind every random draw of the objective (VAE sample, noise, timesteps); per rank.

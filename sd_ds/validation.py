@@ -27,7 +27,7 @@ from sd_ds.data import build_train_loader
 from sd_ds.diffusion import add_noise, diffusion_loss, prediction_target
 from sd_ds.distributed import DistInfo
 from sd_ds.ema import ShardedEMA
-from sd_ds.conditioning import EMPTY_CAPTION_KEY, GEOMETRY_KEYS, TOKEN_KEYS, PromptEncoder
+from sd_ds.conditioning import EMPTY_CAPTION_KEY, GEOMETRY_KEYS, TOKEN_KEYS, CaptionTokenizer, PromptEncoder
 from sd_ds.engine import conditioning_text_encoders, evaluation_unet
 from sd_ds.latents import encode_moments, sample_latents
 from sd_ds.metrics import StepMetrics
@@ -75,7 +75,7 @@ def load_held_out(cfg: TrainConfig, components: Components, device: torch.device
                                caption_dropout_prob=0.0, shuffle_block=1, samples_per_epoch=n, resample_shards=False,
                                dataloader_num_workers=0)
     # One sample per batch: an epoch is then exactly n samples (when the shards hold that many).
-    loader = build_train_loader(data, tokenizer=components.tokenizer, model_max_length=cfg.model.model_max_length,
+    loader = build_train_loader(data, tokenize=CaptionTokenizer(tuple(components.tokenizers), cfg.model.model_max_length),
                                 micro_batch_size=1, seed=ev.validation_seed, rank=0, world_size=1)
     vae = components.vae
     moments: list[torch.Tensor] = []

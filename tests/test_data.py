@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from sd_ds.config import DataConfig
+from sd_ds.conditioning import CaptionTokenizer
 from sd_ds.data import ImageTransform, build_train_loader, raise_if_raw_parts
 from tests.helpers import encode_image, photo_sample, photos, write_photo_shards
 
@@ -36,9 +37,9 @@ def loader(shards, tokenizer, *, micro_batch_size: int = 4, seed: int = 7, rank:
     fields = dict(resolution=RES, dataloader_num_workers=0, shuffle_block=8, random_flip=True,
                   caption_dropout_prob=0.2)
     fields.update(data_fields)
-    return build_train_loader(DataConfig(train_shards=[str(s) for s in shards], **fields), tokenizer=tokenizer,
-                              model_max_length=77, micro_batch_size=micro_batch_size, seed=seed, rank=rank,
-                              world_size=world_size)
+    return build_train_loader(DataConfig(train_shards=[str(s) for s in shards], **fields),
+                              tokenize=CaptionTokenizer((tokenizer,), 77), micro_batch_size=micro_batch_size,
+                              seed=seed, rank=rank, world_size=world_size)
 
 
 def take(data_loader, n: int) -> list[dict]:
@@ -73,8 +74,9 @@ def test_batch_layout_range_and_tokens(tmp_path, tokenizer):
                          return_tensors="pt").input_ids
     assert torch.equal(batch["input_ids"], expected)
     # SDXL's micro-conditioning per sample, int64 [B, 2] (height, width) / (top, left): here square crops.
-    assert set(batch) == {"pixel_values", "input_ids", "captions", "keys", "original_size", "crop_top_left",
-                          "target_size"}  # internal fields removed
+    assert set(batch) == {"pixel_values", "input_ids", "empty_caption", "captions", "keys", "original_size",
+                          "crop_top_left", "target_size"}  # internal fields removed
+    assert batch["empty_caption"].tolist() == [c == "" for c in batch["captions"]]
     for name in ("original_size", "crop_top_left", "target_size"):
         assert batch[name].shape == (4, 2) and batch[name].dtype == torch.int64
     assert batch["target_size"].tolist() == [[RES, RES]] * 4

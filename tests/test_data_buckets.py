@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from sd_ds.config import DataConfig
+from sd_ds.conditioning import CaptionTokenizer
 from sd_ds.data import build_train_loader
 from sd_ds.data import order as order_lib
 from sd_ds.data.bucket_order import BucketedEpoch
@@ -62,9 +63,9 @@ def loader(shards, tokenizer, *, micro_batch_size: int = 4, seed: int = 7, rank:
            buckets: BucketList | None = BUCKETS, **fields):
     base = dict(resolution=RES, dataloader_num_workers=0, shuffle_block=8, random_flip=True, caption_dropout_prob=0.2)
     base.update(fields)
-    return build_train_loader(DataConfig(train_shards=[str(s) for s in shards], **base), tokenizer=tokenizer,
-                              model_max_length=77, micro_batch_size=micro_batch_size, seed=seed, rank=rank,
-                              world_size=world_size, buckets=buckets)
+    return build_train_loader(DataConfig(train_shards=[str(s) for s in shards], **base),
+                              tokenize=CaptionTokenizer((tokenizer,), 77), micro_batch_size=micro_batch_size,
+                              seed=seed, rank=rank, world_size=world_size, buckets=buckets)
 
 
 def take(data_loader, n: int) -> list[dict]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sd_ds.config import DataConfig
+from sd_ds.conditioning import CaptionTokenizer
 from sd_ds.data import build_train_loader
 from tests.helpers import write_photo_shards
 from tests.object_stores import http_server_factory, s3_server  # noqa: F401 - fixtures
@@ -41,7 +42,7 @@ def converted(tmp_path_factory):
 def loader(url, tokenizer, **fields):
     base = dict(resolution=RES, dataloader_num_workers=0, shuffle_block=8, random_flip=True, caption_dropout_prob=0.2)
     base.update(fields)
-    return build_train_loader(DataConfig(train_shards=[str(url)], **base), tokenizer=tokenizer, model_max_length=77,
+    return build_train_loader(DataConfig(train_shards=[str(url)], **base), tokenize=CaptionTokenizer((tokenizer,), 77),
                               micro_batch_size=4, seed=3)
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 from laion_parts import encode
 from sd_ds.config import DataConfig
 from sd_ds.convert.parts import write_part
+from sd_ds.conditioning import CaptionTokenizer
 from sd_ds.data import build_train_loader
 from test_converter import run_tool
 
@@ -101,7 +102,7 @@ def decoded(shards, tokenizer, n: int) -> dict[str, np.ndarray]:
     """caption → the trainer's pixels (uint8 [3, 16, 16]) of every sample of ``shards``."""
     data = build_train_loader(DataConfig(train_shards=[str(shards)], resolution=16, center_crop=True,
                                          random_flip=False, caption_dropout_prob=0.0, dataloader_num_workers=0,
-                                         shuffle_block=1), tokenizer=tokenizer, model_max_length=77,
+                                         shuffle_block=1), tokenize=CaptionTokenizer((tokenizer,), 77),
                               micro_batch_size=1, seed=0)
     it = iter(data)
     try:

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from sd_ds.config import DataConfig
+from sd_ds.conditioning import CaptionTokenizer
 from sd_ds.data import (LATENT_MANIFEST, ImageTransform, build_train_loader, check_latent_manifest,
                         latent_manifest_in_dir, latent_manifest_of_shards)
 from sd_ds.data.manifest import vae_fingerprint
@@ -143,7 +144,7 @@ def data_config(shards: list, **fields) -> DataConfig:
 
 
 def loader(shards: list, tokenizer, **fields):
-    return build_train_loader(data_config(shards, **fields), tokenizer=tokenizer, model_max_length=77,
+    return build_train_loader(data_config(shards, **fields), tokenize=CaptionTokenizer((tokenizer,), 77),
                               micro_batch_size=4, seed=3)
 
 
@@ -226,8 +227,8 @@ def test_the_loader_gives_the_image_runs_samples_as_moments(tmp_path, vae_dir, t
     for image_batch, latent_batch in zip(from_images, from_latents):
         assert image_batch["keys"] == latent_batch["keys"] and image_batch["captions"] == latent_batch["captions"]
         assert torch.equal(image_batch["input_ids"], latent_batch["input_ids"])
-        assert set(latent_batch) == {"latent_moments", "input_ids", "captions", "keys", "original_size",
-                                     "crop_top_left", "target_size"}
+        assert set(latent_batch) == {"latent_moments", "input_ids", "empty_caption", "captions", "keys",
+                                     "original_size", "crop_top_left", "target_size"}
         for name in ("original_size", "crop_top_left", "target_size"):  # stored with the moments: the image run's
             assert torch.equal(latent_batch[name], image_batch[name]), name
         moments = latent_batch["latent_moments"]

@@ -12,7 +12,8 @@ A batch (a dict):
 
 - ``pixel_values`` uint8 [B,3,H,W] (image shards) or ``latent_moments`` [B,2C,H/f,W/f] in the stored dtype
   (latent shards): H = W = --resolution, or one aspect-ratio bucket's size per batch (--aspect_ratio_buckets);
-- ``input_ids`` int64 [B, model_max_length], ``captions`` (after caption dropout), ``keys``;
+- ``input_ids`` int64 [B, model_max_length] (SDXL also ``input_ids_2``, its second tokenizer's), ``empty_caption``
+  bool [B] (the caption is "": dropped, or empty in the data), ``captions`` (after caption dropout), ``keys``;
 - SDXL's micro-conditioning, int64 [B,2] each (``sd_ds.data.transforms``): ``original_size`` (height, width) of the
   source image before any resize, ``crop_top_left`` (top, left) of the crop in the resized image (mirrored with a
   flip), ``target_size`` (height, width) of the crop.
@@ -52,7 +53,6 @@ from sd_ds.data.reading import SourceCursor, basename
 from sd_ds.data.sources import (ShardSource, count_here, count_missing, latent_manifest_of_shards, parse_sources,
                                 shared_counter)
 from sd_ds.data.transforms import ImageSamples, ImageTransform, LatentSamples, SkipLog, SkipSample
-from sd_ds.models import tokenize
 from sd_ds.retries import Backoff, RetryPolicy, StorageUnavailable, default_policy
 
 logger = logging.getLogger("sd_ds.data")
@@ -87,12 +87,13 @@ def _batched(batch_size: int, collate: Callable[[list], dict]) -> Callable:
 class ShardStream(torch.utils.data.IterableDataset):
     """One epoch of one rank's batches; each data-loader worker iterates its own span."""
 
-    def __init__(self, sources: list[ShardSource], *, tokenizer: Any, samples: "ImageSamples | LatentSamples",
-                 micro_batch_size: int, model_max_length: int, caption_dropout_prob: float, shuffle_block: int,
+    def __init__(self, sources: list[ShardSource], *, tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
+                 samples: "ImageSamples | LatentSamples", micro_batch_size: int, caption_dropout_prob: float,
+                 shuffle_block: int,
                  seed: int, rank: int, world_size: int, num_workers: int, resample: bool, epoch_length: int,
                  max_skips_in_a_row: int, retry_policy: Optional[RetryPolicy] = None,
                  bucket_meta: Optional[BucketMeta] = None) -> None:
-        self.sources, self.tokenizer, self.samples = sources, tokenizer, samples
+        self.sources, self.tokenize, self.samples = sources, tokenize, samples
         # Bucketed: the units the readers' spans cut are micro batches (one bucket each), not positions.
         self.bucket_meta = bucket_meta
         self.unit = 1 if bucket_meta is not None else micro_batch_size
@@ -100,7 +101,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self._units: dict[int, int] = {}
         self.metas = [order_lib.SourceMeta(s.seed_key(i), s.weight, tuple(s.sizes or ()))
                       for i, s in enumerate(sources)]
-        self.micro_batch_size, self.model_max_length = micro_batch_size, model_max_length
+        self.micro_batch_size = micro_batch_size
         self.caption_dropout_prob, self.shuffle_block = caption_dropout_prob, shuffle_block
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers, self.resample = max(1, num_workers), resample
@@ -289,7 +290,7 @@ class _BatchMaker:
         geometry = torch.tensor([s["geometry"] for s in samples], dtype=torch.int64)  # [B, 6]
         return {
             st.samples.batch_key: st.samples.collate([s["data"] for s in samples]),
-            "input_ids": tokenize(st.tokenizer, captions, st.model_max_length),  # [B, model_max_length]
+            **st.tokenize(captions),  # input_ids[, input_ids_2] [B, model_max_length], empty_caption [B]
             "captions": captions,
             "keys": [s["key"] for s in samples],
             "original_size": geometry[:, 0:2].contiguous(),  # [B, 2] (height, width)
@@ -496,8 +497,8 @@ class TrainLoader:
             self.dataset.span, order_lib.total(left) - self.dataset.readers * self.dataset.span)
 
 
-def build_train_loader(data: "DataConfig", *, tokenizer: Any, model_max_length: int, micro_batch_size: int,
-                       seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+def build_train_loader(data: "DataConfig", *, tokenize: Callable[[list[str]], dict[str, torch.Tensor]],
+                       micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
                        all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                        buckets: Optional[BucketList] = None) -> TrainLoader:
     """This rank's loader for the ``--train_shards`` in ``data``: image shards, or latent shards when their
@@ -527,8 +528,8 @@ def build_train_loader(data: "DataConfig", *, tokenizer: Any, model_max_length: 
                            "False (a random crop per step) does not apply to them", manifest["resolution"])
         samples = LatentSamples(manifest, data.random_flip)
     dataset = ShardStream(
-        sources, tokenizer=tokenizer, samples=samples, micro_batch_size=micro_batch_size,
-        model_max_length=model_max_length, caption_dropout_prob=data.caption_dropout_prob,
+        sources, tokenize=tokenize, samples=samples, micro_batch_size=micro_batch_size,
+        caption_dropout_prob=data.caption_dropout_prob,
         shuffle_block=data.shuffle_block, seed=seed, rank=rank, world_size=world_size,
         num_workers=data.dataloader_num_workers, resample=data.resample_shards, epoch_length=total,
         # About two passes over a worker's share with nothing usable: broken data, not bad luck.
