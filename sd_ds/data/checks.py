@@ -146,7 +146,10 @@ def check_manifest_against_shards(manifest: dict, directory: str, path: str, sam
         return  # no samples at all: the loader says so
     shard = fileio.join(directory, first)
     dtype, shape = manifest["dtype"], list(manifest["shape"])
-    expected = math.prod(shape) * LATENT_DTYPES[dtype].itemsize
+    # Bucketed caches (--aspect_ratio_buckets) store each sample at its bucket: [2C, H/f, W/f] for one of them.
+    factor = manifest["resolution"] // shape[1]
+    shapes = [shape] + [[shape[0], h // factor, w // factor] for w, h in manifest.get("buckets") or []]
+    expected = {math.prod(s) * LATENT_DTYPES[dtype].itemsize for s in shapes}
 
     def read() -> tuple[list[tuple[str, int]], dict[str, str]]:
         sizes: list[tuple[str, int]] = []
@@ -171,13 +174,13 @@ def check_manifest_against_shards(manifest: dict, directory: str, path: str, sam
         raise MetadataError(f"{path}: its first shard {shard} cannot be read ({type(e).__name__}: {e})") from None
     disagree = f"{path} disagrees with its shards"
     fix = "the manifest was edited or belongs to other shards: restore it, or encode the shards again"
-    if recorded.get("dtype", dtype) != dtype or recorded.get("shape", ",".join(map(str, shape))) != ",".join(
-            map(str, shape)):
+    if recorded.get("dtype", dtype) != dtype or recorded.get("shape", ",".join(map(str, shape))) not in {
+            ",".join(map(str, s)) for s in shapes}:
         raise MetadataError(f"{disagree}: it says dtype {dtype}, shape {shape}; {shard} was written as dtype "
                             f"{recorded.get('dtype', '?')}, shape [{recorded.get('shape', '?')}]; {fix}")
     if not sizes:
         raise MetadataError(f"{disagree}: {shard} holds no .{MOMENTS} member in its first samples; {fix}")
-    if all(size != expected for _, size in sizes):
+    if all(size not in expected for _, size in sizes):
         name, size = sizes[0]
-        raise MetadataError(f"{disagree}: shape {shape} x {dtype} is {expected:,} bytes a sample, {shard}'s "
+        raise MetadataError(f"{disagree}: shape {shape} x {dtype} is {min(expected):,} bytes a sample, {shard}'s "
                             f"{name} has {size:,} bytes (and the next {len(sizes) - 1} likewise differ); {fix}")
