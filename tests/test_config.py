@@ -244,3 +244,48 @@ def test_help_group_headings_are_titles():
     for section in ("run", "model", "data", "diffusion", "optim", "ema", "logging", "checkpoint"):
         assert f"\n{section}:\n" in text, section
     assert "Config(" not in text, "a dataclass signature leaked into --help"
+
+
+# --- non-finite numbers (issue 30) ---
+
+def _float_flags() -> list[str]:
+    """Every flag whose value is a float (whatever its section), from the config's own dataclasses."""
+    import dataclasses
+    import typing
+
+    from sd_ds.config import TrainConfig, _section_classes
+
+    names = []
+    for cls in (TrainConfig, *_section_classes().values()):
+        for name, hint in typing.get_type_hints(cls).items():
+            if hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint)):
+                names.append(name)
+    assert {"learning_rate", "max_grad_norm", "ema_decay", "snr_gamma", "eval_guidance_scale"} <= set(names)
+    return names
+
+
+@pytest.mark.parametrize("flag", _float_flags())
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999"])
+def test_every_float_flag_refuses_non_finite_values_in_one_line(flag, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_config([f"--{flag}={value}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.strip().splitlines() == [f"sd_ds.train: error: --{flag} must be a finite number (got {float(value)})"]
+
+
+def test_a_saved_config_with_a_non_finite_float_is_refused_too():
+    from sd_ds.config import config_from_dict
+
+    with pytest.raises(ValueError, match="--learning_rate must be a finite number"):
+        config_from_dict({"optim": {"learning_rate": float("inf")}})
+
+
+def test_infinite_learning_rate_stops_the_trainer_at_parsing(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sd_ds.train", "--learning_rate", "inf", "--train_shards", str(tmp_path / "shards"),
+         "--output_dir", str(tmp_path / "out")],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == ["sd_ds.train: error: --learning_rate must be a finite number (got inf)"]
+    assert not (tmp_path / "out").exists()
