@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, TrainState, plan_resume
+from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, NonFiniteWeightsError, TrainState, plan_resume
 from sd_ds.config import TrainConfig, parse_config
 from sd_ds.data import build_train_loader, check_latent_manifest, latent_manifest_of_shards, raise_if_raw_parts
 from sd_ds.diffusers_export import save_base_components, save_trained_models
@@ -38,7 +38,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         with hold_output_dir(cfg.output_dir, dist_info):  # one run per output_dir
             train(cfg, dist_info)
-    except (CheckpointWriteError, TrainingDiverged) as e:
+    except (CheckpointWriteError, TrainingDiverged, NonFiniteWeightsError) as e:
         # An expected failure with its own message: that message, not a chained C++ stream error, is what the
         # user reads first (exit status 1).
         logger.error("%s", e)
