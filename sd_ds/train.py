@@ -16,14 +16,16 @@ import torch
 from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, NonFiniteWeightsError, TrainState, plan_resume
 from sd_ds.config import TrainConfig, parse_config
 from sd_ds.data import build_train_loader, check_latent_manifest, latent_manifest_of_shards, raise_if_raw_parts
+from sd_ds.deepspeed_config import DeepSpeedConfigError
 from sd_ds.diffusers_export import save_base_components, save_trained_models
 from sd_ds.distributed import (DistInfo, StopSignal, close_distributed, default_loader_workers, init_distributed,
                                rank_seed, seed_everything)
-from sd_ds.engine import build_ema, build_engine, encode_batch, grad_norm, group_lrs, weight_dtype
+from sd_ds.engine import (build_ema, build_engine, check_deepspeed_config, encode_batch, grad_norm, group_lrs,
+                          weight_dtype)
 from sd_ds.faults import fault_point
 from sd_ds.lifecycle import SkipGuard, TrainingDiverged, hold_output_dir, start_parent_watchdog
 from sd_ds.metrics import StepMetrics, setup_console_logging
-from sd_ds.models import build_components
+from sd_ds.models import ModelNotFoundError, build_components
 from sd_ds.periodic import build_periodic_tasks
 from sd_ds.precision import resolve_precision
 
@@ -36,6 +38,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     dist_info = init_distributed()
     setup_console_logging(dist_info.is_main_process)
     try:
+        for warning in check_deepspeed_config(cfg, dist_info.world_size):  # before any model loads
+            logger.warning("%s", warning)
         with hold_output_dir(cfg.output_dir, dist_info):  # one run per output_dir
             train(cfg, dist_info)
     except (CheckpointWriteError, TrainingDiverged, NonFiniteWeightsError) as e:
@@ -43,6 +47,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         # user reads first (exit status 1).
         logger.error("%s", e)
         raise SystemExit(f"sd_ds.train: {e}") from None
+    except (DeepSpeedConfigError, ModelNotFoundError) as e:
+        # A flag (or DS_CONFIG) names something unusable: a usage error, one line and exit 2 like any bad flag.
+        print(f"sd_ds.train: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     finally:
         close_distributed()
     return 0

@@ -289,3 +289,48 @@ def test_infinite_learning_rate_stops_the_trainer_at_parsing(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == ["sd_ds.train: error: --learning_rate must be a finite number (got inf)"]
     assert not (tmp_path / "out").exists()
+
+
+# --- DeepSpeed configs checked by DeepSpeed's own parser (issue 30; the trainer's one-line errors are in
+# test_train_hostile_inputs.py) ---
+
+@pytest.mark.parametrize("name", ["zero2_bf16.json", "zero2_bf16_offload.json", "zero2_fp16.json", "zero2_fp32.json"])
+def test_shipped_deepspeed_configs_pass_the_check_without_warnings(name):
+    from sd_ds.engine import DS_CONFIG_DIR, check_deepspeed_config
+
+    flags = {"zero2_fp16.json": ["--fp16", "True"], "zero2_fp32.json": ["--bf16", "False"]}.get(name, [])
+    assert check_deepspeed_config(parse_config([*flags, "--deepspeed", str(DS_CONFIG_DIR / name)]), world_size=2) == []
+
+
+def test_deepspeed_config_keys_deepspeed_reads_are_known_and_others_warn_or_refuse(tmp_path):
+    from sd_ds.deepspeed_config import DeepSpeedConfigError
+    from sd_ds.engine import check_deepspeed_config
+
+    user = tmp_path / "ds.json"
+
+    def check(config: dict) -> list[str]:
+        user.write_text(json.dumps(config))
+        return check_deepspeed_config(parse_config(["--deepspeed", str(user)]), world_size=1)
+
+    # Real DeepSpeed sections, some read by its config parser, some only by the engine: no warning.
+    assert check({"zero_optimization": {"stage": 2}, "tensorboard": {"enabled": False}, "comms_logger":
+                  {"enabled": False}, "flops_profiler": {"enabled": False}, "activation_checkpointing": {},
+                  "communication_data_type": "fp32", "prescale_gradients": False, "checkpoint": {"tag_validation":
+                  "Warn"}, "compile": {}, "dataloader_drop_last": False}) == []
+    # A key DeepSpeed never reads and that is no misspelling: a warning naming it, the run goes on.
+    (warning,) = check({"zero_optimization": {"stage": 2}, "my_note": "tried on 8 GPUs"})
+    assert warning == f"DeepSpeed config {user}: DeepSpeed does not read the key 'my_note'; it has no effect"
+    # Values of the wrong type, removed features, duplicated keys: refused with the key path.
+    with pytest.raises(DeepSpeedConfigError, match=r"'zero_optimization.reduce_bucket_size': Input should be a valid "
+                                                   r"integer.*\(got \"big\"\)"):
+        check({"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}})
+    with pytest.raises(DeepSpeedConfigError, match="'zero_optimization.offload_optimizer.devce' is not a DeepSpeed "
+                                                   "setting .*did you mean 'device'"):
+        check({"zero_optimization": {"stage": 2, "offload_optimizer": {"devce": "cpu"}}})
+    with pytest.raises(DeepSpeedConfigError, match="Apex AMP integration has been removed"):
+        check({"zero_optimization": {"stage": 2}, "amp": {"enabled": True}})
+    with pytest.raises(DeepSpeedConfigError, match="'zero_optimization' must be an object"):
+        check({"zero_optimization": True})
+    user.write_text('{"zero_optimization": {"stage": 2}, "zero_optimization": {"stage": 1}}')
+    with pytest.raises(DeepSpeedConfigError, match="the key 'zero_optimization' appears twice"):
+        check_deepspeed_config(parse_config(["--deepspeed", str(user)]), world_size=1)
