@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import errno
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ import torch
 from sd_ds.config import TrainConfig
 from sd_ds.distributed import DistInfo, rng_state, set_rng_state
 from sd_ds.ema import load_ema_shards, save_ema_shard
-from sd_ds.fileio import save_atomic, write_atomic, write_json_atomic
+from sd_ds.fileio import is_disk_full, save_atomic, write_atomic, write_json_atomic
 
 logger = logging.getLogger("sd_ds.checkpoint")
 
@@ -301,18 +300,6 @@ def make_universal(ckpt: Path, dist_info: "DistInfo") -> Path:
     return target
 
 
-def _is_disk_full(err: BaseException) -> bool:
-    while err is not None:
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            return True
-        text = str(err)
-        # torch.save's C++ writer reports a full disk as a bare stream error.
-        if "No space left on device" in text or "iostream error" in text or "file write failed" in text:
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
 class Checkpointer:
     """Saves and restores everything a run needs to continue exactly: the engine (weights, ZeRO optimizer
     partitions, LR schedule), the EMA shard, the data loader's position, the RNG states and the objective's
@@ -338,7 +325,7 @@ class Checkpointer:
         try:
             self._save(ckpt, state)
         except Exception as e:
-            if not _is_disk_full(e):
+            if not is_disk_full(e):
                 raise
             intact = list_checkpoints(self.output_dir)
             intact_msg = f"{intact[-1][1].name} is intact" if intact else "no earlier checkpoint exists"
