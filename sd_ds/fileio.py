@@ -178,7 +178,10 @@ def replaced_directory(target: Union[str, Path]) -> Iterator[Path]:
         if not os.path.lexists(target):
             os.rename(staging, target)
         elif _exchange(staging, target):
-            shutil.rmtree(staging)  # the old target, swapped out
+            if staging.is_symlink():  # the old target, swapped out: a link loses only itself
+                staging.unlink()
+            else:
+                shutil.rmtree(staging)
         else:
             held = Path(tempfile.mkdtemp(prefix=f"{aside}{os.getpid()}-", dir=target.parent))
             os.rename(target, held / "old")
