@@ -117,7 +117,7 @@ class CollectedInputs:
     @property
     def directory_inputs(self) -> list[str]:
         """Of ``missing_inputs``: local directories, named where a part, filelist or list file belongs."""
-        return [path for path in self.missing_inputs if not is_fsspec_url(path) and os.path.isdir(path)]
+        return [path for path in self.missing_inputs if not is_url(path) and os.path.isdir(path)]
 
     @property
     def missing_parts(self) -> list[str]:
