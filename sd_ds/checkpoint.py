@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
-import errno
 import json
 import logging
 import os
@@ -38,7 +37,7 @@ import torch
 from sd_ds.config import TrainConfig
 from sd_ds.distributed import DistInfo, rng_state, set_rng_state
 from sd_ds.ema import load_ema_shards, save_ema_shard
-from sd_ds.fileio import save_atomic, write_atomic, write_json_atomic
+from sd_ds.fileio import is_disk_full, save_atomic, write_atomic, write_json_atomic
 from sd_ds.redaction import redact_json
 
 logger = logging.getLogger("sd_ds.checkpoint")
@@ -65,6 +64,11 @@ class TrainState:
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (e.g. the disk is full); the previous complete one is intact."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The weights (or their EMA) hold NaN/inf at a save: that checkpoint is not written, the previous one stays
+    the newest."""
 
 
 # --- finding checkpoints ----------------------------------------------------------------------------------
@@ -110,7 +114,8 @@ def find_resume_checkpoint(output_dir: str | Path, resume_from_checkpoint: str) 
 
 def rotate_checkpoints(output_dir: str | Path, save_total_limit: Optional[int], keep: Optional[Path] = None) -> list[Path]:
     """Delete the oldest complete checkpoints beyond the limit, and incomplete leftovers older than the newest
-    complete one. The newest complete checkpoint is never deleted."""
+    complete one. The newest complete checkpoint is never deleted. A checkpoint that is a symbolic link (say, to a
+    copy on another disk) loses the link only: what it points to is not this run's to delete."""
     complete = list_checkpoints(output_dir)
     if not complete:
         return []
@@ -121,6 +126,9 @@ def rotate_checkpoints(output_dir: str | Path, save_total_limit: Optional[int], 
     doomed += [p for s, p in list_checkpoints(output_dir, complete_only=False) if not is_complete(p) and s < newest_step]
     doomed = [p for p in doomed if p != complete[-1][1] and p != keep]
     for p in doomed:
+        if p.is_symlink():
+            p.unlink()
+            continue
         # Un-mark first, so a crash mid-delete leaves an incomplete checkpoint, never a broken "complete" one.
         (p / TRAINER_STATE).unlink(missing_ok=True)
         shutil.rmtree(p, ignore_errors=True)
@@ -281,6 +289,8 @@ def make_universal(ckpt: Path, dist_info: "DistInfo") -> Path:
 
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
+        if out.is_symlink():
+            out.unlink()  # ours by name: replaced, never written through
         shutil.rmtree(out, ignore_errors=True)
         with safe_loading():
             ds_to_universal(Namespace(input_folder=str(ckpt), output_folder=str(target), num_extract_workers=1,
@@ -289,18 +299,6 @@ def make_universal(ckpt: Path, dist_info: "DistInfo") -> Path:
         write_atomic(out / ".complete", "")
     dist_info.barrier()
     return target
-
-
-def _is_disk_full(err: BaseException) -> bool:
-    while err is not None:
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            return True
-        text = str(err)
-        # torch.save's C++ writer reports a full disk as a bare stream error.
-        if "No space left on device" in text or "iostream error" in text or "file write failed" in text:
-            return True
-        err = err.__cause__ or err.__context__
-    return False
 
 
 class Checkpointer:
@@ -324,10 +322,11 @@ class Checkpointer:
     def save(self, state: TrainState) -> Path:
         """Collective: every rank calls it at the same step."""
         ckpt = checkpoint_path(self.output_dir, state.step)
+        self._refuse_non_finite(ckpt, state)
         try:
             self._save(ckpt, state)
         except Exception as e:
-            if not _is_disk_full(e):
+            if not is_disk_full(e):
                 raise
             intact = list_checkpoints(self.output_dir)
             intact_msg = f"{intact[-1][1].name} is intact" if intact else "no earlier checkpoint exists"
@@ -336,9 +335,45 @@ class Checkpointer:
         logger.info("saved %s", ckpt.name)
         return ckpt
 
+    def _refuse_non_finite(self, ckpt: Path, state: TrainState) -> None:
+        """Collective, before anything of ``ckpt`` is written or deleted: raise ``NonFiniteWeightsError`` on every
+        rank when any rank's fp32 master partition (or EMA partition) holds a NaN/inf. Each rank checks only its own
+        ZeRO partition and the ranks agree on the gloo control group; the one host read it costs is paid per save,
+        not per step. (A step with non-finite gradients is skipped, so weights turn non-finite only when a finite
+        update overflows them, e.g. a learning rate near float32's maximum.)"""
+        weights = list(self.engine.optimizer.single_partition_of_fp32_groups)
+        ema = list(self.ema.partitions) if self.ema is not None else []
+
+        device = weights[0].device if weights else torch.device("cpu")
+
+        def non_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+            if not tensors:
+                return torch.zeros((), dtype=torch.bool, device=device)
+            return torch.stack([~torch.isfinite(t).all() for t in tensors]).any()
+
+        flags = torch.stack([non_finite(weights), non_finite(ema)]).to(torch.int32)  # [weights bad, EMA bad]
+        bad_weights, bad_ema = (bool(x) for x in self.dist.all_reduce(flags, op="max").tolist())
+        if not (bad_weights or bad_ema):
+            return
+        what = " and ".join(name for name, bad in (("weights", bad_weights), ("EMA weights", bad_ema)) if bad)
+        intact = list_checkpoints(self.output_dir)
+        kept = (f"{intact[-1][1].name} is the newest checkpoint: resume from it with a lower --learning_rate"
+                if intact else "no earlier checkpoint exists: start again with a lower --learning_rate")
+        raise NonFiniteWeightsError(
+            f"step {state.step}: the {what} are not finite (NaN/inf), so {ckpt.name} was not written; {kept}")
+
     def _save(self, ckpt: Path, state: TrainState) -> None:
         dist_info = self.dist
-        if dist_info.is_main_process and ckpt.exists():
+        if dist_info.is_main_process and (ckpt.is_symlink() or (ckpt.exists() and not ckpt.is_dir())):
+            # checkpoint-N is this run's name in output_dir: a link there (or a file) is replaced, never followed.
+            # Writing through it would put this save wherever it points (another run's checkpoint, someone's
+            # folder); saving under another name would hide this step from `latest`, resume and rotation. Only
+            # the link goes: what it points to is left as it is.
+            logger.warning("%s is %s; replacing it with this checkpoint (%s)", ckpt,
+                           f"a symbolic link to {os.readlink(ckpt)}" if ckpt.is_symlink() else "not a directory",
+                           "its target is left as it is" if ckpt.is_symlink() else "the file is removed")
+            ckpt.unlink()
+        elif dist_info.is_main_process and ckpt.exists():
             # A leftover from a crash at this very step; never mix two attempts in one directory.
             (ckpt / TRAINER_STATE).unlink(missing_ok=True)
             shutil.rmtree(ckpt)

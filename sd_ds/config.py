@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -281,6 +282,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
+        self._check_finite()
         o = self.optim
         if o.fp16 and o.bf16:
             raise ValueError("--fp16 and --bf16 are mutually exclusive")
@@ -318,6 +320,16 @@ class TrainConfig:
                 "--enable_xformers_memory_efficient_attention (or FLAG_XFORMERS=1) needs xformers, which is not "
                 "installed: `pip install xformers` (a build matching your torch and CUDA), or drop the flag and "
                 "FLAG_XFORMERS to use PyTorch SDPA attention")
+
+    def _check_finite(self) -> None:
+        """One rule for every float flag, of every section: NaN and +-inf are refused (``float`` parses "inf", "nan"
+        and "1e999"). No range rule below needs to think of them: an infinite --learning_rate, say, passes "> 0" and
+        makes every weight NaN at the first update."""
+        for section in (self, *(getattr(self, name) for name in _section_classes())):
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"--{f.name} must be a finite number (got {value})")
 
     def _check_ranges(self) -> None:
         """Reject values that would fail later (a ZeroDivisionError after the first step, a traceback deep in
@@ -484,5 +496,6 @@ def config_from_dict(values: dict[str, Any], parser: Optional[argparse.ArgumentP
         return TrainConfig(**kwargs)
     except ValueError as e:
         if parser is not None:
-            parser.error(str(e))
+            # A value the flags' syntax allowed but a rule refuses: the rule alone (exit 2), not the 60-line usage.
+            parser.exit(2, f"{parser.prog}: error: {e}\n")
         raise

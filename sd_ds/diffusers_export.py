@@ -10,6 +10,7 @@ or the consolidated EMA partitions; nothing here starts torch.distributed, so an
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -19,10 +20,50 @@ import torch
 from sd_ds.checkpoint import safe_loading
 from sd_ds.ema import consolidate_ema
 from sd_ds.families import family_of_unet
+from sd_ds.fileio import replaced_directory
 from sd_ds.models import save_tokenizer
 from sd_ds.presets import TEXT_ENCODER_CLASSES
 
 BASE_MODEL_DIR = "base_model"
+EXPORT_INFO = "sd_ds_export.json"
+# What an export folder holds: diffusers' pipeline folders of every family (SDXL adds the _2 encoder and tokenizer;
+# the safety checker and feature extractor are never written by sd-ds but are a diffusers folder's own) and
+# EXPORT_INFO.
+EXPORT_ENTRIES = frozenset({"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "text_encoder_2",
+                            "tokenizer_2", "scheduler", "safety_checker", "feature_extractor", "image_encoder",
+                            EXPORT_INFO})
+
+
+class ExportTargetError(ValueError):
+    """The export's output folder is not one it may replace (someone's files, a link); the message says why."""
+
+
+def check_export_target(output_dir: str | Path, *, overwrite: bool = False) -> None:
+    """Refuse an output folder that is not this exporter's to replace, before any work: a symbolic link (the
+    export would land wherever it points), something that is not a directory, or (unless ``overwrite``) a
+    non-empty directory that is not an earlier sd-ds export. An earlier export is recognised by its EXPORT_INFO
+    and holds nothing an export does not write (someone's README added to it would be deleted by a re-export)."""
+    output_dir = Path(output_dir)
+    if output_dir.is_symlink():
+        raise ExportTargetError(f"{output_dir} is a symbolic link (to {os.readlink(output_dir)}); the export never "
+                                "writes through a link: give the folder itself")
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise ExportTargetError(f"{output_dir} exists and is not a directory")
+    entries = sorted(p.name for p in output_dir.iterdir())
+    if not entries or overwrite:
+        return
+    info = output_dir / EXPORT_INFO
+    others = [name for name in entries if name not in EXPORT_ENTRIES]
+    shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    if info.is_file() and not info.is_symlink():
+        if others:
+            raise ExportTargetError(f"{output_dir} is an earlier sd-ds export but also holds {shown}, which a new "
+                                    "export would delete: move them out, or pass --overwrite")
+        return
+    raise ExportTargetError(f"{output_dir} is not empty ({shown}) and is not an earlier sd-ds export (no "
+                            f"{EXPORT_INFO}): choose another folder, or pass --overwrite to replace it")
 
 
 def save_base_components(comp: Any, output_dir: str | Path) -> Path:
@@ -62,15 +103,20 @@ def consolidated_weights(ckpt: Path, *, ema: bool) -> dict[str, torch.Tensor]:
 
 
 def export_checkpoint(ckpt: str | Path, output_dir: str | Path, *, ema: bool = False,
-                      base_model: Optional[str | Path] = None) -> Path:
+                      base_model: Optional[str | Path] = None, overwrite: bool = False) -> Path:
     """A complete pipeline folder of the run's family (StableDiffusionPipeline for SD v1/2.x,
-    StableDiffusionXLPipeline for SDXL) with the checkpoint's UNet (and trained text encoders)."""
+    StableDiffusionXLPipeline for SDXL) with the checkpoint's UNet (and trained text encoders).
+
+    ``output_dir`` is written whole or not at all: into a temporary sibling that then replaces it
+    (``sd_ds.fileio.replaced_directory``), so a full disk or a kill leaves an earlier export intact (or no folder),
+    never a mix. ``check_export_target`` says which folders it may replace."""
     import transformers
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTokenizer
 
     from sd_ds.pipeline import assemble_pipeline
 
+    check_export_target(output_dir, overwrite=overwrite)  # before minutes of consolidation
     ckpt = Path(ckpt)
     if not (ckpt / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{ckpt} is not a complete sd-ds checkpoint (no trainer_state.json)")
@@ -96,13 +142,14 @@ def export_checkpoint(ckpt: str | Path, output_dir: str | Path, *, ema: bool = F
         # DDIM on the training noise schedule: deterministic and good at ~50 steps.
         scheduler=DDIMScheduler.from_config(json.loads((base / "scheduler" / "scheduler_config.json").read_text())))
     output_dir = Path(output_dir)
-    pipe.save_pretrained(output_dir, safe_serialization=True)
-    for sub in family.tokenizers:
-        save_tokenizer(getattr(pipe, sub), output_dir / sub)  # loadable by transformers 4 as well
     info = json.loads((ckpt / "trainer_state.json").read_text())
-    (output_dir / "sd_ds_export.json").write_text(json.dumps(
-        {"checkpoint": str(ckpt.resolve()), "step": info["step"], "samples_seen": info["samples_seen"],
-         "ema": ema, "resolution": info.get("config", {}).get("data", {}).get("resolution")}, indent=2))
+    with replaced_directory(output_dir) as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        for sub in family.tokenizers:
+            save_tokenizer(getattr(pipe, sub), staging / sub)  # loadable by transformers 4 as well
+        (staging / EXPORT_INFO).write_text(json.dumps(
+            {"checkpoint": str(ckpt.resolve()), "step": info["step"], "samples_seen": info["samples_seen"],
+             "ema": ema, "resolution": info.get("config", {}).get("data", {}).get("resolution")}, indent=2))
     return output_dir
 
 

@@ -21,6 +21,7 @@ import torch
 
 from sd_ds.conditioning import EMPTY_CAPTION_KEY, GEOMETRY_KEYS, TOKEN_KEYS, Conditioning, PromptEncoder
 from sd_ds.config import TrainConfig
+from sd_ds.deepspeed_config import DeepSpeedConfigError, check_with_deepspeed, read_deepspeed_json
 from sd_ds.diffusion import training_loss
 from sd_ds.distributed import DistInfo
 from sd_ds.ema import ShardedEMA
@@ -181,21 +182,21 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, *, load_universal:
                            device_type: str = "cuda") -> dict:
     """The engine config: the user's JSON (engine settings) plus everything derived from the flags."""
     source = resolve_ds_config_path(cfg)
-    user = json.loads(source.read_text())
+    user = read_deepspeed_json(source)
     for owned in ("optimizer", "scheduler"):
         if owned in user:
-            raise ValueError(
+            raise DeepSpeedConfigError(
                 f"{source}: remove the '{owned}' section; the optimizer (fused AdamW) and the learning-rate schedule "
                 "come from the trainer's flags (--learning_rate, --adam_*, --weight_decay, --lr_scheduler_type, ...)")
     zero = user.get("zero_optimization", {})
     if zero.get("stage", 0) not in (1, 2):
-        raise ValueError(f"{source}: zero_optimization.stage must be 1 or 2 (sd-ds keeps its EMA on ZeRO-1/2 partitions)")
+        raise DeepSpeedConfigError(f"{source}: zero_optimization.stage must be 1 or 2 (sd-ds keeps its EMA on ZeRO-1/2 partitions)")
 
     ds = json.loads(json.dumps(user))  # a deep copy: the table below writes into nested sections
     for key_path, value in derived_settings(cfg, world_size).items():
         given = _get(user, key_path)
         if given is not None and given != "auto" and given != value:
-            raise ValueError(
+            raise DeepSpeedConfigError(
                 f"{source}: '{'.'.join(key_path)}' is {given!r} but the trainer's flags give {value!r}. Batch "
                 "sizes, accumulation, clipping, precision and the optimizer are set by flags "
                 "(--per_device_train_batch_size, --gradient_accumulation_steps, --max_grad_norm, --bf16/--fp16, "
@@ -240,6 +241,21 @@ def build_deepspeed_config(cfg: TrainConfig, world_size: int, *, load_universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     del device_type  # the same optimizer on every device now; kept for callers that pass it
     return ds
+
+
+def check_deepspeed_config(cfg: TrainConfig, world_size: int) -> list[str]:
+    """The engine config of this run, built and validated by DeepSpeed's own parser before any model loads.
+    Raises ``DeepSpeedConfigError`` (one line naming the file) for a file that is missing, not JSON, or refused;
+    returns warnings for top-level keys DeepSpeed does not read (``sd_ds.deepspeed_config``)."""
+    try:
+        source = resolve_ds_config_path(cfg)
+    except FileNotFoundError as e:
+        raise DeepSpeedConfigError(str(e)) from None
+    ds = build_deepspeed_config(cfg, world_size)
+    # The global batch was checked against the flags above; DeepSpeed's parser derives it from the process
+    # group it finds (none before init_distributed: world size 1), so it is left for it to derive.
+    del ds["train_batch_size"]
+    return check_with_deepspeed(ds, source, user_keys=set(read_deepspeed_json(source)))
 
 
 def build_engine(cfg: TrainConfig, components: "Components", dist_info: "DistInfo", *,

@@ -39,7 +39,7 @@ from sd_ds.diffusers_export import export_checkpoint
 from sd_ds.distributed import DistInfo, close_distributed, init_distributed
 from sd_ds.fid_clip import (CLIP_MODEL, CLIP_PRETRAINED, FID_WEIGHTS_FILE, MissingWeightsError, Scorers,
                             evaluate_folder, evaluate_generated, load_clip, load_fid_inception, parse_metrics,
-                            read_prompts, reference_statistics, save_statistics)
+                            read_prompts, read_statistics, reference_statistics, save_statistics)
 from sd_ds.fileio import write_json_atomic
 from sd_ds.pipeline import load_pipeline, training_resolution
 
@@ -172,6 +172,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         parse_metrics(args.metrics)
     except ValueError as e:
         parser.error(str(e))
+    if args.reference and args.reference.endswith(".npz") and "fid" in parse_metrics(args.metrics):
+        try:
+            read_statistics(args.reference)  # before any model loads: one line naming the file
+        except ValueError as e:
+            parser.exit(2, f"{parser.prog}: error: {e}\n")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     dist_info = init_distributed()
     try:

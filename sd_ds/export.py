@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 from sd_ds.checkpoint import list_checkpoints
-from sd_ds.diffusers_export import export_checkpoint
+from sd_ds.diffusers_export import ExportTargetError, export_checkpoint
+from sd_ds.fileio import is_disk_full
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -34,6 +35,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--base_model", default=None,
                         help="model dir with vae/ text_encoder/ tokenizer/ scheduler/ unet config "
                         "(default: the run's output_dir/base_model)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace output_dir even when it holds files that are not an earlier sd-ds export "
+                        "(without it such a folder is refused; an earlier export is always replaced, whole). The "
+                        "export is written beside output_dir and moved into place at the end: an interrupted or "
+                        "failed export leaves output_dir as it was")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ckpt = Path(args.checkpoint)
@@ -43,9 +49,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.error(f"{ckpt}: no complete checkpoint there")
         ckpt = found[-1][1]
     try:
-        out = export_checkpoint(ckpt, args.output_dir, ema=args.ema, base_model=args.base_model)
+        out = export_checkpoint(ckpt, args.output_dir, ema=args.ema, base_model=args.base_model,
+                                overwrite=args.overwrite)
     except FileNotFoundError as e:
         parser.error(str(e))
+    except ExportTargetError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    except Exception as e:  # noqa: BLE001 - only a full disk is answered here; anything else is re-raised
+        if not is_disk_full(e):
+            raise
+        kept = ("is as it was" if Path(args.output_dir).exists() else "was not created")
+        parser.exit(1, f"{parser.prog}: error: no space left on device while exporting {ckpt} to {args.output_dir}; "
+                       f"{args.output_dir} {kept} (the partial export was removed)\n")
     print(f"exported {ckpt}{' (EMA)' if args.ema else ''} -> {out}")
     return 0
 

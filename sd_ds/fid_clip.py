@@ -121,6 +121,33 @@ def frechet_distance(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.n
     return float(calculate_frechet_distance(a[0], a[1], b[0], b[1]))
 
 
+def read_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of a pytorch-fid .npz, checked: ``mu`` [2048] and ``sigma`` [2048, 2048], finite numbers. Anything
+    else (another file, other keys or shapes, a pickle) is a ValueError of one line naming the file, what it holds
+    and what is expected; arrays are read without unpickling."""
+    import zipfile
+
+    expected = (f"expected mu [{FID_DIMS}] and sigma [{FID_DIMS}, {FID_DIMS}] (pytorch-fid's statistics, as "
+                "--save_reference_stats writes them)")
+    if not Path(path).is_file():
+        raise ValueError(f"--reference {path}: no such file")
+    if not zipfile.is_zipfile(path):  # an .npz is a zip archive of .npy arrays
+        raise ValueError(f"--reference {path}: not an .npz archive; {expected}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {key: f[key] for key in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"--reference {path}: cannot read it ({e}); {expected}") from None
+    found = ", ".join(f"{key} {list(a.shape)} {a.dtype}" for key, a in arrays.items()) or "no arrays"
+    mu, sigma = arrays.get("mu"), arrays.get("sigma")
+    if (mu is None or sigma is None or mu.shape != (FID_DIMS,) or sigma.shape != (FID_DIMS, FID_DIMS)
+            or not np.issubdtype(mu.dtype, np.number) or not np.issubdtype(sigma.dtype, np.number)):
+        raise ValueError(f"--reference {path}: holds {found}; {expected}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"--reference {path}: mu or sigma holds NaN/inf; {expected}, finite")
+    return mu, sigma
+
+
 def save_statistics(path: str | Path, stats: tuple[np.ndarray, np.ndarray]) -> Path:
     """The .npz pytorch-fid reads (keys mu, sigma), as its --save-stats writes it."""
     path = Path(path)
@@ -379,8 +406,7 @@ def reference_statistics(reference: str, inception: torch.nn.Module, dist_info: 
     """(mu, sigma) of the reference, on every rank: a pytorch-fid .npz as it is; an image folder as pytorch-fid
     reads it (files as they are, sorted); image shards with each image centre-cropped to ``resolution``."""
     if reference.endswith(".npz"):
-        with np.load(reference) as f:
-            return f["mu"][:], f["sigma"][:]
+        return read_statistics(reference)
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info is not None else (0, 1)
     scorers = Scorers(inception, None, None, device)
     path = Path(reference)

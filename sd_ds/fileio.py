@@ -9,10 +9,12 @@ directory, flush to disk, then ``os.replace`` (atomic on POSIX within one filesy
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 
 def temporary_path(path: Union[str, Path]) -> Path:
@@ -63,6 +65,146 @@ def save_atomic(path: Union[str, Path], writer: Callable[[Path], None], *, fsync
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or an exception it was raised from) is a full disk, as Python, torch and safetensors
+    report it."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        text = str(err)
+        # torch.save's C++ writer reports a full disk as a bare stream error; safetensors as "StorageFull".
+        if ("No space left on device" in text or "iostream error" in text or "file write failed" in text
+                or "StorageFull" in text):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+# --- a whole directory, replaced at once -------------------------------------------------------------------
+
+_RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths in one rename
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the directory entries ``a`` and ``b`` (Linux renameat2 RENAME_EXCHANGE); False where the
+    C library or the filesystem does not offer it."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under ``root`` to disk, so that what a rename publishes is on it."""
+    for folder, _, files in os.walk(root):
+        for name in [*files, "."]:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale(prefix: str, parent: Path) -> list[Path]:
+    """Siblings named ``prefix`` + PID-... whose process (on this host) is gone: left by a killed writer."""
+    import glob
+
+    stale = []
+    for leftover in parent.glob(glob.escape(prefix) + "*"):
+        pid = leftover.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            stale.append(leftover)
+    return stale
+
+
+@contextlib.contextmanager
+def replaced_directory(target: Union[str, Path]) -> Iterator[Path]:
+    """Write a directory that replaces ``target`` whole, or not at all.
+
+    Yields a fresh temporary sibling (``.NAME.partial-HOST-PID-*``, on the same filesystem) to write into. When the
+    block succeeds its files are flushed to disk and it takes ``target``'s place: an existing ``target`` is swapped
+    out in one rename (Linux RENAME_EXCHANGE) and then deleted; where the filesystem cannot swap, ``target`` is
+    moved aside (``.NAME.replaced-HOST-PID-*``) and the new folder renamed into place. When the block fails (a full
+    disk, an error) the temporary folder is deleted and ``target`` is as it was; after a kill it is left behind and
+    the next call on this host removes it (and moves a folder that was aside back, were ``target`` then missing).
+    Nothing is ever written into ``target`` itself, so links inside an old ``target`` are never followed (deleting
+    it removes the links, not what they point to); a ``target`` that is itself a link is the caller's to refuse."""
+    import shutil
+    import socket
+    import tempfile
+
+    target = Path(target)
+    host = socket.gethostname().replace("/", "_")
+    partial, aside = f".{target.name}.partial-{host}-", f".{target.name}.replaced-{host}-"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in _stale(aside, target.parent):
+        if not os.path.lexists(target) and (leftover / "old").is_dir():
+            os.rename(leftover / "old", target)  # a kill between the two renames below: the old folder returns
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in _stale(partial, target.parent):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{partial}{os.getpid()}-", dir=target.parent))
+    try:
+        yield staging
+        _fsync_tree(staging)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(staging, 0o777 & ~mask)  # mkdtemp's 0700 would make the published folder private
+        if not os.path.lexists(target):
+            os.rename(staging, target)
+        elif _exchange(staging, target):
+            if staging.is_symlink():  # the old target, swapped out: a link loses only itself
+                staging.unlink()
+            else:
+                shutil.rmtree(staging)
+        else:
+            held = Path(tempfile.mkdtemp(prefix=f"{aside}{os.getpid()}-", dir=target.parent))
+            os.rename(target, held / "old")
+            try:
+                os.rename(staging, target)
+            except BaseException:
+                os.rename(held / "old", target)
+                held.rmdir()
+                raise
+            shutil.rmtree(held)
+        _fsync_tree_entry(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _fsync_tree_entry(directory: Path) -> None:
+    """Flush a directory's entries (a rename inside it) to disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # --- any fsspec URL (object stores) -------------------------------------------------------------------

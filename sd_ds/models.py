@@ -119,10 +119,46 @@ def clean_caption(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+# Clean-up and tokenizing cost microseconds per character (a 5 MB caption took 7 s per sample; ftfy's clean-up
+# pays per line as well), so a caption far longer than the token window is cut before either runs. CLIP's longest
+# token spans 32 bytes, so max_length tokens come from at most 32 x max_length non-space characters; clean-up may
+# shrink text (HTML entities, ftfy's repairs), hence twice that. Every normal caption (at 77 tokens: up to 4,928
+# non-space characters) is tokenized whole.
+CAPTION_CHARS_PER_TOKEN = 64
+
+
+def _after_non_space(text: str, count: int) -> Optional[int]:
+    """The index just past the ``count``-th non-whitespace character of ``text``; None when it has fewer."""
+    import re
+
+    match = re.match(r"(?:\s*\S){%d}" % count, text)
+    return match.end() if match else None
+
+
+def cut_caption(text: str, max_length: int) -> str:
+    """The start of a caption that gives the same first ``max_length`` token ids as all of it: the whole words that
+    hold its first 64 x max_length non-space characters (whitespace, which clean-up collapses, is not counted, up
+    to as many characters again). The ids are the whole caption's whenever those characters make max_length
+    tokens: any text whose clean-up does not shrink it to less than half (only a run of HTML entities or mojibake
+    without spaces would). A caption within the bound is returned as it is."""
+    budget = CAPTION_CHARS_PER_TOKEN * max_length
+    if len(text) <= budget:
+        return text
+    window = text[:2 * budget]
+    end = _after_non_space(window, budget) or len(window)
+    if end >= len(text):
+        return text
+    head = text[:end]
+    # A word cut in two tokenizes differently: end at the last whitespace, if there is one.
+    space = max(head.rfind(c) for c in " \t\n\r\f\v")
+    return head[:space] if space > 0 else head
+
+
 def tokenize(tokenizer: Any, captions: list[str], max_length: int) -> torch.Tensor:
-    """Token ids [B, max_length]: cleaned as CLIP does, padded with <|endoftext|> as SD v1, truncated."""
-    return tokenizer([clean_caption(c) for c in captions], padding="max_length", max_length=max_length,
-                     truncation=True, return_tensors="pt").input_ids
+    """Token ids [B, max_length]: cleaned as CLIP does, padded with <|endoftext|> as SD v1, truncated (a caption far
+    longer than the window is cut first: ``cut_caption``)."""
+    return tokenizer([clean_caption(cut_caption(c, max_length)) for c in captions], padding="max_length",
+                     max_length=max_length, truncation=True, return_tensors="pt").input_ids
 
 
 def zero_output_projections(unet: torch.nn.Module) -> int:

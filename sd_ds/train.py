@@ -13,19 +13,22 @@ from typing import Any, Optional
 
 import torch
 
-from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, TrainState, plan_resume
+from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, NonFiniteWeightsError, TrainState, plan_resume
 from sd_ds.config import TrainConfig, parse_config
 from sd_ds.data import (MetadataError, build_train_loader, check_latent_manifest, check_shard_metadata,
                         latent_manifest_of_shards, raise_if_raw_parts)
 from sd_ds.data.buckets import BucketError, BucketList, model_divisor, resolve_buckets
+from sd_ds.deepspeed_config import DeepSpeedConfigError
 from sd_ds.diffusers_export import save_base_components, save_trained_models
 from sd_ds.distributed import (DistInfo, StopSignal, close_distributed, default_loader_workers, init_distributed,
                                rank_seed, seed_everything)
-from sd_ds.engine import build_ema, build_engine, encode_batch, grad_norm, group_lrs, weight_dtype
+from sd_ds.engine import (build_ema, build_engine, check_deepspeed_config, encode_batch, grad_norm, group_lrs,
+                          weight_dtype)
+from sd_ds.families import FamilyMismatchError
 from sd_ds.faults import fault_point
 from sd_ds.lifecycle import SkipGuard, TrainingDiverged, hold_output_dir, start_parent_watchdog
 from sd_ds.metrics import StepMetrics, setup_console_logging
-from sd_ds.models import build_components
+from sd_ds.models import ModelNotFoundError, build_components
 from sd_ds.periodic import build_periodic_tasks
 from sd_ds.precision import resolve_precision
 from sd_ds.redaction import guard_console
@@ -44,16 +47,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if cfg.data.train_shards:
             check_shard_metadata(cfg.data.train_shards)  # a wrong sizes.json/sources.json/latents.json: stop now
+        for warning in check_deepspeed_config(cfg, dist_info.world_size):  # before any model loads
+            logger.warning("%s", warning)
         with hold_output_dir(cfg.output_dir, dist_info):  # one run per output_dir
             train(cfg, dist_info)
-    except (CheckpointWriteError, TrainingDiverged, StorageUnavailable) as e:
+    except (CheckpointWriteError, TrainingDiverged, NonFiniteWeightsError, StorageUnavailable) as e:
         # An expected failure with its own message: that message, not a chained C++ stream error, is what the
         # user reads first (exit status 1).
         logger.error("%s", e)
         raise SystemExit(f"sd_ds.train: {e}") from None
-    except MetadataError as e:  # bad input beside the shards: one line (every rank has it; the first says it)
+    except (MetadataError, DeepSpeedConfigError, ModelNotFoundError, FamilyMismatchError) as e:
+        # Bad input (beside the shards, a flag or DS_CONFIG naming something unusable, a model folder mixing
+        # families): a usage error, one line (every rank has it; the first says it) and exit 2 like any bad flag.
         if dist_info.is_main_process:
-            print(f"sd_ds.train: {e}", file=sys.stderr, flush=True)
+            print(f"sd_ds.train: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     finally:
         close_distributed()

@@ -52,3 +52,41 @@ def test_find_resume_checkpoint(tmp_path):
     assert ck.find_resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-5")).name == "checkpoint-5"
     with pytest.raises(FileNotFoundError):
         ck.find_resume_checkpoint(tmp_path, str(tmp_path / "checkpoint-9"))
+
+
+def _outside_checkpoint(root, name):
+    """A complete-looking checkpoint folder outside output_dir, with someone's file in it."""
+    target = root / name
+    target.mkdir(parents=True)
+    (target / ck.TRAINER_STATE).write_text(json.dumps({"step": 1, "world_size": 1}))
+    (target / "someone_elses.bin").write_bytes(b"keep me")
+    return target
+
+
+def test_rotation_removes_a_symlinked_checkpoint_not_its_target(tmp_path):
+    """Issue 30: a symlinked checkpoint-1 pointing outside output_dir lost its target's trainer_state.json."""
+    out = tmp_path / "out"
+    target = _outside_checkpoint(tmp_path / "elsewhere", "ckpt")
+    out.mkdir()
+    (out / "checkpoint-1").symlink_to(target, target_is_directory=True)
+    make(out, 2, complete=False)
+    make(out, 3)
+    make(out, 4)
+    deleted = ck.rotate_checkpoints(out, save_total_limit=1)
+    assert sorted(p.name for p in deleted) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert not (out / "checkpoint-1").exists() and not (out / "checkpoint-1").is_symlink()
+    assert sorted(p.name for p in target.iterdir()) == sorted([ck.TRAINER_STATE, "someone_elses.bin"])
+    assert (target / "someone_elses.bin").read_bytes() == b"keep me"
+
+
+def test_rotation_removes_a_symlinked_incomplete_leftover_not_its_target(tmp_path):
+    out = tmp_path / "out"
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "someone_elses.bin").write_bytes(b"keep me")
+    out.mkdir()
+    (out / "checkpoint-1").symlink_to(target, target_is_directory=True)  # incomplete: no trainer_state.json
+    make(out, 2)
+    ck.rotate_checkpoints(out, save_total_limit=None)
+    assert not (out / "checkpoint-1").is_symlink()
+    assert (target / "someone_elses.bin").read_bytes() == b"keep me"

@@ -244,3 +244,93 @@ def test_help_group_headings_are_titles():
     for section in ("run", "model", "data", "diffusion", "optim", "ema", "logging", "checkpoint"):
         assert f"\n{section}:\n" in text, section
     assert "Config(" not in text, "a dataclass signature leaked into --help"
+
+
+# --- non-finite numbers (issue 30) ---
+
+def _float_flags() -> list[str]:
+    """Every flag whose value is a float (whatever its section), from the config's own dataclasses."""
+    import dataclasses
+    import typing
+
+    from sd_ds.config import TrainConfig, _section_classes
+
+    names = []
+    for cls in (TrainConfig, *_section_classes().values()):
+        for name, hint in typing.get_type_hints(cls).items():
+            if hint is float or (typing.get_origin(hint) is typing.Union and float in typing.get_args(hint)):
+                names.append(name)
+    assert {"learning_rate", "max_grad_norm", "ema_decay", "snr_gamma", "eval_guidance_scale"} <= set(names)
+    return names
+
+
+@pytest.mark.parametrize("flag", _float_flags())
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999"])
+def test_every_float_flag_refuses_non_finite_values_in_one_line(flag, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_config([f"--{flag}={value}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.strip().splitlines() == [f"sd_ds.train: error: --{flag} must be a finite number (got {float(value)})"]
+
+
+def test_a_saved_config_with_a_non_finite_float_is_refused_too():
+    from sd_ds.config import config_from_dict
+
+    with pytest.raises(ValueError, match="--learning_rate must be a finite number"):
+        config_from_dict({"optim": {"learning_rate": float("inf")}})
+
+
+def test_infinite_learning_rate_stops_the_trainer_at_parsing(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sd_ds.train", "--learning_rate", "inf", "--train_shards", str(tmp_path / "shards"),
+         "--output_dir", str(tmp_path / "out")],
+        cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == ["sd_ds.train: error: --learning_rate must be a finite number (got inf)"]
+    assert not (tmp_path / "out").exists()
+
+
+# --- DeepSpeed configs checked by DeepSpeed's own parser (issue 30; the trainer's one-line errors are in
+# test_train_hostile_inputs.py) ---
+
+@pytest.mark.parametrize("name", ["zero2_bf16.json", "zero2_bf16_offload.json", "zero2_fp16.json", "zero2_fp32.json"])
+def test_shipped_deepspeed_configs_pass_the_check_without_warnings(name):
+    from sd_ds.engine import DS_CONFIG_DIR, check_deepspeed_config
+
+    flags = {"zero2_fp16.json": ["--fp16", "True"], "zero2_fp32.json": ["--bf16", "False"]}.get(name, [])
+    assert check_deepspeed_config(parse_config([*flags, "--deepspeed", str(DS_CONFIG_DIR / name)]), world_size=2) == []
+
+
+def test_deepspeed_config_keys_deepspeed_reads_are_known_and_others_warn_or_refuse(tmp_path):
+    from sd_ds.deepspeed_config import DeepSpeedConfigError
+    from sd_ds.engine import check_deepspeed_config
+
+    user = tmp_path / "ds.json"
+
+    def check(config: dict) -> list[str]:
+        user.write_text(json.dumps(config))
+        return check_deepspeed_config(parse_config(["--deepspeed", str(user)]), world_size=1)
+
+    # Real DeepSpeed sections, some read by its config parser, some only by the engine: no warning.
+    assert check({"zero_optimization": {"stage": 2}, "tensorboard": {"enabled": False}, "comms_logger":
+                  {"enabled": False}, "flops_profiler": {"enabled": False}, "activation_checkpointing": {},
+                  "communication_data_type": "fp32", "prescale_gradients": False, "checkpoint": {"tag_validation":
+                  "Warn"}, "compile": {}, "dataloader_drop_last": False}) == []
+    # A key DeepSpeed never reads and that is no misspelling: a warning naming it, the run goes on.
+    (warning,) = check({"zero_optimization": {"stage": 2}, "my_note": "tried on 8 GPUs"})
+    assert warning == f"DeepSpeed config {user}: DeepSpeed does not read the key 'my_note'; it has no effect"
+    # Values of the wrong type, removed features, duplicated keys: refused with the key path.
+    with pytest.raises(DeepSpeedConfigError, match=r"'zero_optimization.reduce_bucket_size': Input should be a valid "
+                                                   r"integer.*\(got \"big\"\)"):
+        check({"zero_optimization": {"stage": 2, "reduce_bucket_size": "big"}})
+    with pytest.raises(DeepSpeedConfigError, match="'zero_optimization.offload_optimizer.devce' is not a DeepSpeed "
+                                                   "setting .*did you mean 'device'"):
+        check({"zero_optimization": {"stage": 2, "offload_optimizer": {"devce": "cpu"}}})
+    with pytest.raises(DeepSpeedConfigError, match="Apex AMP integration has been removed"):
+        check({"zero_optimization": {"stage": 2}, "amp": {"enabled": True}})
+    with pytest.raises(DeepSpeedConfigError, match="'zero_optimization' must be an object"):
+        check({"zero_optimization": True})
+    user.write_text('{"zero_optimization": {"stage": 2}, "zero_optimization": {"stage": 1}}')
+    with pytest.raises(DeepSpeedConfigError, match="the key 'zero_optimization' appears twice"):
+        check_deepspeed_config(parse_config(["--deepspeed", str(user)]), world_size=1)

@@ -571,3 +571,19 @@ def test_progress_bar_shows_bytes_and_samples_per_second(dataset, tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "B/s" in proc.stderr and "samples/s" in proc.stderr and "6 samples" in proc.stderr
+
+
+def test_a_directory_given_as_an_input_is_named_a_directory_not_missing(dataset, tmp_path):
+    """Issue 30: a part path (or filelist) that is a directory said "input file not found"."""
+    out = tmp_path / "o"
+    folder = dataset.root
+    for args in ([folder], ["--filelist", folder]):
+        proc = run_tool(*args, "--output_dir", out, check_rc=2)
+        assert proc.stderr.strip().splitlines() == [
+            f"error: {folder} is a directory, not a file: parts, --filelist and --file_list name files (for the parts "
+            f"in a directory, a quoted glob such as '{folder}/*'); nothing was converted"], proc.stderr
+        assert "not found" not in proc.stderr and not out.exists()
+    # A directory and a missing part together: each said for what it is.
+    proc = run_tool(folder, tmp_path / "typo.gz", "--output_dir", out, check_rc=2)
+    assert f"{folder} is a directory" in proc.stderr and "1 input file(s) not found" in proc.stderr
+    assert str(tmp_path / "typo.gz") in proc.stderr and not out.exists()

@@ -238,3 +238,37 @@ def test_shard_reference_is_each_image_centre_cropped_and_prompts_are_their_capt
                                fid_clip.inception_features(inception, images[4:], device)])
     np.testing.assert_array_equal(mu, fid_clip.fid_statistics(features)[0])
     assert fid_clip.read_prompts(str(shards)) == [s["txt"].decode() for s in samples]
+
+
+def test_a_reference_npz_of_the_wrong_keys_or_shapes_is_one_line_before_any_model_loads(tmp_path):
+    """Issue 30: a --reference .npz that is not pytorch-fid's statistics is refused by name, with what it holds.
+    Empty weight caches: had a model been loaded first, the error would be the missing Inception weights."""
+    files = {
+        "other_keys.npz": dict(mean=np.zeros(2048), cov=np.zeros((2048, 2048))),
+        "other_shapes.npz": dict(mu=np.zeros(64), sigma=np.zeros((64, 64))),
+        "non_finite.npz": dict(mu=np.full(2048, np.nan), sigma=np.eye(2048)),
+    }
+    expected = "expected mu [2048] and sigma [2048, 2048] (pytorch-fid's statistics, as --save_reference_stats writes them)"
+    found = {"other_keys.npz": f"holds mean [2048] float64, cov [2048, 2048] float64; {expected}",
+             "other_shapes.npz": f"holds mu [64] float64, sigma [64, 64] float64; {expected}",
+             "non_finite.npz": f"mu or sigma holds NaN/inf; {expected}, finite",
+             "one_array.npz": f"not an .npz archive; {expected}",
+             "pickled.npz": "cannot read it (Object arrays cannot be loaded when allow_pickle=False); " + expected,
+             "missing.npz": "no such file"}
+    for name, arrays in files.items():
+        np.savez(tmp_path / name, **arrays)
+    with open(tmp_path / "one_array.npz", "wb") as f:
+        np.save(f, np.zeros(2048))
+    np.savez(tmp_path / "pickled.npz", mu=np.array([{"a": 1}], dtype=object), sigma=np.eye(2))
+    empty_caches = {"TORCH_HOME": str(tmp_path / "torch"), "HF_HOME": str(tmp_path / "hf")}
+    for name, what in found.items():
+        proc = _evaluate("--images", str(tmp_path), "--reference", str(tmp_path / name), "--metrics", "fid",
+                         check=False, env=empty_caches)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"python -m sd_ds.evaluate: error: --reference {tmp_path / name}: {what}"), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and fid_clip.FID_WEIGHTS_FILE not in proc.stderr
+    # pytorch-fid's own statistics pass.
+    np.savez(tmp_path / "good.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    mu, sigma = fid_clip.read_statistics(tmp_path / "good.npz")
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)

@@ -109,3 +109,68 @@ def test_build_script_reproduces_committed_asset(tmp_path):
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
         assert (tmp_path / name).read_bytes() == (CLIP_TOKENIZER_DIR / name).read_bytes(), name
     assert "MIT" in (tmp_path / "PROVENANCE.md").read_text()
+
+
+# --- captions far longer than the window (issue 30: a 5 MB caption cost 7 s of tokenizing per sample) ---
+
+def _whole(tokenizer, caption: str) -> list[int]:
+    """The ids of the whole caption, cleaned and tokenized as it is (what tokenize did before cutting)."""
+    return tokenizer(clean_caption(caption), padding="max_length", max_length=77, truncation=True).input_ids
+
+
+def _long_captions() -> dict[str, str]:
+    import random
+
+    rng = random.Random(0)
+    words = ["a", "photo", "of", "the", "red", "dog", "&amp;", "café", "cafÃ©", "🐱🚀", "東京タワー", "3.14", "---",
+             "Straße", "&quot;quoted&quot;", "https://example.com/a?b=c&d=e", "don't", "\n", "\t", "   "]
+    sentence = "A photo of an astronaut riding a horse on Mars, 4k, trending on artstation! "
+    return {
+        # around the bound (64 x 77 = 4,928 non-space characters) and past it
+        **{f"words_{n}": " ".join(rng.choice(words) for _ in range(n)) for n in (900, 1100, 1300, 5000)},
+        "sentences_20k": sentence * 260,
+        "newlines_10k": ("line of text\n" * 800),
+        "one_word_10k": "x" * 10_000,
+        "spaces_first": " " * 4000 + sentence * 100,
+        "entities_spaced": "&amp;quot; " * 1200,
+        "emoji_spaced": "😀 😃 😄 " * 3000,
+        "every_caption_above": " ".join(CAPTIONS) * 6,
+    }
+
+
+@pytest.mark.parametrize("name", list(_long_captions()))
+def test_cutting_long_captions_keeps_their_ids(asset_tokenizer, name):
+    caption = _long_captions()[name]
+    assert tokenize(asset_tokenizer, [caption], 77)[0].tolist() == _whole(asset_tokenizer, caption)
+
+
+def test_normal_captions_are_not_cut():
+    from sd_ds.models import cut_caption
+
+    for caption in CAPTIONS:
+        assert cut_caption(caption, 77) == caption
+    assert cut_caption("word " * 1000, 77) == "word " * 1000  # 4,000 non-space characters: within the bound
+
+
+def test_a_5_mb_caption_is_cut_before_tokenizing(asset_tokenizer):
+    import random
+    import time
+
+    from sd_ds.models import cut_caption
+
+    rng = random.Random(1)
+    words = ["a", "photo", "of", "the", "red", "dog", "&amp;", "café", "🐱", "\n"]
+    caption = " ".join(rng.choice(words) for _ in range(1_500_000))[:5_000_000]
+    assert len(caption) == 5_000_000
+    tokenize(asset_tokenizer, ["warm-up: ftfy and the tokenizer load lazily"], 77)
+    started = time.perf_counter()
+    ids = tokenize(asset_tokenizer, [caption], 77)[0].tolist()
+    took = time.perf_counter() - started
+    assert took < 1.0, f"{took:.2f} s for one 5 MB caption (7 s before it was cut; ~0.03 s here alone)"
+    assert len(cut_caption(caption, 77)) < 10_000
+    # The same ids as the whole caption, shown on a 200 kB prefix (the whole 5 MB takes ~20 s to tokenize).
+    assert ids == _whole(asset_tokenizer, caption[:200_000])
+    for pathological in ("x" * 5_000_000, " \n" * 2_500_000, "&amp;quot;" * 500_000):
+        started = time.perf_counter()
+        tokenize(asset_tokenizer, [pathological], 77)
+        assert time.perf_counter() - started < 1.0

@@ -147,8 +147,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     collected = collect_sources(args.file_list, args.filelist, args.inputs)
     if collected.missing_inputs:
-        _print_paths(f"error: {len(collected.missing_inputs)} input file(s) not found; nothing was converted:",
-                     collected.missing_inputs)
+        directories = collected.directory_inputs
+        missing = [path for path in collected.missing_inputs if path not in directories]
+        advice = "parts, --filelist and --file_list name files (for the parts in a directory, a quoted glob such as"
+        if len(directories) == 1:
+            print(f"error: {directories[0]} is a directory, not a file: {advice} '{directories[0]}/*'); nothing was "
+                  "converted", file=sys.stderr)
+        elif directories:
+            _print_paths(f"error: {len(directories)} inputs are directories, not files: {advice} 'DIR/*'); nothing "
+                         "was converted:", directories)
+        if missing:
+            _print_paths(f"error: {len(missing)} input file(s) not found; nothing was converted:", missing)
         return 2
     sources = collected.sources
     missing_parts, duplicate_parts = collected.missing_parts, collected.duplicate_parts

@@ -116,6 +116,11 @@ class CollectedInputs:
     a run refuses them, before any work."""
 
     @property
+    def directory_inputs(self) -> list[str]:
+        """Of ``missing_inputs``: local directories, named where a part, filelist or list file belongs."""
+        return [path for path in self.missing_inputs if not is_url(path) and os.path.isdir(path)]
+
+    @property
     def missing_parts(self) -> list[str]:
         return [part for source in self.sources for part in source.missing_parts]
 
