@@ -4,4 +4,4 @@ import sys
 
 from sd_ds.convert.cli import main
 
-sys.exit(main())
+sys.exit(main(prog="python -m sd_ds.convert"))
