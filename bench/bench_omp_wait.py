@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Optional
@@ -150,6 +151,12 @@ def render(results: dict) -> str:
               + ". Passive ÷ one thread (medians): "
               + "; ".join(f"{w} " + ", ".join(f"{vs_one_thread(w, c):.2f}× {c}" for c in conditions)
                           for w in meta["workloads"]) + "."]
+    lines += ["", "Not measured here, for want of an idle machine: what passive waiting costs when nothing else runs "
+              "(a sleeping thread's wake-up, microseconds, per parallel region, which a spinning one saves). On a "
+              "machine of your own, `GOMP_SPINCOUNT=300000` (libgomp's spin count when no policy is set) gives "
+              "torch's default back; sd-ds leaves any OMP_WAIT_POLICY or GOMP_SPINCOUNT you set alone."]
+    lines = [textwrap.fill(line, 115, break_on_hyphens=False) if not line.startswith("|") else line
+             for line in lines]
     lines += ["", "Raw figures, ms per round: `" + json.dumps({w: results[w] for w in meta["workloads"]}) + "`", ""]
     return "\n".join(lines)
 
