@@ -25,7 +25,8 @@ class Subcommand(NamedTuple):
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "train": Subcommand("sd_ds.train", "train the UNet with DeepSpeed ZeRO-2 (one rank; --help says how to launch many)"),
+    "train": Subcommand("sd_ds.train",
+                        "train the UNet with DeepSpeed ZeRO-2 (one rank; --help says how to launch many)"),
     "convert": Subcommand("sd_ds.convert.cli", "LAION base64 parts -> webdataset shards"),
     "init": Subcommand("sd_ds.init", "write a from-scratch model folder (--preset sd-v1 or tiny)"),
     "encode-latents": Subcommand("sd_ds.encode_latents", "image shards -> latent shards, encoded once by the VAE"),

@@ -6,17 +6,17 @@ few minutes and leaves a model whose samples follow their prompts:
 1. LAION-format parts (gzip, ``caption \\t _ \\t base64``) from photos scikit-image ships and from drawn
    captioned shapes ("a red circle on a blue background"), listed in a ``train.filelist.list`` like the
    seed's data;
-2. the converter (``python -m sd_ds.convert``, alias ``tools/convert_laion_to_wds.py``) turns them into webdataset shards; held-out shards (other drawings and
-   crops) are written beside them for the validation loss;
+2. the converter (``python -m sd_ds.convert``, also ``tools/convert_laion_to_wds.py``) turns them into webdataset
+   shards; held-out shards (other drawings and crops) are written beside them for the validation loss;
 3. ``python -m sd_ds.init --preset tiny`` makes the model; since no pretrained VAE can be downloaded, the tiny
    VAE is trained briefly (as a near-deterministic autoencoder, on the demo images and random-colour shapes),
    and its ``scaling_factor`` set so the latents have unit variance (what SD's 0.18215 does for its VAE; left
    at 0.18215 the tiny UNet barely learns from text);
 4. ``python -m sd_ds.encode_latents`` encodes the training and held-out shards once with that VAE (latent
    shards: the training step then runs no VAE encoder and its loader decodes no image);
-5. ``./run.sh`` (from an installed package: the deepspeed launcher) trains the UNet (v-prediction) on the latent shards with DeepSpeed ZeRO-2 on every local
-   device, with EMA, the validation loss on the held-out shards every few hundred steps, and a sample grid in
-   TensorBoard at the end;
+5. ``./run.sh`` (from an installed package, the deepspeed launcher: ``trainer_launcher``) trains the UNet
+   (v-prediction) on the latent shards with DeepSpeed ZeRO-2 on every local device, with EMA, the validation
+   loss on the held-out shards every few hundred steps, and a sample grid in TensorBoard at the end;
 6. ``python -m sd_ds.export`` and a sample grid for prompt combinations held out of training;
 7. the prompt-following score (``python -m sd_ds.demo --score`` alone): are the prompt's shape colour,
    background colour and shape in the images, for held-out and trained combinations, printed beside the

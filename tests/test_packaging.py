@@ -211,7 +211,8 @@ def test_installed_package_works_from_another_directory(installed, tmp_path):
     assert listed == list(SUBCOMMANDS)
     assert "--preset" in _run_installed(tmp_path, sd_ds_cmd, "init", "--help").stdout
     _run_installed(tmp_path, sd_ds_cmd, "init", "--preset", "tiny", "--output_dir", str(tmp_path / "m"))
-    assert (tmp_path / "m" / "unet" / "config.json").is_file() and (tmp_path / "m" / "tokenizer" / "vocab.json").is_file()
+    model = tmp_path / "m"
+    assert (model / "unet" / "config.json").is_file() and (model / "tokenizer" / "vocab.json").is_file()
     where = _run_installed(tmp_path, str(installed / "python"), "-c", (
         "import sd_ds, sd_ds.engine as e, sd_ds.models as m\n"
         "print(sd_ds.__file__)\n"
