@@ -438,9 +438,13 @@ def _section_description(cls: type) -> Optional[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sd_ds.train",
-        description="Pretrain a Stable Diffusion UNet from scratch with DeepSpeed ZeRO-2. Launch through ./run.sh "
-        "(deepspeed launcher); every flag below passes through it. @FILE reads flags from FILE, one per line "
-        "(run.sh passes flags holding a credential that way, never on a command line).",
+        description="Pretrain a Stable Diffusion UNet from scratch with DeepSpeed ZeRO-2. This process is one rank: "
+        "alone (sd-ds train, python -m sd_ds.train) it trains on one GPU or on the CPU. Several GPUs or nodes: "
+        "./run.sh [flags] in a checkout (ranks per node, hostfile, CPU threads per rank, SIGTERM -> checkpoint; "
+        "README 'run.sh environment'), or with an installed package the deepspeed launcher itself: "
+        "deepspeed [--num_gpus N | --hostfile FILE] --module sd_ds.train [flags]. Every flag below passes through "
+        "either. @FILE reads flags from FILE, one per line (run.sh passes flags holding a credential that way, never "
+        "on a command line).",
         allow_abbrev=False,
         fromfile_prefix_chars="@",
     )

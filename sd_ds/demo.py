@@ -6,17 +6,17 @@ few minutes and leaves a model whose samples follow their prompts:
 1. LAION-format parts (gzip, ``caption \\t _ \\t base64``) from photos scikit-image ships and from drawn
    captioned shapes ("a red circle on a blue background"), listed in a ``train.filelist.list`` like the
    seed's data;
-2. ``tools/convert_laion_to_wds.py`` turns them into webdataset shards; held-out shards (other drawings and
-   crops) are written beside them for the validation loss;
+2. the converter (``python -m sd_ds.convert``, also ``tools/convert_laion_to_wds.py``) turns them into webdataset
+   shards; held-out shards (other drawings and crops) are written beside them for the validation loss;
 3. ``python -m sd_ds.init --preset tiny`` makes the model; since no pretrained VAE can be downloaded, the tiny
    VAE is trained briefly (as a near-deterministic autoencoder, on the demo images and random-colour shapes),
    and its ``scaling_factor`` set so the latents have unit variance (what SD's 0.18215 does for its VAE; left
    at 0.18215 the tiny UNet barely learns from text);
 4. ``python -m sd_ds.encode_latents`` encodes the training and held-out shards once with that VAE (latent
    shards: the training step then runs no VAE encoder and its loader decodes no image);
-5. ``./run.sh`` trains the UNet (v-prediction) on the latent shards with DeepSpeed ZeRO-2 on every local
-   device, with EMA, the validation loss on the held-out shards every few hundred steps, and a sample grid in
-   TensorBoard at the end;
+5. ``./run.sh`` (from an installed package, the deepspeed launcher: ``trainer_launcher``) trains the UNet
+   (v-prediction) on the latent shards with DeepSpeed ZeRO-2 on every local device, with EMA, the validation
+   loss on the held-out shards every few hundred steps, and a sample grid in TensorBoard at the end;
 6. ``python -m sd_ds.export`` and a sample grid for prompt combinations held out of training;
 7. the prompt-following score (``python -m sd_ds.demo --score`` alone): are the prompt's shape colour,
    background colour and shape in the images, for held-out and trained combinations, printed beside the
@@ -54,6 +54,9 @@ from sd_ds.shapes import (HELD_OUT, Combination, caption_of, draw_shape, image_b
                           score_images, trained_combinations_scored, training_combinations)
 
 REPO = Path(__file__).resolve().parent.parent
+# In a checkout the demo trains through ./run.sh and writes beside it; an installed package (no run.sh beside
+# it) launches the ranks with the deepspeed launcher itself and writes under the current directory.
+CHECKOUT: Optional[Path] = REPO if (REPO / "run.sh").is_file() else None
 
 PHOTOS = {  # scikit-image's bundled colour photos and a caption for each
     "astronaut": "a photo of an astronaut in a white suit in front of a flag",
@@ -298,7 +301,7 @@ def _f(default: Any, help: str) -> Any:
 class DemoSettings:
     """The demo's knobs (each is a --flag of ``python -m sd_ds.demo``); the defaults fit 10 minutes on 2 cores."""
 
-    output: Path = _f(Path(os.environ.get("SD_DS_DEMO_DIR", str(REPO / "demo_output"))),
+    output: Path = _f(Path(os.environ.get("SD_DS_DEMO_DIR", str((CHECKOUT or Path()) / "demo_output"))),
                       "where everything is written (env SD_DS_DEMO_DIR)")
     per_combination: int = _f(36, "drawn images per (colour, shape, background) combination (36: 4,320 drawings; "
                                    "with 12 the held-out shapes were lost at 800 steps, BENCHMARKS.md 15)")
@@ -324,7 +327,30 @@ def status(msg: str) -> None:
 
 def run(cmd: list[str], **kw) -> None:
     status("$ " + " ".join(str(c) for c in cmd))
-    subprocess.run([str(c) for c in cmd], check=True, cwd=REPO, **kw)
+    subprocess.run([str(c) for c in cmd], check=True, cwd=CHECKOUT, **kw)
+
+
+def trainer_launcher(nproc: Optional[int], env: dict[str, str]) -> list[str]:
+    """The command that starts the trainer's ranks on this machine, and the variables it needs set in ``env``.
+
+    In a checkout: ./run.sh (NPROC_PER_NODE; it sets up the CPU ranks itself). From an installed package: the
+    deepspeed launcher, set up as run.sh sets up one node: N ranks (all GPUs, or 2 CPU ranks), DeepSpeed's CPU
+    accelerator without a GPU, the cores shared between the ranks.
+    """
+    if nproc:
+        env["NPROC_PER_NODE"] = str(nproc)
+    env.setdefault("MASTER_PORT", str(29500 + os.getpid() % 500))
+    if CHECKOUT is not None:
+        return ["./run.sh"]
+    import torch
+
+    gpus = torch.cuda.device_count()
+    ranks = nproc or gpus or 2
+    if not gpus:
+        env["DS_ACCELERATOR"] = "cpu"
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_addr", "127.0.0.1",
+            "--master_port", env["MASTER_PORT"], "--module", "sd_ds.train"]
 
 
 def run_here(module: str, argv: list[Any]) -> None:
@@ -360,7 +386,7 @@ def run_demo(s: DemoSettings) -> Path:
         stage(f"2/7 shards: reusing {shards}")
     else:
         stage("2/7 converting parts to webdataset shards")
-        run([sys.executable, "tools/convert_laion_to_wds.py", "--file_list", list_path, "--output_dir", shards,
+        run([sys.executable, "-m", "sd_ds.convert", "--file_list", list_path, "--output_dir", shards,
              "--samples_per_shard", "64"])  # enough shards for every rank x worker
     if not (val_shards / "sizes.json").is_file():
         write_validation_shards(val_shards, per_combination=max(1, s.validation_samples // 120),
@@ -394,10 +420,7 @@ def run_demo(s: DemoSettings) -> Path:
     else:
         stage(f"5/7 training the UNet with DeepSpeed ZeRO-2 ({s.train_steps} steps, EMA, validation loss)")
         env = dict(os.environ)
-        if s.nproc:
-            env["NPROC_PER_NODE"] = str(s.nproc)
-        env.setdefault("MASTER_PORT", str(29500 + os.getpid() % 500))
-        run(["./run.sh", "--output_dir", train_dir, "--train_shards", latents,
+        run([*trainer_launcher(s.nproc, env), "--output_dir", train_dir, "--train_shards", latents,
              "--pretrained_model_name_or_path", model_dir, "--resolution", "32", "--center_crop", "True",
              "--per_device_train_batch_size", s.micro_batch_size, "--learning_rate", s.learning_rate,
              # Demo captions are at most 14 tokens: a 16-token context halves the tiny UNet's cross-attention cost.
@@ -444,8 +467,8 @@ def run_demo(s: DemoSettings) -> Path:
   latent shards:       {latents}   (python -m sd_ds.encode_latents; image shards: {shards})
   validation shards:   {val_shards}   (as latents: {val_latents}; validation/loss in TensorBoard)
   TensorBoard logs:    {train_dir / 'runs'}
-  open TensorBoard:    .venv/bin/tensorboard --logdir {train_dir / 'runs'}
-  sample again:        .venv/bin/python -m sd_ds.sample --model {export_dir} --prompt "a red circle on a blue background"
+  open TensorBoard:    {Path(sys.executable).parent / 'tensorboard'} --logdir {train_dir / 'runs'}
+  sample again:        {sys.executable} -m sd_ds.sample --model {export_dir} --prompt "a red circle on a blue background"
 """, flush=True)
     return grid
 

@@ -33,7 +33,10 @@ if TYPE_CHECKING:  # deepspeed and diffusers are imported where used: seconds th
     from deepspeed import DeepSpeedEngine
     from diffusers import DDPMScheduler
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+# The default engine settings, package data (an installed package has no checkout): copies of the user-facing
+# examples in ds_configs/, kept equal by tests/test_packaging.py.
+DS_CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
 # ZeRO-2 gradient buckets, in elements. DeepSpeed's default (5e8) allocates 1 GB bf16 buffers per bucket (two
 # with overlap_comm), sized for LLMs; the SD v1 UNet (860 M parameters) reduces in ~5 buckets of 2e8, few
 # enough collectives to stay bandwidth-bound, and the buffers stay at 400 MB.

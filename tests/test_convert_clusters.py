@@ -65,6 +65,7 @@ def _convert_with_a_worker_killed(parts, tmp_path, engine_args: list, env: dict)
     assert output_files(out) == output_files(reference)
 
 
+@pytest.mark.slow
 @needs_java
 def test_spark_standalone_master_and_two_workers(parts, tmp_path):  # noqa: F811
     tag = f"SD_DS_TEST_RUN={uuid.uuid4().hex}"
@@ -93,6 +94,7 @@ def test_spark_standalone_master_and_two_workers(parts, tmp_path):  # noqa: F811
         logs.close()
 
 
+@pytest.mark.slow
 def test_ray_head_and_a_second_node(parts, tmp_path):  # noqa: F811
     tag = f"SD_DS_TEST_RUN={uuid.uuid4().hex}"
     temp_dir = Path("/tmp") / f"ray_{uuid.uuid4().hex[:8]}"  # its own session folder (Ray's socket paths are short)

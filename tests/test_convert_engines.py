@@ -85,6 +85,7 @@ def _engine_cases():
             pytest.param("ray", "ray_local", id="ray-2cpus")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine,cluster", _engine_cases())
 def test_identical_bytes_and_worker_killed_mid_run(parts, tmp_path, request, engine, cluster):
     """Same bytes as --engine local; then a worker process SIGKILLed in the middle of its third sample: the
@@ -106,6 +107,7 @@ def test_identical_bytes_and_worker_killed_mid_run(parts, tmp_path, request, eng
     assert not list(out.glob(".*")) and not (out / "_convert" / "parts").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine,extra", [pytest.param("spark", ["--spark_master", "local[2]"], marks=needs_java),
                                           ("ray", ["--processes", "2"])])
 def test_killed_driver_resumes_identically(parts, tmp_path, engine, extra):

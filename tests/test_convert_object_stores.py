@@ -90,6 +90,7 @@ def test_parts_over_http(parts, http_server_factory, tmp_path):  # noqa: F811
     assert json.loads((out / "stats.json").read_text())["missing_parts"] == 1
 
 
+@pytest.mark.slow
 def test_s3_in_and_out_same_bytes_as_local(parts, s3_server, tmp_path):  # noqa: F811
     root, names, _ = parts
     url = s3_server.upload_dir(root / "parts", "laion", "parts")
@@ -109,6 +110,7 @@ def test_s3_in_and_out_same_bytes_as_local(parts, s3_server, tmp_path):  # noqa:
     assert "samples_per_shard" in proc.stderr
 
 
+@pytest.mark.slow
 def test_ray_workers_read_and_write_s3(parts, s3_server, tmp_path):  # noqa: F811
     """A cluster engine's workers reach the store themselves: parts in, fragments and shards out."""
     pytest.importorskip("ray")
@@ -129,6 +131,7 @@ def _noise_png(seed: int, side: int = 600) -> bytes:
     return encode(Image.fromarray(pixels), "PNG", compress_level=0)
 
 
+@pytest.mark.slow
 def test_kill_mid_upload_leaves_no_partial_shard(s3_server, tmp_path):  # noqa: F811
     """Shards of ~12 MB, uploaded in 5 MB multipart blocks: the run is SIGKILLed while copying the second
     8 MB chunk of a shard, after a part of it went up. No shard may appear, and the rerun's are the local

@@ -161,6 +161,7 @@ def _count_on_rank(rank: int, world_size: int, port: int, url: str, out: str) ->
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_shards_without_sizes_json_are_counted_once_per_run_not_per_rank(tmp_path, http_server_factory):  # noqa: F811
     """Two real ranks (gloo) build their sources from HTTP shards without sizes.json: every shard is read once in
     all, and both ranks get every count."""

@@ -153,6 +153,7 @@ def test_clip_score_equals_open_clip_cosine(eval_assets, tmp_path):
     assert "fid" not in ours
 
 
+@pytest.mark.slow
 def test_missing_weights_offline_is_one_line_naming_the_file_and_where_it_goes(tmp_path):
     empty_caches = {"TORCH_HOME": str(tmp_path / "torch"), "HF_HOME": str(tmp_path / "hf")}
     proc = _evaluate("--images", str(tmp_path), "--reference", str(tmp_path), "--metrics", "fid", check=False,

@@ -243,6 +243,7 @@ def test_the_loader_gives_the_image_runs_samples_as_moments(tmp_path, vae_dir, t
 
 # --- resumable and rank-independent bytes ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_kill_9_mid_encode_then_rerun_gives_the_uninterrupted_bytes(tmp_path, encoded, images, vae_dir):
     out = tmp_path / "dst"
     flags = encode_flags(images, out, vae_dir, "--flip_variants")
@@ -260,6 +261,7 @@ def test_kill_9_mid_encode_then_rerun_gives_the_uninterrupted_bytes(tmp_path, en
     assert files(out) == files(encoded)  # shards, sizes.json, manifest and records; no temporary left
 
 
+@pytest.mark.slow
 def test_one_and_two_encoding_ranks_give_the_same_bytes(tmp_path, encoded, images, vae_dir):
     out = tmp_path / "dst"
     flags = encode_flags(images, out, vae_dir, "--flip_variants")
@@ -275,6 +277,7 @@ def test_one_and_two_encoding_ranks_give_the_same_bytes(tmp_path, encoded, image
     assert files(out) == files(encoded)
 
 
+@pytest.mark.slow
 def test_a_dead_ranks_shard_is_encoded_by_another_rank(tmp_path, encoded, images, vae_dir):
     """Shards are claimed, not dealt: rank 1 claims a shard and is SIGKILLed at its first batch; rank 0 then
     encodes its own shards, takes the dead rank's over, and writes the manifest once: the same bytes."""
@@ -300,6 +303,7 @@ def test_output_names_never_carry_a_pipe_tail():
     assert _output_name("s3://bucket/prefix/00004.tar") == "00004.tar"
 
 
+@pytest.mark.slow
 def test_encoding_into_s3_gives_the_local_bytes(tmp_path, encoded, images, vae_dir):
     pytest.importorskip("s3fs")
     pytest.importorskip("moto")

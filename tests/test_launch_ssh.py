@@ -97,6 +97,7 @@ def test_single_node_gpu_selection(tmp_path):
     assert _value(got["args"], "--num_gpus") == "2" and got["env"]["DS_ACCELERATOR"] == "cpu"
 
 
+@pytest.mark.slow
 def test_hostfile_slots_include_exclude_and_master_addr(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=8\nnodeB slots=8\nnodeC slots=8\n")
@@ -121,6 +122,7 @@ def test_hostfile_slots_include_exclude_and_master_addr(tmp_path):
     assert got["rc"] == 2 and "nodeD" in got["stderr"] and "args" not in got
 
 
+@pytest.mark.slow
 def test_env_switches_become_flags_and_reach_other_nodes(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")

@@ -1,5 +1,6 @@
 """The LAION converter: LAION parts → webdataset shards in the img2dataset layout (plan, convert, assemble,
-resume). ``tools/convert_laion_to_wds.py`` is its command line; ``run.convert`` its entry point.
+resume). ``cli`` is its command line (``sd-ds convert``, ``python -m sd_ds.convert`` and
+``tools/convert_laion_to_wds.py``, the same flags); ``run.convert`` its entry point.
 
 Modules, one concern each:
 
