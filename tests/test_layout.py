@@ -41,7 +41,8 @@ def imported_modules(tree: ast.Module, package: str, known: set[str]) -> set[str
 def library_imports_of_commands(root: Path) -> tuple[set[str], list[tuple[str, str]]]:
     """(the command modules, [(library module, command it imports)]) of the package at ``root``."""
     trees = {module_name(p, root): ast.parse(p.read_text(encoding="utf-8")) for p in sorted(root.rglob("*.py"))}
-    commands = {name for name, tree in trees.items() if is_command(tree)}
+    # ``pkg/__main__.py`` is what ``python -m pkg`` runs: a command whatever it holds.
+    commands = {name for name, tree in trees.items() if is_command(tree) or name.endswith(".__main__")}
     offences = [(name, imported) for name, tree in trees.items() if name not in commands
                 for imported in sorted(imported_modules(tree, root.name, set(trees))) if imported in commands]
     return commands, offences
