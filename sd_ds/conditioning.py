@@ -19,7 +19,9 @@ Model code: no DeepSpeed here. The data loader's workers call ``tokenize``; the 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -27,6 +29,10 @@ import torch
 from sd_ds.families import Family
 from sd_ds.models import Components, tokenize
 
+CONDITIONING_DUMP_ENV = "SD_DS_CONDITIONING_DUMP"
+"""Test hook: a directory; each rank saves there (``rank{r}.pt``) the captions, keys and micro-conditioning of its
+first micro batch and the conditioning its UNet is fed, so a test can hold them against the pipeline's
+encode_prompt."""
 # Batch keys of the token ids, one per tokenizer in the family's order.
 TOKEN_KEYS = ("input_ids", "input_ids_2")
 EMPTY_CAPTION_KEY = "empty_caption"  # [B] bool: the caption was "" (dropped): unconditional for SDXL
@@ -120,3 +126,19 @@ class PromptEncoder:
                              "none (latent shards encoded without them? encode them again)")
         ids6 = time_ids(*(geometry[k].to(embeds.device) for k in GEOMETRY_KEYS))
         return Conditioning(embeds, {"text_embeds": pooled, "time_ids": ids6})
+
+
+def dump_first_conditioning(batch: dict, conditioning: Conditioning, latents: torch.Tensor) -> None:
+    """With ``CONDITIONING_DUMP_ENV`` set: write this rank's first micro batch's conditioning (once per process)."""
+    directory = os.environ.get(CONDITIONING_DUMP_ENV)
+    if not directory:
+        return
+    path = Path(directory) / f"rank{os.environ.get('RANK', '0')}.pt"
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = conditioning.added_cond_kwargs or {}
+    torch.save({"captions": list(batch["captions"]), "keys": list(batch["keys"]),
+                "latent_hw": tuple(latents.shape[-2:]),
+                "encoder_hidden_states": conditioning.encoder_hidden_states.float().cpu(),
+                **{k: v.float().cpu() for k, v in extra.items()}}, path)

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
-from sd_ds.conditioning import EMPTY_CAPTION_KEY, GEOMETRY_KEYS, TOKEN_KEYS, Conditioning, PromptEncoder
+from sd_ds.conditioning import (EMPTY_CAPTION_KEY, GEOMETRY_KEYS, TOKEN_KEYS, Conditioning, PromptEncoder,
+                                dump_first_conditioning)
 from sd_ds.config import TrainConfig
 from sd_ds.deepspeed_config import DeepSpeedConfigError, check_with_deepspeed, read_deepspeed_json
 from sd_ds.diffusion import training_loss
@@ -115,7 +116,9 @@ def encode_batch(batch: dict, components: "Components", prompt_encoder: PromptEn
     latents = sample_latents(moments, generator, vae.config.scaling_factor).to(dtype)
     if train_text_encoder:
         return latents, TextInputs(tokens, geometry)
-    return latents, prompt_encoder.encode(tokens, geometry)
+    conditioning = prompt_encoder.encode(tokens, geometry)
+    dump_first_conditioning(batch, conditioning, latents)  # a test hook (SD_DS_CONDITIONING_DUMP); off by default
+    return latents, conditioning
 
 
 def param_groups(cfg: TrainConfig, module: DiffusionModule) -> list[dict]:

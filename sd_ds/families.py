@@ -114,12 +114,3 @@ def check_pipeline_index(family: Family, model_index: Optional[dict[str, Any]], 
     if indexed is not None and (indexed == "sdxl") != family.is_sdxl:
         raise FamilyMismatchError(f"{where}: model_index.json names {model_index['_class_name']} but the UNet is "
                                   f"{family.name}'s: the folder mixes model families")
-
-
-def latent_divisor(vae_config: dict[str, Any], unet_config: dict[str, Any]) -> int:
-    """Pixels per latent cell times the UNet's total downsampling: image sides must be multiples of this. SD v1/v2:
-    8 x 8 = 64; SDXL: 8 x 4 = 32 (its 3 levels downsample twice; its published bucket sides are multiples of 64,
-    hence of 32 too); the tiny presets: 4 x 4 = 16."""
-    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    unet_factor = 2 ** (len(unet_config["block_out_channels"]) - 1)
-    return vae_factor * unet_factor

@@ -17,7 +17,7 @@ from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, NonFiniteWeight
 from sd_ds.config import TrainConfig, parse_config
 from sd_ds.data import (MetadataError, build_train_loader, check_latent_manifest, check_shard_metadata,
                         latent_manifest_of_shards, raise_if_raw_parts)
-from sd_ds.data.buckets import BucketError, BucketList, model_divisor, resolve_buckets
+from sd_ds.data.buckets import BucketError, model_divisor, training_buckets
 from sd_ds.deepspeed_config import DeepSpeedConfigError
 from sd_ds.diffusers_export import save_base_components, save_trained_models
 from sd_ds.distributed import (DistInfo, StopSignal, close_distributed, default_loader_workers, init_distributed,
@@ -56,7 +56,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # user reads first (exit status 1).
         logger.error("%s", e)
         raise SystemExit(f"sd_ds.train: {e}") from None
-    except (MetadataError, DeepSpeedConfigError, ModelNotFoundError, FamilyMismatchError) as e:
+    except (MetadataError, DeepSpeedConfigError, ModelNotFoundError, FamilyMismatchError, BucketError) as e:
         # Bad input (beside the shards, a flag or DS_CONFIG naming something unusable, a model folder mixing
         # families): a usage error, one line (every rank has it; the first says it) and exit 2 like any bad flag.
         if dist_info.is_main_process:
@@ -78,12 +78,17 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     seed_everything(rank_seed(cfg.seed, dist_info.rank))
     # Same seed on every rank: all ranks build the same random UNet (DeepSpeed also broadcasts rank 0's).
     components = build_components(cfg.model, seed=cfg.seed)
-    buckets = training_buckets(cfg, components, dist_info)
+    # --resolution and --aspect_ratio_buckets against the model's divisor (BucketError: one line, exit 2)
+    buckets = training_buckets(cfg.data.aspect_ratio_buckets, cfg.data.resolution,
+                               model_divisor(components.vae.config, components.unet.config))
+    if buckets is not None:
+        logger.info("aspect-ratio buckets (width x height): %s", buckets.key())
     if dist_info.is_main_process:
         save_base_components(components, cfg.output_dir)  # so export never depends on the original model path
     latent_manifest = latent_manifest_of_shards(cfg.data.train_shards)
     if latent_manifest is not None:
-        check_latent_manifest(latent_manifest, components.vae, cfg.data.resolution)  # before the VAE is cast
+        check_latent_manifest(latent_manifest, components.vae, cfg.data.resolution,  # before the VAE is cast
+                              micro_conditioning=components.family.micro_conditioning)
         components.vae.encoder = None  # latent shards: only the decoder runs (image logging)
     resume = plan_resume(cfg, dist_info)
     engine = build_engine(cfg, components, dist_info, load_universal=resume is not None and resume.universal_dir is not None)
@@ -115,9 +120,9 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
                           disable_tqdm=cfg.logging.disable_tqdm)
     stop = StopSignal(dist_info)
     global_batch_size = cfg.global_batch_size(dist_info.world_size)
-    logger.info("training %d steps: global batch %d = micro batch %d x accumulation %d x %d ranks, %s",
-                cfg.max_steps, global_batch_size, cfg.micro_batch_size, cfg.optim.gradient_accumulation_steps,
-                dist_info.world_size, cfg.precision)
+    logger.info("training %d steps of %s (%s): global batch %d = micro batch %d x accumulation %d x %d ranks, %s",
+                cfg.max_steps, components.family.name, engine.module.prediction_type, global_batch_size,
+                cfg.micro_batch_size, cfg.optim.gradient_accumulation_steps, dist_info.world_size, cfg.precision)
     batches = iter(loader)
     try:
         periodic.maybe_run(state.step, engine, ema, metrics)  # the starting point of a fresh run
@@ -159,21 +164,6 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     if any(skipped.values()):
         logger.info("data: samples skipped by reason over the run: %s", skipped)
     return state
-
-
-def training_buckets(cfg: TrainConfig, components: Any, dist_info: DistInfo) -> Optional[BucketList]:
-    """--aspect_ratio_buckets with the model's divisor; a list that does not fit the model ends the run (one line,
-    exit status 2)."""
-    try:
-        buckets = resolve_buckets(cfg.data.aspect_ratio_buckets, cfg.data.resolution,
-                                  model_divisor(components.vae.config, components.unet.config))
-    except BucketError as e:
-        if dist_info.is_main_process:
-            print(f"sd_ds.train: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    if buckets is not None:
-        logger.info("aspect-ratio buckets (width x height): %s", buckets.key())
-    return buckets
 
 
 if __name__ == "__main__":

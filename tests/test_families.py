@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from sd_ds.conditioning import PromptEncoder
-from sd_ds.families import SD_V2, SDXL, FamilyMismatchError, family_of_unet, latent_divisor
+from sd_ds.data.buckets import model_divisor
+from sd_ds.families import SD_V2, SDXL, FamilyMismatchError, family_of_unet
 from sd_ds.init import main as init_main
 from sd_ds.presets import PRESET_TABLE, unet_parameters
 
@@ -154,7 +155,7 @@ def test_tiny_kinds_have_the_families_architecture(tiny):
     assert xl["projection_class_embeddings_input_dim"] == te2["projection_dim"] + 6 * xl["addition_time_embed_dim"]
     vae = json.loads((tiny["tiny-sdxl"] / "vae" / "config.json").read_text())
     assert vae["scaling_factor"] == 0.13025
-    assert latent_divisor(vae, xl) == 16 and latent_divisor(vae, sd2) == 16
+    assert model_divisor(vae, xl) == 16 and model_divisor(vae, sd2) == 16
     sched = json.loads((tiny["tiny-sd2"] / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "v_prediction"
 

@@ -139,9 +139,21 @@ def resolve_buckets(spec: str, resolution: int, divisor: int) -> Optional[Bucket
     return read_bucket_file(spec, divisor)
 
 
+def training_buckets(spec: str, resolution: int, divisor: int) -> Optional[BucketList]:
+    """The run's buckets (None: square crops) after checking that ``resolution`` fits the model: a side that is
+    not a multiple of its divisor gives latents the UNet cannot halve evenly (BucketError: one line)."""
+    if resolution % divisor:
+        raise BucketError(f"--resolution {resolution} is not a multiple of {divisor} px, the model's latent divisor "
+                          f"(VAE x UNet downsampling): use {resolution // divisor * divisor or divisor} or "
+                          f"{(resolution // divisor + 1) * divisor}")
+    return resolve_buckets(spec, resolution, divisor)
+
+
 def model_divisor(vae_config: Any, unet_config: Any) -> int:
     """Pixels per UNet bottleneck cell: the VAE's downsampling (2 per down block after the first) times the
-    UNet's (2 per down block after the first). 8 x 8 = 64 for SD v1/v2/SDXL, 4 x 4 = 16 for the tiny preset."""
+    UNet's (2 per down block after the first). 8 x 8 = 64 for SD v1/v2, 8 x 4 = 32 for SDXL (3 levels; its published
+    buckets are multiples of 64, hence of 32), 4 x 4 = 16 for the tiny presets. Image sides (the square
+    --resolution, every bucket) must be multiples of it."""
     vae_factor = 2 ** (len(_get(vae_config, "block_out_channels")) - 1)
     unet_factor = 2 ** (len(_get(unet_config, "down_block_types")) - 1)
     return vae_factor * unet_factor

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 
 from sd_ds import fileio
-from sd_ds.data.checks import check_latent_manifest_fields, read_metadata_json
+from sd_ds.data.checks import MetadataError, check_latent_manifest_fields, read_metadata_json
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -77,26 +77,32 @@ def vae_record(vae: "AutoencoderKL") -> dict:
             "scaling_factor": float(vae.config.scaling_factor)}
 
 
-def check_latent_manifest(manifest: dict, vae: "AutoencoderKL", resolution: int) -> None:
-    """A clear error when latent shards were made otherwise than this run would make its latents: another
-    resolution, VAE config, VAE weights or scaling_factor. Call with the VAE as loaded (float32, before casting)."""
+def check_latent_manifest(manifest: dict, vae: "AutoencoderKL", resolution: int, *,
+                          micro_conditioning: bool = False) -> None:
+    """A clear error (MetadataError: one line) when latent shards were made otherwise than this run would make its
+    latents: another resolution, VAE config, VAE weights (another family's VAE among them) or scaling_factor; for
+    SDXL (``micro_conditioning``), shards that do not store each variant's original size and crop. Call with the
+    VAE as loaded (float32, before casting)."""
     where = f"latent shards ({manifest.get('output_dir', 'the --train_shards directory')})"
     fix = ("encode the image shards again with this run's VAE and --resolution (python -m sd_ds.encode_latents), "
            "or train with the VAE and resolution the shards were made with")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"{where}: format {manifest.get('format')!r} version {manifest.get('version')!r}, this "
+        raise MetadataError(f"{where}: format {manifest.get('format')!r} version {manifest.get('version')!r}, this "
                          f"trainer reads {FORMAT!r} version {VERSION}; encode them again")
     if manifest["resolution"] != resolution:
-        raise ValueError(f"{where} were encoded at --resolution {manifest['resolution']}, this run trains at "
+        raise MetadataError(f"{where} were encoded at --resolution {manifest['resolution']}, this run trains at "
                          f"{resolution}: {fix}")
+    if micro_conditioning and MICROCOND not in (manifest.get("members") or {}):
+        raise MetadataError(f"{where} do not store each image's original size and crop (encoded by an earlier "
+                            "sd-ds), which SDXL conditions on: encode them again (python -m sd_ds.encode_latents)")
     saved, now = manifest["vae"], vae_record(vae)
     if saved["scaling_factor"] != now["scaling_factor"]:
-        raise ValueError(f"{where} were encoded for a VAE with scaling_factor {saved['scaling_factor']}, this run's "
+        raise MetadataError(f"{where} were encoded for a VAE with scaling_factor {saved['scaling_factor']}, this run's "
                          f"VAE has {now['scaling_factor']}: {fix}")
     if saved["config"] != now["config"]:
         differ = sorted(k for k in set(saved["config"]) | set(now["config"])
                         if saved["config"].get(k) != now["config"].get(k))
-        raise ValueError(f"{where} were encoded with another VAE config (differs in {', '.join(differ)}): {fix}")
+        raise MetadataError(f"{where} were encoded with another VAE config (differs in {', '.join(differ)}): {fix}")
     if saved["weights_sha256"] != now["weights_sha256"]:
-        raise ValueError(f"{where} were encoded with other VAE weights (sha256 {saved['weights_sha256'][:12]}..., "
+        raise MetadataError(f"{where} were encoded with other VAE weights (sha256 {saved['weights_sha256'][:12]}..., "
                          f"this run's VAE {now['weights_sha256'][:12]}...): {fix}")
