@@ -30,8 +30,8 @@ from sd_ds.families import Family
 from sd_ds.models import Components, tokenize
 
 CONDITIONING_DUMP_ENV = "SD_DS_CONDITIONING_DUMP"
-"""Test hook: a directory; each rank saves there (``rank{r}.pt``) the captions, keys and micro-conditioning of its
-first micro batch and the conditioning its UNet is fed, so a test can hold them against the pipeline's
+"""Test hook: a directory; each rank saves there (``rank{r}.{n}.pt``) the captions, keys and micro-conditioning of
+each micro batch and the conditioning its UNet is fed, so a test can hold them against the pipeline's
 encode_prompt."""
 # Batch keys of the token ids, one per tokenizer in the family's order.
 TOKEN_KEYS = ("input_ids", "input_ids_2")
@@ -128,17 +128,17 @@ class PromptEncoder:
         return Conditioning(embeds, {"text_embeds": pooled, "time_ids": ids6})
 
 
-def dump_first_conditioning(batch: dict, conditioning: Conditioning, latents: torch.Tensor) -> None:
-    """With ``CONDITIONING_DUMP_ENV`` set: write this rank's first micro batch's conditioning (once per process)."""
+def dump_conditioning(batch: dict, conditioning: Conditioning, latents: torch.Tensor) -> None:
+    """With ``CONDITIONING_DUMP_ENV`` set: write this micro batch's captions, keys and conditioning
+    (``rank{r}.{n}.pt``, n counting the rank's micro batches)."""
     directory = os.environ.get(CONDITIONING_DUMP_ENV)
     if not directory:
         return
-    path = Path(directory) / f"rank{os.environ.get('RANK', '0')}.pt"
-    if path.exists():
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    rank = os.environ.get("RANK", "0")
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    n = len(list(Path(directory).glob(f"rank{rank}.*.pt")))
     extra = conditioning.added_cond_kwargs or {}
     torch.save({"captions": list(batch["captions"]), "keys": list(batch["keys"]),
                 "latent_hw": tuple(latents.shape[-2:]),
                 "encoder_hidden_states": conditioning.encoder_hidden_states.float().cpu(),
-                **{k: v.float().cpu() for k, v in extra.items()}}, path)
+                **{k: v.float().cpu() for k, v in extra.items()}}, Path(directory) / f"rank{rank}.{n}.pt")

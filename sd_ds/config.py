@@ -71,7 +71,7 @@ class ModelConfig:
         "argument parsing (exit 2), before loading any model, naming the install command. Default: PyTorch SDPA.")
     torch_compile: bool = _f(
         False, "torch.compile the UNet's forward (in place: parameter names, checkpoints and EMA are unchanged). "
-        "The first steps compile for minutes; off until a GPU benchmark shows the gain (BENCHMARKS.md section 5).")
+        "The first steps compile for minutes; off until a GPU benchmark shows the gain (bench/bench_gpu_throughput.py).")
     channels_last: bool = _f(
         False, "Feed the UNet channels-last (NHWC) activations, cuDNN's preferred layout on tensor-core GPUs (the "
         "weights stay in ZeRO's flat NCHW buffers); off until a GPU benchmark shows the gain.")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import torch
 
 from sd_ds.conditioning import (EMPTY_CAPTION_KEY, GEOMETRY_KEYS, TOKEN_KEYS, Conditioning, PromptEncoder,
-                                dump_first_conditioning)
+                                dump_conditioning)
 from sd_ds.config import TrainConfig
 from sd_ds.deepspeed_config import DeepSpeedConfigError, check_with_deepspeed, read_deepspeed_json
 from sd_ds.diffusion import training_loss
@@ -117,7 +117,7 @@ def encode_batch(batch: dict, components: "Components", prompt_encoder: PromptEn
     if train_text_encoder:
         return latents, TextInputs(tokens, geometry)
     conditioning = prompt_encoder.encode(tokens, geometry)
-    dump_first_conditioning(batch, conditioning, latents)  # a test hook (SD_DS_CONDITIONING_DUMP); off by default
+    dump_conditioning(batch, conditioning, latents)  # a test hook (SD_DS_CONDITIONING_DUMP); off by default
     return latents, conditioning
 
 

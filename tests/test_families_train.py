@@ -19,12 +19,24 @@ import torch
 from sd_ds.conditioning import CONDITIONING_DUMP_ENV
 from sd_ds.data import DEBUG_KEYS_ENV
 from tests.helpers import REPO_ROOT, photo_sample, run_sh, scalars, subprocess_env, train_flags
-from tests.test_data_buckets import bucket_of, shaped_shards
+from tests.test_data_buckets import SHAPES, bucket_of, shaped_shards
+
+try:  # the eval extra (requirements-eval.txt); a torchvision built for another torch fails with other errors
+    import open_clip  # noqa: F401
+    import pytorch_fid.inception  # noqa: F401
+    EVAL_EXTRA = True
+except Exception:  # noqa: BLE001
+    EVAL_EXTRA = False
+if EVAL_EXTRA:  # the CLIP-score assets of the evaluate tests
+    from tests.test_evaluate import eval_assets  # noqa: F401
+else:
+    @pytest.fixture
+    def eval_assets() -> dict:
+        pytest.skip("the eval extra (requirements-eval.txt) is not usable here")
 
 pytestmark = pytest.mark.slow
 
 RES = 64  # tiny models: 16 px divisor; buckets 64x64, 80x48, 48x80 (and 128x32, 32x128) of about 64x64's area
-CONVERTER_RESIZED = "000000007"  # a sample whose JSON says the converter shrank it from 256 x 128 (w x h)
 
 
 @pytest.fixture(scope="module")
@@ -34,21 +46,35 @@ def assets(tmp_path_factory) -> dict:
     from sd_ds.init import main as init_main
 
     root = tmp_path_factory.mktemp("families")
-    resized = photo_sample(CONVERTER_RESIZED, random.Random(5), size=(128, 64))
-    meta = json.loads(resized["json"])
-    resized["json"] = json.dumps({**meta, "original_width": 256, "original_height": 128})
-    sizes = shaped_shards(root / "shards", [8, 8, 8], extra={CONVERTER_RESIZED: resized})
+    # Every other sample as the converter (or img2dataset) leaves one it shrank: its JSON keeps the original size,
+    # twice the stored one; the others have only the stored width and height.
+    rng, extra, originals = random.Random(5), {}, {}
+    for s, i in [(s, i) for s in range(3) for i in range(1, 8, 2)]:
+        key = f"{s * 10_000 + i:09d}"
+        width, height = SHAPES[(s + i) % 3]
+        sample = photo_sample(key, rng, size=(width, height))
+        sample["json"] = json.dumps({**json.loads(sample["json"]), "original_width": 2 * width,
+                                     "original_height": 2 * height})
+        extra[key], originals[key] = sample, (2 * height, 2 * width)
+    sizes = shaped_shards(root / "shards", [8, 8, 8], extra=extra)
     for preset in ("tiny-sd2", "tiny-sdxl"):
         assert init_main(["--output_dir", str(root / preset), "--preset", preset, "--unet_weights"]) == 0
-    return {"root": root, "shards": root / "shards", "sizes": sizes, "sd2": root / "tiny-sd2",
-            "sdxl": root / "tiny-sdxl"}
+    return {"root": root, "shards": root / "shards", "sizes": sizes, "originals": originals,
+            "sd2": root / "tiny-sd2", "sdxl": root / "tiny-sdxl"}
 
 
 def original_hw(assets: dict, key: str) -> tuple[int, int]:
-    if key == CONVERTER_RESIZED:
-        return 128, 256  # what the converter's JSON kept, not the stored 64 x 128
+    if key in assets["originals"]:
+        return assets["originals"][key]  # what the converter's JSON kept, not the stored size
     width, height = assets["sizes"][key]
     return height, width
+
+
+def dumps(out: Path, rank: int) -> list[dict]:
+    """The conditioning of each micro batch the rank trained on (SD_DS_CONDITIONING_DUMP), in order."""
+    files = sorted((out / "conditioning").glob(f"rank{rank}.*.pt"), key=lambda p: int(p.name.split(".")[1]))
+    assert files, out
+    return [torch.load(f) for f in files]
 
 
 def train(out: Path, data: Path, model: Path, *, nproc: int = 2, **flags) -> subprocess.CompletedProcess:
@@ -102,20 +128,22 @@ def test_sdxl_on_non_square_images_conditions_as_its_pipeline_and_resumes_exactl
           num_inference_steps=2)
     pipe = pipeline(export(out / "checkpoint-4", tmp_path / "export", "--ema"))
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
-    seen_dropped = seen_resized = 0
+    seen = {"dropped": 0, "json original": 0, "stored size": 0, "landscape": 0, "portrait": 0}
     for rank in (0, 1):
-        dump = torch.load(out / "conditioning" / f"rank{rank}.pt")
-        check_conditioning_is_encode_prompt(dump, pipe, sdxl=True)
-        time_ids = dump["time_ids"].tolist()
-        height, width = dump["latent_hw"]  # the bucket of the micro batch, in latent cells (the tiny VAE: 4x)
-        for key, ids in zip(dump["keys"], time_ids):
-            oh, ow, top, left, th, tw = ids
-            assert (oh, ow) == original_hw(assets, key), key  # (h, w): the source image's, before any resize
-            assert (th, tw) == (4 * height, 4 * width)  # the crop: the batch's bucket
-            assert (tw, th) == bucket_of(*assets["sizes"][key])
-            assert top >= 0 and left >= 0  # a crop inside the resized image
-            seen_resized += key == CONVERTER_RESIZED
-        seen_dropped += sum(1 for c in dump["captions"] if not c)
+        for dump in dumps(out, rank):
+            check_conditioning_is_encode_prompt(dump, pipe, sdxl=True)
+            height, width = dump["latent_hw"]  # the bucket of the micro batch, in latent cells (the tiny VAE: 4x)
+            for key, ids in zip(dump["keys"], dump["time_ids"].tolist()):
+                oh, ow, top, left, th, tw = ids
+                assert (oh, ow) == original_hw(assets, key), key  # (h, w): the source image's, before any resize
+                assert (th, tw) == (4 * height, 4 * width)  # the crop: the batch's bucket
+                assert (tw, th) == bucket_of(*assets["sizes"][key])
+                assert 0 <= top and 0 <= left  # a crop inside the resized image
+                seen["json original" if key in assets["originals"] else "stored size"] += 1
+                seen["landscape"] += tw > th
+                seen["portrait"] += th > tw
+            seen["dropped"] += sum(1 for c in dump["captions"] if not c)
+    assert all(seen.values()), seen  # both kinds of size record, both orientations, dropped captions
     tags = {t for t in ("validation/loss", "validation/loss_ema", "lr/unet")
             if scalars(out / "runs", t)}
     assert tags == {"validation/loss", "validation/loss_ema", "lr/unet"}
@@ -138,7 +166,7 @@ def test_sdxl_on_non_square_images_conditions_as_its_pipeline_and_resumes_exactl
     assert dict(scalars(resumed / "runs", "train/loss")) == {3: full[3], 4: full[4]}
 
 
-def test_sdxl_on_latent_shards_trains_both_text_encoders_at_their_own_rates(assets, tmp_path):
+def test_sdxl_on_latent_shards_trains_both_text_encoders_at_their_own_rates(assets, eval_assets, tmp_path):
     latents = tmp_path / "latents"
     subprocess.run([sys.executable, "-m", "sd_ds.encode_latents", "--train_shards", str(assets["shards"]),
                     "--output_dir", str(latents), "--pretrained_model_name_or_path", str(assets["sdxl"]),
@@ -158,6 +186,17 @@ def test_sdxl_on_latent_shards_trains_both_text_encoders_at_their_own_rates(asse
         after = load_file(exported / sub / "model.safetensors")
         assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before), sub
     assert type(pipeline(exported)).__name__ == "StableDiffusionXLPipeline"
+    # FID and CLIP score on the MLPerf protocol generate through it (sd_ds.evaluate): a tiny random CLIP here.
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo number 1\na photo number 2\n")
+    metrics = tmp_path / "metrics.json"
+    subprocess.run([sys.executable, "-m", "sd_ds.evaluate", "--model", str(exported), "--prompts", str(prompts),
+                    "--num_images", "2", "--steps", "2", "--width", "80", "--height", "48", "--metrics", "clip",
+                    "--clip_model", str(eval_assets["clip_config"]), "--clip_pretrained",
+                    str(eval_assets["clip_weights"]), "--output", str(metrics)],
+                   cwd=REPO_ROOT, env=subprocess_env(), check=True, capture_output=True, timeout=600)
+    result = json.loads(metrics.read_text())
+    assert result["num_images"] == 2 and -1 <= result["clip_score"] <= 1
 
 
 def test_sd2_trains_with_v_prediction_and_conditions_as_its_pipeline(assets, tmp_path):
@@ -170,6 +209,7 @@ def test_sd2_trains_with_v_prediction_and_conditions_as_its_pipeline(assets, tmp
     pipe = pipeline(exported)
     assert type(pipe).__name__ == "StableDiffusionPipeline"
     for rank in (0, 1):
-        check_conditioning_is_encode_prompt(torch.load(out / "conditioning" / f"rank{rank}.pt"), pipe, sdxl=False)
+        for dump in dumps(out, rank):
+            check_conditioning_is_encode_prompt(dump, pipe, sdxl=False)
     image = pipe("a photo number 1", num_inference_steps=2, height=32, width=48, output_type="np").images
     assert image.shape == (1, 32, 48, 3)

@@ -35,7 +35,7 @@ tar into place. Every shard therefore holds exactly --samples_per_shard samples 
 source (a shard never mixes two filelists), samples keep their input order, and nothing depends on which
 worker did what: the output is byte-identical for any --processes. The price is one extra sequential copy of
 the output bytes (page-cache warm; with it, one process still converts faster than ``gzip -dc`` inflates, see
-BENCHMARKS.md section 1). Parts are handed out in input order with a bounded look-ahead, so few fragments wait
+bench/bench_converter.py). Parts are handed out in input order with a bounded look-ahead, so few fragments wait
 for assembly at any time, and each is deleted once its shards exist. img2dataset's other option, every part
 writing its own shard range, would leave one short shard per part (a 7,000-line part → a 7,000-sample shard).
 

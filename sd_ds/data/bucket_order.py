@@ -26,7 +26,8 @@ it reads the samples its batches need, once, in shard order, and holds those of 
 
 Per epoch, not served: each bucket's last partial batch, sum_b (E_b mod B) < K (B - 1) samples (E_b: bucket b's
 samples in the epoch, K buckets), and the span cut's remainder, fewer than ``readers`` batches: in all fewer than
-K (B - 1) + readers x B samples (LAION-400M, 41 buckets, 4,096 readers x 8: < 33,055 of 380 M, 0.0087 %; BENCHMARKS.md section 19).
+K (B - 1) + readers x B samples (LAION-400M, 41 buckets, 4,096 readers x 8: < 33,055 of 380 M, 0.0087 %;
+bench/bench_buckets_plan.py).
 Ranks serve different buckets at one step. ``--resample_shards`` is not supported with buckets.
 """
 
