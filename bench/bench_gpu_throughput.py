@@ -534,6 +534,10 @@ def main() -> None:
             results[label] = entry
             print(f"{label}: " + (f"FAILED {entry['error']}" if "error" in entry else format_row(entry)), flush=True)
             rows.append(markdown_row(name, entry, mlperf=a.preset == "sd-v2"))
+            if a.output:  # after every row: a run stopped from outside (gpu_check.sh's stage limit) keeps its rows
+                results["markdown"] = section_text(a, spec, results | {"wall_s": time.perf_counter() - t_start},
+                                                   flops, gpu, rows)
+                Path(a.output).write_text(json.dumps(results, indent=2))
     results["wall_s"] = time.perf_counter() - t_start
     results["markdown"] = section_text(a, spec, results, flops, gpu, rows)
     if a.output:
