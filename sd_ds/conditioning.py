@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from sd_ds.data.manifest import POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS
 from sd_ds.families import Family
 from sd_ds.models import Components, tokenize
 
@@ -37,6 +38,8 @@ encode_prompt."""
 TOKEN_KEYS = ("input_ids", "input_ids_2")
 EMPTY_CAPTION_KEY = "empty_caption"  # [B] bool: the caption was "" (dropped): unconditional for SDXL
 GEOMETRY_KEYS = ("original_size", "crop_top_left", "target_size")  # [B, 2] int64 each, (h, w) / (top, left)
+# Latent shards encoded with --text_embeddings: the stored conditioning, [B, L, D] and SDXL's [B, P].
+STORED_KEYS = (PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS)
 
 
 @dataclass
@@ -127,6 +130,20 @@ class PromptEncoder:
         ids6 = time_ids(*(geometry[k].to(embeds.device) for k in GEOMETRY_KEYS))
         return Conditioning(embeds, {"text_embeds": pooled, "time_ids": ids6})
 
+    def stored(self, embeds: dict[str, torch.Tensor], geometry: Optional[dict[str, torch.Tensor]] = None
+               ) -> Conditioning:
+        """The conditioning that latent shards encoded with --text_embeddings store for a batch (``encode`` of its
+        captions, made once by ``python -m sd_ds.encode_latents``): ``prompt_embeds`` [B, L, D] and, SDXL,
+        ``pooled_prompt_embeds`` [B, P], with SDXL's time_ids from the batch's ``geometry`` as ``encode`` builds
+        them. On the embeddings' device, in their stored dtype (``Conditioning.to`` casts)."""
+        hidden = embeds[PROMPT_EMBEDS]
+        if not self.family.micro_conditioning:
+            return Conditioning(hidden)
+        if geometry is None or any(k not in geometry for k in GEOMETRY_KEYS):
+            raise ValueError("SDXL conditions on each image's original size, crop and target size; this batch has "
+                             "none (latent shards encoded without them? encode them again)")
+        ids6 = time_ids(*(geometry[k].to(hidden.device) for k in GEOMETRY_KEYS))
+        return Conditioning(hidden, {"text_embeds": embeds[POOLED_PROMPT_EMBEDS], "time_ids": ids6})
 
 def dump_conditioning(batch: dict, conditioning: Conditioning, latents: torch.Tensor) -> None:
     """With ``CONDITIONING_DUMP_ENV`` set: write this micro batch's captions, keys and conditioning

@@ -2,7 +2,7 @@
 
     python -m sd_ds.encode_latents --train_shards SRC... --output_dir DST --pretrained_model_name_or_path M \\
         [--vae_name_or_path V] --resolution 256 [--flip_variants] [--batch_size 32] [--dtype fp16|bf16] \\
-        [--aspect_ratio_buckets auto|FILE]
+        [--aspect_ratio_buckets auto|FILE] [--text_embeddings [--model_max_length 77]]
     torchrun --nproc_per_node 8 -m sd_ds.encode_latents ...              # every local GPU
     deepspeed --hostfile HOSTFILE --module sd_ds.encode_latents ...       # several nodes, as training
 
@@ -31,13 +31,18 @@ DST after a finished run:
                    height, width; crop top, left; target height, width: sd_ds.data.transforms). With
                    --aspect_ratio_buckets each sample's moments are [2C, H/f, W/f] for its bucket (encoded in
                    batches of one bucket, written in the source's order, so the trainer's batches are the image
-                   run's)
+                   run's); with --text_embeddings also .prompt_embeds, the caption's text conditioning as the
+                   family's PromptEncoder gives it ([L, D] raw bytes in --dtype: SD v1/2 the last hidden states,
+                   SDXL both encoders' penultimate ones concatenated), and SDXL's .pooled_prompt_embeds [P]
+    empty_prompt.safetensors  with --text_embeddings: the empty prompt's (what caption dropout gives; SDXL zeros)
     NNNNN.tar.sizes  with --aspect_ratio_buckets: each sample's source image size (sd_ds.data.image_sizes), in the
                    shard's order, from which the trainer assigns the same buckets
     sizes.json     samples per output shard
     latents.json   the manifest: what a trainer checks (resolution, crop, dtype, shape, the bucket list, the VAE's
-                   config, weight fingerprint and scaling_factor) and what was done (sources with their mixture
-                   weights and sample counts, skips by reason, per shard)
+                   config, weight fingerprint and scaling_factor; with --text_embeddings the text encoders' configs
+                   and weight fingerprints, the tokenizers and token length, the stored shapes and bytes per sample)
+                   and what was done (sources with their mixture weights and sample counts, skips by reason, per
+                   shard)
     .encode/       the plan (the settings a rerun must match) and one record per finished shard
 
 Resumable per shard: a shard is written under a temporary name and renamed into place, then recorded; a rerun
@@ -73,9 +78,10 @@ from sd_ds.data import (ImageTransform, ShardSource, SkipLog, SkipSample, latent
                         sizes_json_count)
 from sd_ds.data.buckets import BucketList, model_divisor, resolve_buckets
 from sd_ds.data.image_sizes import SIZES_SUFFIX, sample_sizes, sizes_bytes
-from sd_ds.data.manifest import (FORMAT, LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MICROCOND,
-                                 MICROCOND_FLIPPED, MOMENTS, MOMENTS_FLIPPED, VERSION, vae_record)
-from sd_ds.data.transforms import ImageSamples, geometry_bytes, mirrored
+from sd_ds.data.manifest import (EMPTY_PROMPT, FORMAT, LATENT_DTYPES, LATENT_MANIFEST, LATENT_WORK_DIR, MICROCOND,
+                                 MICROCOND_FLIPPED, MOMENTS, MOMENTS_FLIPPED, POOLED_PROMPT_EMBEDS, PROMPT_EMBEDS,
+                                 VERSION, text_encoders_record, vae_record)
+from sd_ds.data.transforms import ImageSamples, decode_caption, geometry_bytes, mirrored
 from sd_ds.faults import FaultInjector
 from sd_ds.latents import encode_moments, latent_shape
 from sd_ds.lifecycle import pid_alive
@@ -85,6 +91,8 @@ from sd_ds.redaction import guard_console, redact_url
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
+
+    from sd_ds.conditioning import PromptEncoder
 
 logger = logging.getLogger("sd_ds.encode_latents")
 
@@ -115,7 +123,7 @@ def _output_name(url: str) -> str:
 
 def build_plan(sources: list[ShardSource], vae: "AutoencoderKL", *, resolution: int, min_size: Optional[int],
                dtype: str, flip_variants: bool, vae_dtype: str, batch_size: int,
-               buckets: Optional[BucketList] = None) -> dict:
+               buckets: Optional[BucketList] = None, text_embeddings: Optional[dict] = None) -> dict:
     """Everything that decides the output bytes; a rerun into the same directory must have the same plan."""
     names: dict[str, str] = {}
     for source in sources:
@@ -136,6 +144,8 @@ def build_plan(sources: list[ShardSource], vae: "AutoencoderKL", *, resolution: 
     }
     if buckets is not None:  # squares keep the plan they always had (a rerun of an older encoding still matches)
         plan["buckets"] = buckets.to_json()
+    if text_embeddings is not None:  # likewise without --text_embeddings
+        plan["text_embeddings"] = text_embeddings
     return plan
 
 
@@ -258,7 +268,12 @@ def finalize(out: Store, plan: dict) -> Optional[dict]:
                     MICROCOND: "the moments' micro-conditioning: original height, width; crop top, left; target "
                                "height, width; six little-endian int32",
                     MICROCOND_FLIPPED: "the same for the flipped image" if plan["flip_variants"] else None,
-                    "txt": "caption, as in the source", "json": "metadata, as in the source (when it had one)"},
+                    "txt": "caption, as in the source", "json": "metadata, as in the source (when it had one)",
+                    **{k: v for k, v in {
+                        PROMPT_EMBEDS: "the caption's text conditioning (the UNet's encoder_hidden_states), raw bytes "
+                                       "in dtype, shape text_embeddings.shapes",
+                        POOLED_PROMPT_EMBEDS: "SDXL: the pooled projection (text_embeds), likewise"}.items()
+                       if k in (plan.get("text_embeddings") or {}).get("shapes", {})}},
         "sources": sources, "samples": sum(s["samples"] for s in sources), "skipped": dict(sorted(skipped.items())),
         "shards": records,
     })
@@ -440,10 +455,14 @@ def encode(args: argparse.Namespace) -> int:
     vae = load_vae(args.pretrained_model_name_or_path, args.vae_name_or_path)
     vae.requires_grad_(False).eval()
     buckets = encoding_buckets(args, vae)
+    prompt_encoder, text_record, empty_prompt = (text_side(args, device) if args.text_embeddings
+                                                 else (None, None, None))
     plan = build_plan(sources, vae, resolution=args.resolution, min_size=args.min_size, dtype=args.dtype,
                       flip_variants=args.flip_variants, vae_dtype=args.vae_dtype, batch_size=args.batch_size,
-                      buckets=buckets)
+                      buckets=buckets, text_embeddings=text_record)
     open_output(out, plan)
+    if empty_prompt is not None:  # every rank writes the same bytes; the write is atomic
+        out.write_bytes(EMPTY_PROMPT, empty_prompt)
     vae.to(device)
     if args.vae_dtype != "fp32":
         vae.to(VAE_DTYPES[args.vae_dtype])
@@ -462,7 +481,7 @@ def encode(args: argparse.Namespace) -> int:
                          disable=args.disable_tqdm or rank != 0)
     encoder = ShardEncoder(vae, out, dict((name, url) for url, name in todo), claims,
                            store_dtype=LATENT_DTYPES[args.dtype], flip_variants=args.flip_variants, progress=progress,
-                           size_index=buckets is not None)
+                           size_index=buckets is not None, prompt_encoder=prompt_encoder)
     started = time.perf_counter()
     manifest = None
     try:
@@ -487,6 +506,52 @@ def encode(args: argparse.Namespace) -> int:
                 dict(encoder.skipped) or "none", f"{out}/{LATENT_MANIFEST} written: {manifest['samples']} samples"
                 if manifest else "rank 0 writes the manifest once every shard is encoded")
     return 0
+
+
+def text_side(args: argparse.Namespace, device: torch.device) -> tuple["PromptEncoder", dict, bytes]:
+    """--text_embeddings: the model's prompt encoder (its tokenizers and text encoders, in float32 on ``device``),
+    the manifest's record of it (with the stored shapes and bytes per sample), and the empty prompt's stored
+    conditioning (safetensors bytes, for ``EMPTY_PROMPT``)."""
+    from safetensors.torch import save
+
+    from sd_ds.conditioning import PromptEncoder
+    from sd_ds.models import load_text_side
+
+    if not args.pretrained_model_name_or_path:
+        raise EncodeError("--text_embeddings needs --pretrained_model_name_or_path: the model folder whose UNet config "
+                          "gives the family and whose text encoder(s) and tokenizer(s) encode the captions")
+    family, tokenizers, encoders = load_text_side(
+        args.pretrained_model_name_or_path, text_encoder_name_or_path=args.text_encoder_name_or_path,
+        tokenizer_name=args.tokenizer_name, text_encoder_2_name_or_path=args.text_encoder_2_name_or_path,
+        tokenizer_2_name=args.tokenizer_2_name, model_max_length=args.model_max_length)
+    record = text_encoders_record(family.name, dict(zip(family.tokenizers, tokenizers)),
+                                  dict(zip(family.text_encoders, encoders)), args.model_max_length)  # as loaded
+    prompt_encoder = PromptEncoder(family, [t for t in tokenizers], [e.to(device) for e in encoders],
+                                   max_length=args.model_max_length)
+    store_dtype = LATENT_DTYPES[args.dtype]
+    empty = {k: v[0].contiguous() for k, v in text_members(prompt_encoder, [""], [(0,) * 6], store_dtype).items()}
+    shapes = {k: list(v.shape) for k, v in empty.items()}
+    record.update(shapes=shapes, empty_prompt=EMPTY_PROMPT,
+                  bytes_per_sample=sum(v.numel() * v.element_size() for v in empty.values()))
+    logger.info("text embeddings: %s conditioning %s stored per sample (%d bytes in %s)", family.name,
+                ", ".join(f"{k} {v}" for k, v in shapes.items()), record["bytes_per_sample"], args.dtype)
+    return prompt_encoder, record, save(empty)
+
+
+@torch.no_grad()
+def text_members(prompt_encoder: "PromptEncoder", captions: list[str], geometry: list[tuple[int, ...]],
+                 store_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The stored text conditioning of a batch of captions, on the CPU in ``store_dtype``: PromptEncoder.encode of
+    their tokens (what the trainer's step computes without them; PromptEncoder.stored reads it back)."""
+    device = next(prompt_encoder.text_encoders[0].parameters()).device
+    tokens = {k: v.to(device) for k, v in prompt_encoder.tokenize(captions).items()}
+    ids = torch.tensor(geometry, dtype=torch.int64, device=device).view(-1, 6)  # time_ids are not stored
+    conditioning = prompt_encoder.encode(tokens, {"original_size": ids[:, 0:2], "crop_top_left": ids[:, 2:4],
+                                                  "target_size": ids[:, 4:6]})
+    members = {PROMPT_EMBEDS: conditioning.encoder_hidden_states}
+    if conditioning.added_cond_kwargs is not None:
+        members[POOLED_PROMPT_EMBEDS] = conditioning.added_cond_kwargs["text_embeds"]
+    return {k: v.float().to(store_dtype).cpu() for k, v in members.items()}
 
 
 def encoding_buckets(args: argparse.Namespace, vae: "AutoencoderKL") -> Optional[BucketList]:
@@ -514,8 +579,10 @@ class ShardEncoder:
     shard's temporary file, and renames and records a shard when its last batch has come."""
 
     def __init__(self, vae: "AutoencoderKL", out: Store, urls: dict[str, str], claims: ShardClaims, *,
-                 store_dtype: torch.dtype, flip_variants: bool, progress: Any, size_index: bool = False) -> None:
+                 store_dtype: torch.dtype, flip_variants: bool, progress: Any, size_index: bool = False,
+                 prompt_encoder: Optional["PromptEncoder"] = None) -> None:
         self.vae, self.out, self.urls, self.claims = vae, out, urls, claims
+        self.prompt_encoder = prompt_encoder  # --text_embeddings
         self.size_index = size_index  # write NNNNN.tar.sizes (bucketed latents: the trainer's bucket metadata)
         self.shards = 0  # finished by this process
         self.store_dtype, self.flip_variants, self.progress = store_dtype, flip_variants, progress
@@ -533,7 +600,10 @@ class ShardEncoder:
             variants = {MOMENTS: _to_store(encode_moments(self.vae, pixels), self.store_dtype)}
             if self.flip_variants:
                 variants[MOMENTS_FLIPPED] = _to_store(encode_moments(self.vae, pixels.flip(-1)), self.store_dtype)
-            finite = torch.stack([torch.isfinite(m).flatten(1).all(1) for m in variants.values()]).all(0)
+            text = ({} if self.prompt_encoder is None else text_members(
+                self.prompt_encoder, [decode_caption(t) for t in item["txt"]], item["geometry"], self.store_dtype))
+            finite = torch.stack([torch.isfinite(m).flatten(1).all(1) for m in (*variants.values(), *text.values())]
+                                 ).all(0)
             for i, key in enumerate(item["keys"]):
                 if not finite[i]:  # a VAE in fp16 can overflow; training must never see it
                     self.nonfinite[name] += 1
@@ -542,7 +612,7 @@ class ShardEncoder:
                 members = {"txt": item["txt"][i]}
                 if item["json"][i] is not None:
                     members["json"] = item["json"][i]
-                members.update({ext: _raw(m[i]) for ext, m in variants.items()})
+                members.update({ext: _raw(m[i]) for ext, m in (*variants.items(), *text.items())})
                 members[MICROCOND] = geometry_bytes(item["geometry"][i])
                 if self.flip_variants:
                     members[MICROCOND_FLIPPED] = geometry_bytes(item["geometry_flip"][i])
@@ -621,6 +691,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "config; FILE: one WxH per line); train with the same flag (default: off, squares)")
     p.add_argument("--flip_variants", action="store_true",
                    help="also store the horizontally flipped image's moments, so that --random_flip works")
+    p.add_argument("--text_embeddings", action="store_true",
+                   help="also store each sample's text conditioning (the model family's prompt encoding, in --dtype) "
+                        "and the empty prompt's once, so that training runs no text encoder; needs "
+                        "--pretrained_model_name_or_path. Costs 2 x L x D bytes per sample (+ 2 x P for SDXL): SD v1 "
+                        "118,272, SD 2.x 157,696, SDXL 317,952 at 77 tokens")
+    p.add_argument("--model_max_length", type=int, default=77,
+                   help="with --text_embeddings: token length captions are padded/truncated to, as the trainer's flag "
+                        "(default: 77)")
+    for flag, what in (("--text_encoder_name_or_path", "text encoder"), ("--tokenizer_name", "tokenizer"),
+                       ("--text_encoder_2_name_or_path", "SDXL's second text encoder"),
+                       ("--tokenizer_2_name", "SDXL's second tokenizer")):
+        p.add_argument(flag, default=None, help=f"with --text_embeddings: {what} override, as the trainer's flag")
     p.add_argument("--batch_size", type=int, default=32, help="images per VAE forward on each device (default: 32)")
     p.add_argument("--dtype", choices=sorted(LATENT_DTYPES), default="fp16",
                    help="how the moments are stored (default: fp16)")
@@ -645,6 +727,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error("--resolution must be a positive multiple of 8, --batch_size >= 1, --dataloader_num_workers >= 0")
     if args.min_size is not None and args.min_size < 1:
         parser.error("--min_size must be >= 1")
+    if args.model_max_length < 1:
+        parser.error("--model_max_length must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
-from sd_ds.conditioning import (EMPTY_CAPTION_KEY, GEOMETRY_KEYS, TOKEN_KEYS, Conditioning, PromptEncoder,
-                                dump_conditioning)
+from sd_ds.conditioning import (EMPTY_CAPTION_KEY, GEOMETRY_KEYS, STORED_KEYS, TOKEN_KEYS, Conditioning,
+                                PromptEncoder, dump_conditioning)
 from sd_ds.config import TrainConfig
 from sd_ds.deepspeed_config import DeepSpeedConfigError, check_with_deepspeed, read_deepspeed_json
 from sd_ds.diffusion import training_loss
@@ -105,7 +105,8 @@ def encode_batch(batch: dict, components: "Components", prompt_encoder: PromptEn
 
     Pixels travel host→device as uint8 (a quarter of fp32's bytes) and are normalised on the device; latent
     shards carry the VAE posterior's moments instead. Either way a fresh latent is drawn from the moments with
-    the run's generator (``sample_latents``: one code path for both)."""
+    the run's generator (``sample_latents``: one code path for both). Latent shards encoded with --text_embeddings
+    carry the text conditioning too (``PromptEncoder.stored``): the text encoders do not run."""
     tokens = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in TOKEN_KEYS or k == EMPTY_CAPTION_KEY}
     geometry = {k: batch[k].to(device, non_blocking=True) for k in GEOMETRY_KEYS if k in batch}
     vae = components.vae
@@ -114,6 +115,9 @@ def encode_batch(batch: dict, components: "Components", prompt_encoder: PromptEn
     else:
         moments = encode_moments(vae, batch["pixel_values"].to(device, non_blocking=True))
     latents = sample_latents(moments, generator, vae.config.scaling_factor).to(dtype)
+    if STORED_KEYS[0] in batch:  # the trainer refuses --train_text_encoder on these shards
+        stored = {k: batch[k].to(device, non_blocking=True) for k in STORED_KEYS if k in batch}
+        return latents, prompt_encoder.stored(stored, geometry).to(dtype)
     if train_text_encoder:
         return latents, TextInputs(tokens, geometry)
     conditioning = prompt_encoder.encode(tokens, geometry)

@@ -287,6 +287,39 @@ def load_components(pretrained_model_name_or_path: Optional[str], *, unet_name_o
     return Components(unet, vae, text_encoder, tokenizer, noise_scheduler, text_encoder_2, tokenizer_2, family)
 
 
+def load_text_side(pretrained_model_name_or_path: str, *, text_encoder_name_or_path: Optional[str] = None,
+                   tokenizer_name: Optional[str] = None, text_encoder_2_name_or_path: Optional[str] = None,
+                   tokenizer_2_name: Optional[str] = None, model_max_length: int = 77
+                   ) -> tuple[Family, list[Any], list[torch.nn.Module]]:
+    """(family, tokenizers, text encoders) of a model folder, without its UNet weights or VAE: what precomputing
+    text conditioning needs (``python -m sd_ds.encode_latents --text_embeddings``). The family is read from the
+    UNet's config and the encoders checked to fit it, as ``load_components`` does; the encoders frozen, float32."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    base = pretrained_model_name_or_path
+    try:
+        unet_config = dict(UNet2DConditionModel.load_config(base, subfolder="unet"))
+    except (OSError, ValueError) as e:
+        raise model_not_found("UNet config", f"{base}/unet", e) from e
+    family = family_of_unet(unet_config)
+    overrides = {"text_encoder": (text_encoder_name_or_path, tokenizer_name, CLIPTextModel),
+                 "text_encoder_2": (text_encoder_2_name_or_path, tokenizer_2_name, CLIPTextModelWithProjection)}
+    tokenizers, encoders = [], []
+    for encoder_sub, tokenizer_sub in zip(family.text_encoders, family.tokenizers):
+        encoder_path, tokenizer_path, cls = overrides[encoder_sub]
+        flag = "--" + encoder_sub + "_name_or_path"
+        encoders.append(from_pretrained(cls, encoder_sub.replace("_", " "),
+                                        *_location(encoder_path, base, encoder_sub, encoder_sub, flag)))
+        tokenizers.append(load_tokenizer(*_location(tokenizer_path, base, tokenizer_sub, tokenizer_sub, None),
+                                         model_max_length=model_max_length))
+    check_components(family, unet_config, [dict(e.config.to_dict()) for e in encoders], where=base,
+                     model_index=_model_index(base))
+    for encoder in encoders:
+        freeze(encoder)
+    return family, tokenizers, encoders
+
+
 def _model_index(base: Optional[str]) -> Optional[dict]:
     """A local model folder's model_index.json (hub ids: None; their components are checked all the same)."""
     path = Path(base) / "model_index.json" if base else None
@@ -303,6 +336,13 @@ def build_components(model_cfg: "ModelConfig", *, seed: int) -> Components:
         tokenizer_name=model_cfg.tokenizer_name, text_encoder_2_name_or_path=model_cfg.text_encoder_2_name_or_path,
         tokenizer_2_name=model_cfg.tokenizer_2_name, prediction_type=model_cfg.prediction_type,
         model_max_length=model_cfg.model_max_length, seed=seed)
+    return prepare_components(components, model_cfg)
+
+
+def prepare_components(components: Components, model_cfg: "ModelConfig") -> Components:
+    """Loaded components set up for training as the model flags say: the UNet's attention backend, activation
+    checkpointing and compilation, cuDNN's autotuner, the frozen parts frozen. The trainer's and the GPU
+    benchmark's one path (bench/bench_gpu_throughput.py builds its components in memory, then calls this)."""
     configure_unet(components.unet, recompute=model_cfg.recompute,
                    xformers=model_cfg.enable_xformers_memory_efficient_attention, compile=model_cfg.torch_compile)
     if model_cfg.cudnn_benchmark and torch.cuda.is_available():

@@ -15,9 +15,11 @@ import torch
 
 from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, NonFiniteWeightsError, TrainState, plan_resume
 from sd_ds.config import TrainConfig, parse_config
-from sd_ds.data import (MetadataError, build_train_loader, check_latent_manifest, check_shard_metadata,
+from sd_ds.data import (MetadataError, build_train_loader, check_shard_metadata,
                         latent_manifest_of_shards, raise_if_raw_parts)
 from sd_ds.data.buckets import BucketError, model_divisor, training_buckets
+from sd_ds.data.manifest import check_latent_cache
+from sd_ds.data.sources import latent_directory_of_shards
 from sd_ds.deepspeed_config import DeepSpeedConfigError
 from sd_ds.diffusers_export import save_base_components, save_trained_models
 from sd_ds.distributed import (DistInfo, StopSignal, close_distributed, default_loader_workers, init_distributed,
@@ -31,7 +33,7 @@ from sd_ds.metrics import StepMetrics, setup_console_logging
 from sd_ds.models import ModelNotFoundError, build_components
 from sd_ds.periodic import build_periodic_tasks
 from sd_ds.precision import resolve_precision
-from sd_ds.redaction import guard_console
+from sd_ds.redaction import guard_console, redact_url
 from sd_ds.retries import RetryPolicy, StorageUnavailable, set_default_policy
 
 logger = logging.getLogger("sd_ds.train")
@@ -83,12 +85,14 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
                                model_divisor(components.vae.config, components.unet.config))
     if buckets is not None:
         logger.info("aspect-ratio buckets (width x height): %s", buckets.key())
+    latent_manifest = latent_manifest_of_shards(cfg.data.train_shards)
+    if latent_manifest is not None:  # before anything is written, with the VAE and text encoders as loaded (fp32)
+        check_latent_cache(latent_manifest, components, resolution=cfg.data.resolution,
+                           max_length=cfg.model.model_max_length, train_text_encoder=cfg.model.train_text_encoder,
+                           where=f"latent shards ({redact_url(latent_directory_of_shards(cfg.data.train_shards))})")
     if dist_info.is_main_process:
         save_base_components(components, cfg.output_dir)  # so export never depends on the original model path
-    latent_manifest = latent_manifest_of_shards(cfg.data.train_shards)
     if latent_manifest is not None:
-        check_latent_manifest(latent_manifest, components.vae, cfg.data.resolution,  # before the VAE is cast
-                              micro_conditioning=components.family.micro_conditioning)
         components.vae.encoder = None  # latent shards: only the decoder runs (image logging)
     resume = plan_resume(cfg, dist_info)
     engine = build_engine(cfg, components, dist_info, load_universal=resume is not None and resume.universal_dir is not None)

@@ -60,20 +60,25 @@ def test_a_training_step_with_xformers_attention(tmp_path, monkeypatch):
 
 
 def test_the_throughput_bench_runs_on_cuda(tmp_path):
-    """bench/bench_gpu_throughput.py end to end on CUDA (tiny preset: seconds), each contender in its own process:
-    the FLOP count, the trainer's engine, a profiler trace."""
-    out = tmp_path / "bench.json"
+    """bench/bench_gpu_throughput.py end to end on CUDA (tiny presets: seconds), each contender in its own process:
+    the FLOP count, the trainer's engine set up by the trainer's own prepare_components (--cudnn_benchmark is
+    honoured), a profiler trace; SDXL's kind on stored latents and text conditioning."""
     env = cuda_env()
     env.pop("MASTER_PORT")  # one fresh port per contender process
-    proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "bench" / "bench_gpu_throughput.py"), "--preset", "tiny",
-         "--micro_batch_size", "4", "--resolution", "64", "--windows", "1", "--steps_per_window", "3", "--warmup", "2",
-         "--contenders", "diffusers loop,sd-ds,sd-ds latents", "--trace", "sd-ds", "--trace_dir", str(tmp_path),
-         "--peak_tflops", "100", "--no-write", "--output", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(out.read_text())
-    for name in ("diffusers loop", "sd-ds", "sd-ds latents"):
-        assert "error" not in result[name], (name, proc.stdout[-3000:])
-        assert result[name]["images_per_s"] > 0 and result[name]["mfu_unet"] > 0 and result[name]["peak_memory_gb"] > 0
-    assert result["sd-ds"]["gpu_busy"] > 0 and (tmp_path / "trace_64_sd-ds.json.gz").stat().st_size > 0
+    for preset, contenders in (("tiny", "diffusers loop,sd-ds,sd-ds latents"), ("tiny-sdxl", "sd-ds latents+text")):
+        out = tmp_path / f"{preset}.json"
+        proc = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "bench" / "bench_gpu_throughput.py"), "--preset", preset,
+             "--micro_batch_size", "4", "--resolution", "64", "--windows", "1", "--steps_per_window", "3", "--warmup",
+             "2", "--contenders", contenders, "--trace", "sd-ds", "--trace_dir", str(tmp_path), "--peak_tflops", "100",
+             "--trainer_flags=--cudnn_benchmark True", "--no-write", "--output", str(out)],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        result = json.loads(out.read_text())
+        for name in contenders.split(","):
+            assert "error" not in result[name], (name, proc.stdout[-3000:])
+            assert result[name]["images_per_s"] > 0 and result[name]["mfu_unet"] > 0
+            assert result[name]["peak_memory_gb"] > 0
+            assert name == "diffusers loop" or result[name]["cudnn_benchmark"] is True
+    assert (tmp_path / "trace_64_sd-ds.json.gz").stat().st_size > 0
+    assert json.loads((tmp_path / "tiny.json").read_text())["sd-ds"]["gpu_busy"] > 0

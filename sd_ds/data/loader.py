@@ -12,6 +12,9 @@ A batch (a dict):
 
 - ``pixel_values`` uint8 [B,3,H,W] (image shards) or ``latent_moments`` [B,2C,H/f,W/f] in the stored dtype
   (latent shards): H = W = --resolution, or one aspect-ratio bucket's size per batch (--aspect_ratio_buckets);
+- latent shards encoded with --text_embeddings: ``prompt_embeds`` [B, L, D] (and SDXL's ``pooled_prompt_embeds``
+  [B, P]) in the stored dtype, each sample's stored text conditioning, the stored empty prompt's where caption
+  dropout dropped its caption;
 - ``input_ids`` int64 [B, model_max_length] (SDXL also ``input_ids_2``, its second tokenizer's), ``empty_caption``
   bool [B] (the caption is "": dropped, or empty in the data), ``captions`` (after caption dropout), ``keys``;
 - SDXL's micro-conditioning, int64 [B,2] each (``sd_ds.data.transforms``): ``original_size`` (height, width) of the
@@ -50,8 +53,9 @@ from sd_ds.data.bucket_order import BucketedEpoch, plan_summary
 from sd_ds.data.buckets import BucketList
 from sd_ds.data.image_sizes import BucketMeta, build_bucket_meta
 from sd_ds.data.reading import SourceCursor, basename
-from sd_ds.data.sources import (ShardSource, count_here, count_missing, latent_manifest_of_shards, parse_sources,
-                                shared_counter)
+from sd_ds.data.manifest import read_empty_prompt
+from sd_ds.data.sources import (ShardSource, count_here, count_missing, latent_directory_of_shards,
+                                latent_manifest_of_shards, parse_sources, shared_counter)
 from sd_ds.data.transforms import ImageSamples, ImageTransform, LatentSamples, SkipLog, SkipSample
 from sd_ds.retries import Backoff, RetryPolicy, StorageUnavailable, default_policy
 
@@ -271,7 +275,8 @@ class _BatchMaker:
             self.log.skip(skip.reason, f"{sample.get('__url__')}:{sample['__key__']}: {skip}")
             return self.missing()
         self.skips_in_a_row = 0
-        caption = "" if rng.random() < st.caption_dropout_prob else caption  # for CFG
+        if rng.random() < st.caption_dropout_prob:  # for CFG
+            caption, data = "", st.samples.without_caption(data)  # stored text: the empty prompt's
         return {"data": data, "caption": caption, "key": sample["__key__"], "index": sample["__index__"],
                 "geometry": geometry}
 
@@ -289,7 +294,8 @@ class _BatchMaker:
         captions = [s["caption"] for s in samples]
         geometry = torch.tensor([s["geometry"] for s in samples], dtype=torch.int64)  # [B, 6]
         return {
-            st.samples.batch_key: st.samples.collate([s["data"] for s in samples]),
+            # pixel_values or latent_moments (with stored text: prompt_embeds[, pooled_prompt_embeds])
+            **st.samples.collate([s["data"] for s in samples]),
             **st.tokenize(captions),  # input_ids[, input_ids_2] [B, model_max_length], empty_caption [B]
             "captions": captions,
             "keys": [s["key"] for s in samples],
@@ -526,7 +532,9 @@ def build_train_loader(data: "DataConfig", *, tokenize: Callable[[list[str]], di
         if not data.center_crop:
             logger.warning("latent shards hold centre crops at %d px, made when they were encoded: --center_crop "
                            "False (a random crop per step) does not apply to them", manifest["resolution"])
-        samples = LatentSamples(manifest, data.random_flip)
+        directory = latent_directory_of_shards(list(data.train_shards))
+        samples = LatentSamples(manifest, data.random_flip, read_empty_prompt(directory, manifest)
+                                if manifest.get("text_embeddings") else None)
     dataset = ShardStream(
         sources, tokenize=tokenize, samples=samples, micro_batch_size=micro_batch_size,
         caption_dropout_prob=data.caption_dropout_prob,

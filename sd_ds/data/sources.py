@@ -299,6 +299,16 @@ def _latent_directory(url: str) -> Optional[str]:
     return latent[0] if latent else None
 
 
+def latent_directory_of_shards(train_shards: list[str]) -> Optional[str]:
+    """The first latent directory ``--train_shards`` names (the one whose manifest ``latent_manifest_of_shards``
+    returns), or None."""
+    for entry in train_shards:
+        directory = _latent_directory(split_weight(entry)[0])
+        if directory is not None:
+            return directory
+    return None
+
+
 def latent_manifest_of_shards(train_shards: list[str]) -> Optional[dict]:
     """The latent manifest ``--train_shards`` trains on (that of the first latent directory; all of them must
     agree on everything in LATENT_COMPATIBLE), or None for image shards. Mixing latent and image sources, or

@@ -107,6 +107,11 @@ def _caption(sample: dict) -> str:
     caption = sample.get("txt")
     if caption is None:
         raise SkipSample("missing_caption", "no .txt member")
+    return decode_caption(caption)
+
+
+def decode_caption(caption: "bytes | str") -> str:
+    """A ``.txt`` member as the caption the trainer tokenises."""
     return caption.decode("utf-8", errors="replace") if isinstance(caption, bytes) else str(caption)
 
 
@@ -216,24 +221,35 @@ class ImageSamples:
         pixels, geometry, resized_width = self.transform.apply(img, rng, target, original)
         return pixels, caption, geometry, resized_width
 
-    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
+    def without_caption(self, data: torch.Tensor) -> torch.Tensor:
+        return data  # a dropped caption is the batch's "" (the trainer encodes it)
+
+    def collate(self, items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         # uint8 [B,3,R,R]: a quarter of fp32's bytes through the worker queue and host→device copy; the trainer
         # normalises on the device (x / 127.5 - 1, sd_ds.latents.encode_moments).
-        return torch.stack(items)
+        return {self.batch_key: torch.stack(items)}
 
 
 class LatentSamples:
     """Latent shards: a sample's stored moments (the flipped image's with --random_flip, half of the time) and
     the geometry stored with that variant (``microcond`` members; shards encoded before they existed: the
-    original size from the sample's JSON, else the target size, and crop (0, 0))."""
+    original size from the sample's JSON, else the target size, and crop (0, 0)). Shards encoded with
+    --text_embeddings also give the sample's stored text conditioning (``prompt_embeds`` [L, D], SDXL's
+    ``pooled_prompt_embeds`` [P]), the stored empty prompt's for a dropped caption (``without_caption``)."""
 
     batch_key = "latent_moments"
 
-    def __init__(self, manifest: dict, random_flip: bool) -> None:
+    def __init__(self, manifest: dict, random_flip: bool,
+                 empty_prompt: Optional[dict[str, torch.Tensor]] = None) -> None:
         self.shape = tuple(manifest["shape"])  # [2C, R/f, R/f]
         self.factor = manifest["resolution"] // self.shape[1]
         self.dtype = LATENT_DTYPES[manifest["dtype"]]
         self.random_flip = random_flip
+        text = manifest.get("text_embeddings")
+        self.text_shapes = {k: tuple(v) for k, v in text["shapes"].items()} if text else {}
+        if self.text_shapes and empty_prompt is None:
+            raise ValueError("latent shards with text embeddings need the stored empty prompt (read_empty_prompt)")
+        self.empty_prompt = empty_prompt
 
     def prepare(self, sample: dict, rng: random.Random, target: Optional[tuple[int, int]] = None
                 ) -> tuple[torch.Tensor, str, Geometry]:
@@ -253,7 +269,31 @@ class LatentSamples:
         moments = torch.frombuffer(bytearray(data), dtype=self.dtype).view(shape)  # [2C, H/f, W/f]
         if not torch.isfinite(moments).all():
             raise SkipSample("corrupt_latent", f".{member} holds non-finite values")
-        return moments, caption, self._geometry(sample, MICROCOND_FLIPPED if flipped else MICROCOND, (th, tw))
+        geometry = self._geometry(sample, MICROCOND_FLIPPED if flipped else MICROCOND, (th, tw))
+        if not self.text_shapes:
+            return moments, caption, geometry
+        return ({self.batch_key: moments, **{k: self._stored(sample, k, s) for k, s in self.text_shapes.items()}},
+                caption, geometry)
+
+    def _stored(self, sample: dict, member: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A stored text-conditioning member (the flipped image's caption is the same: one per sample)."""
+        data = sample.get(member)
+        if data is None:
+            raise SkipSample("missing_latent", f"no .{member} member")
+        nbytes = math.prod(shape) * torch.finfo(self.dtype).bits // 8
+        if len(data) != nbytes:
+            raise SkipSample("corrupt_latent", f".{member} has {len(data)} bytes, {nbytes} expected "
+                                               f"({'x'.join(map(str, shape))})")
+        value = torch.frombuffer(bytearray(data), dtype=self.dtype).view(shape)
+        if not torch.isfinite(value).all():
+            raise SkipSample("corrupt_latent", f".{member} holds non-finite values")
+        return value
+
+    def without_caption(self, data: "torch.Tensor | dict[str, torch.Tensor]") -> "torch.Tensor | dict[str, torch.Tensor]":
+        """A dropped caption: the stored empty prompt's conditioning in place of the sample's (SDXL: zeros)."""
+        if not self.text_shapes:
+            return data
+        return {**data, **self.empty_prompt}  # type: ignore[dict-item]
 
     @staticmethod
     def _geometry(sample: dict, member: str, target: tuple[int, int]) -> Geometry:
@@ -271,5 +311,7 @@ class LatentSamples:
         oh, ow = (sizes[3], sizes[2]) if sizes is not None else target
         return (oh, ow, 0, 0, *target)
 
-    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(items)  # [B, 2C, R/f, R/f], stored dtype
+    def collate(self, items: list) -> dict[str, torch.Tensor]:
+        if not self.text_shapes:
+            return {self.batch_key: torch.stack(items)}  # [B, 2C, R/f, R/f], stored dtype
+        return {k: torch.stack([item[k] for item in items]) for k in items[0]}  # + [B, L, D], [B, P]
