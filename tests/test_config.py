@@ -296,10 +296,12 @@ def test_infinite_learning_rate_stops_the_trainer_at_parsing(tmp_path):
 
 @pytest.mark.parametrize("name", ["zero2_bf16.json", "zero2_bf16_offload.json", "zero2_fp16.json", "zero2_fp32.json"])
 def test_shipped_deepspeed_configs_pass_the_check_without_warnings(name):
-    from sd_ds.engine import DS_CONFIG_DIR, check_deepspeed_config
+    from sd_ds.engine import check_deepspeed_config
+    from tests.helpers import REPO_ROOT
 
     flags = {"zero2_fp16.json": ["--fp16", "True"], "zero2_fp32.json": ["--bf16", "False"]}.get(name, [])
-    assert check_deepspeed_config(parse_config([*flags, "--deepspeed", str(DS_CONFIG_DIR / name)]), world_size=2) == []
+    config = REPO_ROOT / "ds_configs" / name  # the user-facing examples (the package's defaults are copies)
+    assert check_deepspeed_config(parse_config([*flags, "--deepspeed", str(config)]), world_size=2) == []
 
 
 def test_deepspeed_config_keys_deepspeed_reads_are_known_and_others_warn_or_refuse(tmp_path):
