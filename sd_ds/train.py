@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, NonFiniteWeightsError, TrainState, plan_resume
+from sd_ds.compile import prepare_compile
 from sd_ds.config import TrainConfig, parse_config
 from sd_ds.data import (MetadataError, build_train_loader, check_latent_manifest, check_shard_metadata,
                         latent_manifest_of_shards, raise_if_raw_parts)
@@ -30,7 +31,7 @@ from sd_ds.lifecycle import SkipGuard, TrainingDiverged, hold_output_dir, start_
 from sd_ds.metrics import StepMetrics, setup_console_logging
 from sd_ds.models import ModelNotFoundError, build_components
 from sd_ds.periodic import build_periodic_tasks
-from sd_ds.precision import resolve_precision
+from sd_ds.precision import PrecisionUnsupported, resolve_precision
 from sd_ds.redaction import guard_console
 from sd_ds.retries import RetryPolicy, StorageUnavailable, set_default_policy
 
@@ -56,7 +57,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         # user reads first (exit status 1).
         logger.error("%s", e)
         raise SystemExit(f"sd_ds.train: {e}") from None
-    except (MetadataError, DeepSpeedConfigError, ModelNotFoundError, FamilyMismatchError) as e:
+    except (MetadataError, DeepSpeedConfigError, ModelNotFoundError, FamilyMismatchError, PrecisionUnsupported) as e:
         # Bad input (beside the shards, a flag or DS_CONFIG naming something unusable, a model folder mixing
         # families): a usage error, one line (every rank has it; the first says it) and exit 2 like any bad flag.
         if dist_info.is_main_process:
@@ -109,6 +110,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     state = checkpointer.load(resume)
     # image logging, validation loss, FID / CLIP score: one call a step
     periodic = build_periodic_tasks(cfg, dist_info, components, initial_step=state.step)
+    compile_cache = prepare_compile(cfg, components, dist_info)  # --torch_compile: saved kernels, compiled regions
     skip_guard = SkipGuard(cfg.optim.max_consecutive_skipped_steps, skipped_total_at_start=engine.skipped_steps)
 
     metrics = StepMetrics(cfg.output_dir, dist_info, max_steps=cfg.max_steps, initial_step=state.step,
@@ -139,6 +141,8 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
             skip_guard.update(state.skipped_steps)  # raises after too many non-finite steps in a row
             if ema is not None and engine.was_step_applied():
                 ema.update(state.step)
+            if compile_cache is not None:
+                compile_cache.after_step()  # saves the kernels compiled for new shapes (once per shape set)
             metrics.step_done()
 
             if state.step % cfg.logging.logging_steps == 0:

@@ -61,19 +61,23 @@ def test_a_step_syncs_the_device_at_most_twice(tmp_path):
     assert timed["device_syncs_per_step"] == 2, timed
 
 
-def test_compiled_unet_makes_gradients_ready_block_by_block():
-    """--torch_compile compiles each UNet block: the backward is a chain of compiled nodes, each owning its block's
-    parameters, so ZeRO's gradient hooks (fired as each parameter's gradient is accumulated) start reducing the
-    last blocks while the first blocks' backward still runs. Compiled whole, one node would own them all."""
+@pytest.mark.parametrize("max_region_parameters", [None, 100_000])
+def test_compiled_unet_makes_gradients_ready_region_by_region(max_region_parameters):
+    """--torch_compile compiles the UNet in regions (sd_ds.compile): the backward is a chain of compiled nodes, each
+    owning its region's parameters, so ZeRO's gradient hooks (fired as each parameter's gradient is accumulated)
+    start reducing the last regions while the first regions' backward still runs. Compiled whole, one node would
+    own them all. Blocks above the size limit (here 0.1 M parameters, SDXL's 0.4 B) are compiled per child."""
     from diffusers import UNet2DConditionModel
 
+    from sd_ds.compile import compile_regions, unet_regions
     from sd_ds.presets import TINY_UNET
-    from sd_ds.models import compile_blocks
 
     torch = pytest.importorskip("torch")
+    torch._dynamo.reset()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**TINY_UNET)
-    compile_blocks(unet, backend="aot_eager")  # the same autograd structure as inductor's, without codegen
+    limit = {"max_region_parameters": max_region_parameters} if max_region_parameters else {}
+    compile_regions(unet, backend="aot_eager", **limit)  # the same autograd structure as inductor's, no codegen
     out = unet(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.randn(2, 16, 64)).sample
     owners: dict[int, set] = {}
     seen, stack = set(), [out.sum().grad_fn]
@@ -86,11 +90,13 @@ def test_compiled_unet_makes_gradients_ready_block_by_block():
             if child is not None and type(child).__name__ == "AccumulateGrad" and "Compiled" in type(node).__name__:
                 owners.setdefault(id(node), set()).add(id(child.variable))
             stack.append(child)
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-    assert len(owners) == len(blocks), len(owners)
-    for block in blocks:
-        ids = {id(p) for p in block.parameters()}
-        assert any(ids == owned for owned in owners.values()), type(block).__name__
+    regions = unet_regions(unet, **{"max_parameters": max_region_parameters} if max_region_parameters else {})
+    assert len(regions) == (7 if max_region_parameters is None else 20)
+    assert len(owners) == len(regions), len(owners)
+    for name, region in regions:
+        ids = {id(p) for p in region.parameters()}
+        assert any(ids == owned for owned in owners.values()), name
+    torch._dynamo.reset()
 
 
 def test_streamlining_refuses_a_deepspeed_without_a_replaced_method(monkeypatch):
