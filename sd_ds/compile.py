@@ -66,10 +66,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("sd_ds.compile")
 
-# The 4-D activations that enter a region (a block's hidden states and skip connections, the VAE encoder's
-# sample), dims 2 and 3 (height, width): dynamic with aspect-ratio buckets. Dynamo names a region's inputs
-# L['<argument name>'] (L['res_hidden_states_tuple'][0] for the skips); encoder_hidden_states is not matched.
-SPATIAL_INPUTS = r"L\['(hidden_states|res_hidden_states_tuple|sample)'\]"
+# The 4-D activations that enter a region (a block's hidden states and skip connections, a ResNet's input_tensor
+# when a block is split, the VAE encoder's sample), dims 2 and 3 (height, width): dynamic with aspect-ratio buckets.
+# Dynamo names a region's inputs L['<argument name>'] (L['res_hidden_states_tuple'][0] for the skips);
+# encoder_hidden_states and temb are not matched.
+SPATIAL_INPUTS = r"L\['(hidden_states|res_hidden_states_tuple|input_tensor|sample)'\]"
 SPATIAL_SOURCES = ",".join(f"{SPATIAL_INPUTS}.*:{dim}" for dim in (2, 3))
 
 
@@ -129,15 +130,17 @@ def compile_regions(unet: "UNet2DConditionModel", vae_encoder: Optional[torch.nn
     """
     import torch._dynamo
 
-    regions = unet_regions(unet, max_region_parameters) + ([("vae.encoder", vae_encoder)] if vae_encoder else [])
+    regions = unet_regions(unet, max_region_parameters)
+    if vae_encoder is not None:
+        regions.append(("vae.encoder", vae_encoder))
     # Entries of one class's forward are shared by its instances: at most one per instance (each its own channel
     # widths), twice that when a bucket side of one specialises. More would be a bug: raise, never run eager.
     limit = 2 * len(regions)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     torch._dynamo.config.fail_on_recompile_limit_hit = True
-    if dynamic_spatial:
-        sources = [s for s in torch.compiler.config.dynamic_sources.split(",") if s]
-        torch.compiler.config.dynamic_sources = ",".join(dict.fromkeys(sources + SPATIAL_SOURCES.split(",")))
+    # A process-wide setting (dynamo reads it when it traces): ours added with buckets, taken out without.
+    sources = [s for s in torch.compiler.config.dynamic_sources.split(",") if s and s not in SPATIAL_SOURCES.split(",")]
+    torch.compiler.config.dynamic_sources = ",".join(sources + (SPATIAL_SOURCES.split(",") if dynamic_spatial else []))
     for _, module in regions:
         module.compile(**{"dynamic": False, "fullgraph": True, **options})
     return [name for name, _ in regions]

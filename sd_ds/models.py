@@ -20,7 +20,7 @@ import torch
 
 from sd_ds.config import ModelConfig
 from sd_ds.families import SD_V1, Family, check_components, family_of_unet
-from sd_ds.layout import to_channels_last
+from sd_ds.memory_format import to_channels_last
 
 if TYPE_CHECKING:  # imported lazily below: diffusers/transformers take seconds to import
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

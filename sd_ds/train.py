@@ -24,7 +24,7 @@ from sd_ds.diffusers_export import save_base_components, save_trained_models
 from sd_ds.distributed import (DistInfo, StopSignal, close_distributed, default_loader_workers, init_distributed,
                                rank_seed, seed_everything)
 from sd_ds.engine import (build_ema, build_engine, check_deepspeed_config, encode_batch, grad_norm, group_lrs,
-                          weight_dtype)
+                          vae_dtype, weight_dtype)
 from sd_ds.families import FamilyMismatchError
 from sd_ds.faults import fault_point
 from sd_ds.lifecycle import SkipGuard, TrainingDiverged, hold_output_dir, start_parent_watchdog
@@ -88,7 +88,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
         components.vae.encoder = None  # latent shards: only the decoder runs (image logging)
     resume = plan_resume(cfg, dist_info)
     engine = build_engine(cfg, components, dist_info, load_universal=resume is not None and resume.universal_dir is not None)
-    components.vae.to(device, dtype=dtype)
+    components.vae.to(device, dtype=vae_dtype(components.vae, dtype))  # fp32 in an fp16 run when fp16 overflows it
     if not cfg.model.train_text_encoder:
         for encoder in components.text_encoders:
             encoder.to(device, dtype=dtype)

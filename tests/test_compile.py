@@ -95,12 +95,14 @@ def test_no_recompile_after_the_first_step_at_a_fixed_shape(preset):
     assert compile_counters()["graphs"] == first
 
 
-def test_buckets_compile_each_region_once():
+@pytest.mark.parametrize("split", [False, True])
+def test_buckets_compile_each_region_once(split):
     """With aspect-ratio buckets the regions' height and width are dynamic: the first bucket compiles every
-    region, the next buckets compile nothing. Static regions compile once per bucket (the contrast)."""
+    region, the next buckets compile nothing. Static regions compile once per bucket (the contrast). ``split``:
+    blocks compiled per child (a ResNet's input is its input_tensor)."""
     shapes = [(8, 8), (8, 16), (16, 8), (8, 24), (16, 16)]  # latent sides; the deepest level keeps a side >= 2
     unet = make_unet("tiny-sdxl")
-    compile_regions(unet, backend="aot_eager", dynamic_spatial=True)
+    compile_regions(unet, backend="aot_eager", dynamic_spatial=True, max_region_parameters=100_000 if split else None)
     train_step(unet, *shapes[0])
     first = compile_counters()["graphs"]
     for shape in shapes[1:] + shapes[:2]:
@@ -115,11 +117,12 @@ def test_buckets_compile_each_region_once():
     assert compile_counters()["graphs"] == once_more
 
     torch._dynamo.reset()
+    before = compile_counters()["graphs"]
     static = make_unet("tiny-sdxl")
-    compile_regions(static, backend="aot_eager")
+    compile_regions(static, backend="aot_eager", max_region_parameters=100_000 if split else None)
     for shape in shapes[:3]:
         train_step(static, *shape)
-    assert compile_counters()["graphs"] > 2 * first  # a compile per region and bucket
+    assert compile_counters()["graphs"] - before == 3 * first  # a compile per region and bucket
 
 
 def test_a_region_past_its_recompile_limit_raises_instead_of_running_eager():

@@ -16,9 +16,10 @@ from tests.helpers import REPO_ROOT, free_port, make_tiny_model, subprocess_env
 pytestmark = pytest.mark.slow
 
 
-def run_worker(mode: str, model, tmp_path, flags: str = "") -> dict:
+def run_worker(mode: str, model, tmp_path, flags: str = "", extra_env: dict | None = None) -> dict:
     env = subprocess_env({"MASTER_PORT": str(free_port()), "MASTER_ADDR": "127.0.0.1", "RANK": "0",
-                          "WORLD_SIZE": "1", "LOCAL_RANK": "0", **({"SD_DS_WORKER_FLAGS": flags} if flags else {})})
+                          "WORLD_SIZE": "1", "LOCAL_RANK": "0", **({"SD_DS_WORKER_FLAGS": flags} if flags else {}),
+                          **(extra_env or {})})
     proc = subprocess.run([sys.executable, "-m", "tests.streamline_worker", mode, str(model), str(tmp_path / mode)],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -43,6 +44,24 @@ def test_streamlined_zero_step_matches_deepspeeds(tmp_path):
     assert lean["finite"] and reference["finite"]
     assert lean["sum"] == pytest.approx(reference["sum"], rel=1e-4, abs=1e-4)
     assert lean["abs_sum"] == pytest.approx(reference["abs_sum"], rel=1e-5)
+
+
+def test_fp16_recipe_skips_an_overflow_as_deepspeeds_own_step(tmp_path):
+    """--fp16 True (ds_configs/zero2_fp16.json: fp16 weights and gradients, fp32 master weights, dynamic loss scale
+    from 2^16): the streamlined ZeRO step unscales, clips, detects the overflow and skips it exactly as DeepSpeed's
+    own step does. DeepSpeed refuses an fp16 engine on a CPU without native fp16 (this one); the worker lets it
+    through (SD_DS_WORKER_FP16_ON_CPU) to run the recipe's logic on torch's reference fp16 kernels."""
+    model = make_tiny_model(tmp_path / "model")
+    fp16 = {"extra_env": {"SD_DS_WORKER_FP16_ON_CPU": "1"}, "flags": "--fp16 True"}
+    reference = run_worker("deepspeed", model, tmp_path, **fp16)
+    lean = run_worker("streamlined", model, tmp_path, **fp16)
+    assert reference["skipped"] == lean["skipped"] == [0, 0, 0, 1, 1]  # step 3's NaN: skipped and counted
+    # Gradients are scaled by 2^16 in fp16 and unscaled in fp32: the norms reported are the true ones, as bf16's.
+    assert 0.1 < lean["norms"][0] < 10 and math.isinf(lean["norms"][3])
+    # hysteresis 2: the first overflow spends the hysteresis, the scale halves only at a second one in a row.
+    assert lean["scales"] == reference["scales"] == [65536.0] * 5
+    assert lean["norms"] == reference["norms"]
+    assert lean["sum"] == reference["sum"] and lean["abs_sum"] == reference["abs_sum"] and lean["finite"]
 
 
 def test_a_step_syncs_the_device_at_most_twice(tmp_path):

@@ -1,6 +1,6 @@
-"""Channels-last or NCHW on this CPU: layout switches per step (``sd_ds.layout.LayoutRecorder``) and time per step.
+"""Channels-last or NCHW on this CPU: layout switches per step (``sd_ds.memory_format``) and time per step.
 
-    python bench/bench_layout.py [--steps 5] [--threads 1] [--compiled] [--no-write]
+    python bench/bench_memory_format.py [--steps 5] [--threads 1] [--compiled] [--no-write]
 
 What is measured, each in NCHW and in channels-last, bf16 (native on CPUs with AVX-512-BF16/AMX, fp32 elsewhere):
 - the tiny preset's UNet (the demo's: 8x8 latents, micro batch 64), forward + backward in train mode, the input
@@ -55,7 +55,7 @@ def measure(args: argparse.Namespace) -> list[dict]:
     from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D
 
     from sd_ds.compile import compile_regions
-    from sd_ds.layout import LayoutRecorder, to_channels_last
+    from sd_ds.memory_format import LayoutRecorder, to_channels_last
     from sd_ds.models import build_unet
     from sd_ds.precision import cpu_has_native_bf16
     from sd_ds.presets import TINY_UNET, TINY_VAE
@@ -153,10 +153,10 @@ def main() -> int:
     rows = measure(args)
     lines = [SECTION, "",
              f"{dt.date.today()} · {platform.machine()}, {os.cpu_count()} cores (shared) · {cpu_capability()} · "
-             f"commit {commit()} · `python bench/bench_layout.py --steps {args.steps} --threads {args.threads}"
+             f"commit {commit()} · `python bench/bench_memory_format.py --steps {args.steps} --threads {args.threads}"
              f"{' --compiled' if args.compiled else ''}`", "",
              "Switches: how many times the layout of consecutive Conv2d / GroupNorm inputs changes in one forward "
-             "(`sd_ds.layout.LayoutRecorder`); converted weights: convolutions whose weight layout differs from "
+             "(`sd_ds.memory_format.LayoutRecorder`); converted weights: convolutions whose weight layout differs from "
              "their input's. Compiled rows: inside a region the layout is inductor's (no hooks there).", "",
              "| model | compiled | input layout | ms/step | conv/norm inputs by layout | switches | converted conv "
              "weights |", "|---|---|---|---:|---|---:|---:|"]

@@ -45,6 +45,12 @@ def layout_of(tensor: torch.Tensor) -> str:
     return CONTIGUOUS if nchw else CHANNELS_LAST if nhwc else STRIDED
 
 
+def memory_format_of(tensor: torch.Tensor) -> torch.memory_format:
+    """torch.channels_last for a channels-last 4-D tensor, else torch.contiguous_format: the layout to give a
+    module's input so that it matches the module's weights."""
+    return torch.channels_last if layout_of(tensor) == CHANNELS_LAST else torch.contiguous_format
+
+
 @dataclass
 class LayoutRecord:
     module: str             # the module's qualified name
