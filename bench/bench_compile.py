@@ -13,7 +13,7 @@ inductor cache (TORCHINDUCTOR_CACHE_DIR: a fresh node), timed from launch to exi
 Also the losses of the compiled runs against eager's, step by step, and each run's time per step (the trainer's
 compute time over its steps). On a GPU pass ``--model`` (a model folder, e.g. from ``python -m sd_ds.init``);
 ``--sd_v1_random DIR`` writes an SD v1-sized folder with random frozen parts offline (no download). Results go to
-section "## 20." of BENCHMARKS.md.
+section "## 24." of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 
 from benchmarks_md import publish
 
-SECTION = "## 20. torch.compile: cold start, restart from the run's saved kernels, eager"
+SECTION = "## 24. torch.compile: cold start, restart from the run's saved kernels, eager"
 REGIONS_SECTION = "## 21. torch.compile regions and ZeRO-2's gradient buckets"
 
 

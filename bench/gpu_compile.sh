@@ -2,7 +2,7 @@
 # The GPU figures of issue 33 items 2, 3, 4, 6 that CPU ranks cannot give, as one prepared run (~10 min on one
 # H100/H200; every stage under its own timeout, so a hang costs only its stage). SD v1 sized, random init, offline:
 #   1. bench_compile.py: eager vs --torch_compile (per-block regions), cold start vs a restart from the run's saved
-#      kernels (empty inductor cache both times), losses compiled vs eager;  -> compile.json, BENCHMARKS section 20
+#      kernels (empty inductor cache both times), losses compiled vs eager;  -> compile.json, BENCHMARKS section 24
 #   2. the same with --channels_last True (decides its default: on only if it beats stage 1's compiled step);
 #   3. the same with --fp16 True (MLPerf's precision recipe) beside stage 1's bf16.
 #

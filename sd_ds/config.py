@@ -84,7 +84,7 @@ class ModelConfig:
         "frozen VAE (the trained weights stay in ZeRO's flat NCHW buffers). Pays only inside --torch_compile's "
         "regions, where inductor lays out the glue around the convolutions: in eager mode CUDA's GroupNorm computes "
         "NCHW (the layout flips back at each block's first GroupNorm) and diffusers makes a transformer's output "
-        "and a shortcut's input NCHW-contiguous. Measured on CPU (bench/bench_memory_format.py, BENCHMARKS.md "
+        "and a shortcut's input NCHW-contiguous. Measured on CPU (bench/bench_memory_format.py):
         "section 22): no faster, eager or compiled; off until a GPU run with --torch_compile shows the gain.")
     cudnn_benchmark: bool = _f(
         False, "torch.backends.cudnn.benchmark on CUDA: with fixed training shapes cuDNN picks the fastest "
@@ -195,7 +195,7 @@ class OptimConfig:
         "loss scaling from 2^16 (ds_configs/zero2_fp16.json); a VAE whose config says fp16 overflows it "
         "(force_upcast: SDXL's) stays fp32. Not the default: bf16 has fp32's exponent range, so nothing overflows, "
         "no step is skipped while a loss scale settles and no attention or VAE needs upcasting, at the same "
-        "tensor-core rate on A100/H100/H200 (BENCHMARKS.md section 23). CPU ranks need native fp16 (AVX-512-FP16 "
+        "tensor-core rate on A100/H100/H200 (bench/bench_fp16.py). CPU ranks need native fp16 (AVX-512-FP16 "
         "or AMX-FP16): elsewhere DeepSpeed refuses it (one line, exit 2).")
     fp16_opt_level: str = _f(
         "O2", "Apex-style level kept for the seed's command line: O2 = DeepSpeed fp16 (fp16 weights, fp32 master). "

@@ -2,7 +2,7 @@
 bf16's tolerance (tiny and tiny-sdxl, whose added_cond_kwargs condition the compiled blocks), the first step saves
 the compiled kernels beside the checkpoints, and a restart on an empty inductor cache (a fresh node) loads them and
 compiles nothing: no AOTAutograd or inductor cache miss, no kernel library built (the trainer's log line).
-The time it saves is bench/bench_compile.py's figure (BENCHMARKS.md section 20); here the counters are asserted.
+The time it saves is bench/bench_compile.py's figure (BENCHMARKS.md, torch.compile cold start); here the counters are asserted.
 Each cold compile takes minutes on this machine's CPUs."""
 
 from __future__ import annotations
