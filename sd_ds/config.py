@@ -84,8 +84,8 @@ class ModelConfig:
         "frozen VAE (the trained weights stay in ZeRO's flat NCHW buffers). Pays only inside --torch_compile's "
         "regions, where inductor lays out the glue around the convolutions: in eager mode CUDA's GroupNorm computes "
         "NCHW (the layout flips back at each block's first GroupNorm) and diffusers makes a transformer's output "
-        "and a shortcut's input NCHW-contiguous. Measured on CPU (bench/bench_memory_format.py):
-        "section 22): no faster, eager or compiled; off until a GPU run with --torch_compile shows the gain.")
+        "and a shortcut's input NCHW-contiguous. Measured on CPU (bench/bench_memory_format.py): "
+        "no faster, eager or compiled; off until a GPU run with --torch_compile shows the gain.")
     cudnn_benchmark: bool = _f(
         False, "torch.backends.cudnn.benchmark on CUDA: with fixed training shapes cuDNN picks the fastest "
         "convolution algorithms once; off until a GPU benchmark shows the gain.")
