@@ -331,12 +331,16 @@ def sd_ds_loop(cfg: Any, dist_info: Any, components: Any, batch: dict[str, torch
                device: torch.device) -> Callable[[], None]:
     """The trainer's step: sd_ds.engine.encode_batch + engine forward/backward/step + EMA + stop agreement +
     device-side metrics (read every 10 steps, as with --logging_steps 10)."""
+    from sd_ds.compile import prepare_compile
     from sd_ds.engine import build_ema, build_engine, encode_batch, grad_norm, group_lrs
     from sd_ds.metrics import StepMetrics
     from sd_ds.distributed import StopSignal
 
     engine = build_engine(cfg, components, dist_info)
     ema = build_ema(cfg, engine)
+    # --torch_compile: the trainer's regions, compiled after the engine as in sd_ds.train (an empty cache: the
+    # bench's warm-up steps include the cold compile).
+    prepare_compile(cfg, components, dist_info)
     metrics = StepMetrics(cfg.output_dir, dist_info, max_steps=10**9, initial_step=0, disable_tqdm=True)
     stop = StopSignal(dist_info)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -413,7 +417,7 @@ def run_contender(a: argparse.Namespace, name: str, device: torch.device) -> dic
         cfg = parse_config(["--per_device_train_batch_size", str(B), "--bf16", "True", "--max_grad_norm", "1.0",
                             "--use_ema", "--output_dir", tempfile.mkdtemp(prefix="bench_gpu_"), "--train_shards",
                             "unused", "--resolution", str(R), *trainer_flags])
-        # The trainer's own set-up from its flags: attention, recompute, compile, cuDNN autotuning, frozen parts.
+        # The trainer's own set-up from its flags: attention, recompute, cuDNN autotuning, frozen parts (compile: below).
         prepare_components(components, cfg.model)
         row.update(trainer_flags=" ".join(trainer_flags), cudnn_benchmark=torch.backends.cudnn.benchmark)
         step = sd_ds_loop(cfg, dist_info, components, sd_ds_batch(components, kind, pixels, tokens, geometry,

@@ -70,11 +70,22 @@ class ModelConfig:
         False, "Use xformers attention (env FLAG_XFORMERS=1 too). Without xformers installed the trainer stops at "
         "argument parsing (exit 2), before loading any model, naming the install command. Default: PyTorch SDPA.")
     torch_compile: bool = _f(
-        False, "torch.compile the UNet's forward (in place: parameter names, checkpoints and EMA are unchanged). "
-        "The first steps compile for minutes; off until a GPU benchmark shows the gain (bench/bench_gpu_throughput.py).")
+        False, "torch.compile the UNet in regions, in place (parameter names, checkpoints and EMA unchanged): each "
+        "down/mid/up block (a block above two ZeRO reduce buckets, SDXL's largest, per ResNet/transformer), so that "
+        "inductor fuses the memory-bound glue (bias adds, GroupNorm, SiLU, residual adds, casts) while ZeRO-2 still "
+        "reduces each region's gradients as the backward goes on; the frozen VAE's encoder too (image shards). "
+        "Static shapes; with --aspect_ratio_buckets height and width are dynamic (one compile per region for all "
+        "buckets). Periodic evaluation runs eager. The compiled kernels are saved in OUTPUT_DIR/compile_cache/ "
+        "after the first step and loaded at launch, so a restart (fresh nodes too) does not compile again "
+        "(sd_ds/compile.py). On CPU ranks a tiny-preset step is ~1.6x faster compiled, after ~4 min of compile "
+        "(bench/bench_compile.py, bench/bench_memory_format.py); off until a GPU run of bench/bench_compile.py shows the gain there.")
     channels_last: bool = _f(
-        False, "Feed the UNet channels-last (NHWC) activations, cuDNN's preferred layout on tensor-core GPUs (the "
-        "weights stay in ZeRO's flat NCHW buffers); off until a GPU benchmark shows the gain.")
+        False, "Channels-last (NHWC) activations for the UNet, and channels-last weights and activations for the "
+        "frozen VAE (the trained weights stay in ZeRO's flat NCHW buffers). Pays only inside --torch_compile's "
+        "regions, where inductor lays out the glue around the convolutions: in eager mode CUDA's GroupNorm computes "
+        "NCHW (the layout flips back at each block's first GroupNorm) and diffusers makes a transformer's output "
+        "and a shortcut's input NCHW-contiguous. Measured on CPU (bench/bench_memory_format.py): "
+        "no faster, eager or compiled; off until a GPU run with --torch_compile shows the gain.")
     cudnn_benchmark: bool = _f(
         False, "torch.backends.cudnn.benchmark on CUDA: with fixed training shapes cuDNN picks the fastest "
         "convolution algorithms once; off until a GPU benchmark shows the gain.")
@@ -179,7 +190,13 @@ class OptimConfig:
         "natively (oneDNN with AVX-512-BF16/AMX), else fp32, said in one line: bf16 without those instructions "
         "trains ~20x slower (bench/bench_precision.py). --bf16 True forces it anywhere (with a warning on such "
         "CPUs); --bf16 False trains in fp32.")
-    fp16: bool = _f(False, "float16 mixed precision with dynamic loss scaling (ds_configs/zero2_fp16.json).")
+    fp16: bool = _f(
+        False, "float16 mixed precision, MLPerf's recipe: fp16 weights and gradients, fp32 master weights, dynamic "
+        "loss scaling from 2^16 (ds_configs/zero2_fp16.json); a VAE whose config says fp16 overflows it "
+        "(force_upcast: SDXL's) stays fp32. Not the default: bf16 has fp32's exponent range, so nothing overflows, "
+        "no step is skipped while a loss scale settles and no attention or VAE needs upcasting, at the same "
+        "tensor-core rate on A100/H100/H200 (bench/bench_fp16.py). CPU ranks need native fp16 (AVX-512-FP16 "
+        "or AMX-FP16): elsewhere DeepSpeed refuses it (one line, exit 2).")
     fp16_opt_level: str = _f(
         "O2", "Apex-style level kept for the seed's command line: O2 = DeepSpeed fp16 (fp16 weights, fp32 master). "
         "O1 (autocast over fp32 weights) is not offered by this trainer and is rejected.", choices=("O1", "O2"))

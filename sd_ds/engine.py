@@ -48,6 +48,13 @@ def weight_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
+def vae_dtype(vae: Any, dtype: torch.dtype) -> torch.dtype:
+    """The frozen VAE's dtype in a run of ``dtype``: float32 in an fp16 run when its config says fp16 overflows it
+    (``force_upcast``: SDXL's VAE gives NaNs in fp16, as diffusers' pipelines know), else the run's. bf16 has fp32's
+    range: never upcast."""
+    return torch.float32 if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) else dtype
+
+
 @dataclasses.dataclass
 class TextInputs:
     """What trained text encoders read inside the engine's forward (--train_text_encoder): the batch's token ids
@@ -76,7 +83,8 @@ class DiffusionModule(torch.nn.Module):
         self.prediction_type = cfg.model.prediction_type or noise_scheduler.config.prediction_type
         self.diffusion = cfg.diffusion
         # ZeRO re-points every weight at a view of its flat (NCHW-contiguous) buffer, so channels-last can only be
-        # the activations' layout: cuDNN then runs NHWC kernels, converting the weights as it reads them.
+        # the activations' layout: cuDNN then runs NHWC kernels, converting the weights as it reads them. It holds
+        # inside --torch_compile's regions only (eager GroupNorm on CUDA is NCHW: sd_ds.memory_format).
         self.memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
 
     @property

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from sd_ds.memory_format import memory_format_of
+
 if TYPE_CHECKING:  # diffusers takes seconds to import; sample_latents imports the one class it needs when called
     from diffusers import AutoencoderKL
 
@@ -19,7 +21,8 @@ if TYPE_CHECKING:  # diffusers takes seconds to import; sample_latents imports t
 def encode_moments(vae: "AutoencoderKL", pixels: torch.Tensor) -> torch.Tensor:
     """uint8 pixels [B,3,R,R] (on the VAE's device) → the posterior's moments [B, 2C, R/f, R/f] in the VAE's
     dtype: mean channels, then log-variance channels (DiagonalGaussianDistribution's ``parameters``)."""
-    x = pixels.to(vae.dtype).div_(127.5).sub_(1.0)  # [-1, 1], as the trainer normalises
+    # [-1, 1], as the trainer normalises; in the VAE's layout (channels-last with --channels_last: NHWC end to end)
+    x = pixels.to(vae.dtype, memory_format=memory_format_of(vae.encoder.conv_in.weight)).div_(127.5).sub_(1.0)
     return vae.encode(x).latent_dist.parameters
 
 

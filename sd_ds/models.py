@@ -20,6 +20,7 @@ import torch
 
 from sd_ds.config import ModelConfig
 from sd_ds.families import SD_V1, Family, check_components, family_of_unet
+from sd_ds.memory_format import to_channels_last
 
 if TYPE_CHECKING:  # imported lazily below: diffusers/transformers take seconds to import
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -329,7 +330,7 @@ def _model_index(base: Optional[str]) -> Optional[dict]:
 def build_components(model_cfg: "ModelConfig", *, seed: int) -> Components:
     """The five components set up for training: a config-only UNet initialised from ``seed`` (the same on every
     rank), its attention backend and activation checkpointing set, the VAE frozen, the text encoder frozen
-    unless it is trained."""
+    unless it is trained. (--torch_compile is applied by the trainer: ``sd_ds.compile.prepare_compile``.)"""
     components = load_components(
         model_cfg.pretrained_model_name_or_path, unet_name_or_path=model_cfg.unet_name_or_path,
         vae_name_or_path=model_cfg.vae_name_or_path, text_encoder_name_or_path=model_cfg.text_encoder_name_or_path,
@@ -344,10 +345,12 @@ def prepare_components(components: Components, model_cfg: "ModelConfig") -> Comp
     checkpointing and compilation, cuDNN's autotuner, the frozen parts frozen. The trainer's and the GPU
     benchmark's one path (bench/bench_gpu_throughput.py builds its components in memory, then calls this)."""
     configure_unet(components.unet, recompute=model_cfg.recompute,
-                   xformers=model_cfg.enable_xformers_memory_efficient_attention, compile=model_cfg.torch_compile)
+                   xformers=model_cfg.enable_xformers_memory_efficient_attention)
     if model_cfg.cudnn_benchmark and torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
     freeze(components.vae)
+    if model_cfg.channels_last:
+        to_channels_last([components.vae])  # frozen: its weights are ours to lay out (the UNet's are ZeRO's)
     if not model_cfg.train_text_encoder:
         for encoder in components.text_encoders:
             freeze(encoder)
@@ -355,7 +358,9 @@ def prepare_components(components: Components, model_cfg: "ModelConfig") -> Comp
 
 
 def configure_unet(unet: UNet2DConditionModel, *, recompute: bool, xformers: bool, compile: bool = False) -> None:
-    """Attention backend (PyTorch SDPA, or xformers on request), activation checkpointing and torch.compile."""
+    """Attention backend (PyTorch SDPA, or xformers on request), activation checkpointing and torch.compile of the
+    UNet's blocks (``sd_ds.compile.compile_regions``, static shapes; the trainer compiles through
+    ``sd_ds.compile.prepare_compile``, which also loads the run's saved kernels)."""
     if xformers:
         try:
             import xformers  # noqa: F401
@@ -371,28 +376,9 @@ def configure_unet(unet: UNet2DConditionModel, *, recompute: bool, xformers: boo
     if recompute:
         unet.enable_gradient_checkpointing()
     if compile:
-        compile_blocks(unet)
+        from sd_ds.compile import compile_regions
 
-
-def compile_blocks(unet: UNet2DConditionModel, **options: Any) -> None:
-    """torch.compile each down/mid/up block of the UNet, not the UNet as a whole.
-
-    A compiled region's backward is one autograd node, so all its parameters' gradients become ready when that
-    node ends. Compiled whole, the UNet's gradients would all arrive at the end of the backward and ZeRO-2's
-    gradient hooks (which start each bucket's reduce-scatter) could overlap nothing with it; per block, the
-    gradients of the last blocks are reduced while the earlier blocks' backward still runs. The glue between
-    blocks (time embedding, conv_in/out) stays eager: a few small ops.
-    nn.Module.compile compiles in place: unlike torch.compile(module) it adds no "_orig_mod." to the parameter
-    names, so ZeRO partitions, the EMA layout, checkpoints and export see the same module."""
-    import torch._dynamo
-
-    blocks = [b for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks) if b is not None]
-    # Blocks of one class share a code object and dynamo keeps one cache entry per (class, shapes): SD v1 has up
-    # to 4 shapes per class, each compiled for training and for no-grad sampling; past the limit dynamo would
-    # silently fall back to eager.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(blocks))
-    for block in blocks:
-        block.compile(**{"dynamic": False, **options})  # static shapes: each block's shape is fixed in training
+        compile_regions(unet)
 
 
 def freeze(module: torch.nn.Module) -> None:

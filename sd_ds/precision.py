@@ -35,6 +35,17 @@ def cpu_has_native_bf16() -> bool:
     return bool(check()) if check is not None else False
 
 
+class PrecisionUnsupported(ValueError):
+    """The precision asked for cannot run on this device (a usage error: one line, exit status 2)."""
+
+
+def cpu_has_native_fp16() -> bool:
+    """True when oneDNN runs fp16 natively on this CPU (AVX-512-FP16 or AMX-FP16): what DeepSpeed's CPU accelerator
+    asks before it accepts an fp16 engine (``is_fp16_supported``)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", None)
+    return bool(check()) if check is not None and torch.backends.mkldnn.is_available() else False
+
+
 def cpu_capability() -> str:
     """One line describing this CPU's bf16 capability, for logs and benchmark tables."""
     flags: set[str] = set()
@@ -78,6 +89,10 @@ def resolve_precision(cfg: "TrainConfig", device: torch.device, *, is_main_proce
     """Settle ``--bf16`` for this run's device (in ``cfg``) and return the precision: GPUs keep bf16 unless
     --fp16; CPU ranks without native bf16 train in fp32 unless bf16 was asked for explicitly."""
     optim = cfg.optim
+    if device.type == "cpu" and optim.fp16 and not cpu_has_native_fp16():
+        raise PrecisionUnsupported(
+            "--fp16 on CPU ranks needs a CPU with native fp16 (oneDNN: AVX-512-FP16 or AMX-FP16), which this one has "
+            "not: DeepSpeed's CPU accelerator refuses an fp16 engine here. Use --bf16 True (or --bf16 False for fp32)")
     if device.type != "cpu" or optim.fp16:
         if optim.bf16 is None:
             optim.bf16 = not optim.fp16

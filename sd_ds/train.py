@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 
 from sd_ds.checkpoint import Checkpointer, CheckpointWriteError, NonFiniteWeightsError, TrainState, plan_resume
+from sd_ds.compile import prepare_compile
 from sd_ds.config import TrainConfig, parse_config
 from sd_ds.data import (MetadataError, build_train_loader, check_shard_metadata,
                         latent_manifest_of_shards, raise_if_raw_parts)
@@ -25,14 +26,14 @@ from sd_ds.diffusers_export import save_base_components, save_trained_models
 from sd_ds.distributed import (DistInfo, StopSignal, close_distributed, default_loader_workers, init_distributed,
                                rank_seed, seed_everything)
 from sd_ds.engine import (build_ema, build_engine, check_deepspeed_config, encode_batch, grad_norm, group_lrs,
-                          weight_dtype)
+                          vae_dtype, weight_dtype)
 from sd_ds.families import FamilyMismatchError
 from sd_ds.faults import fault_point
 from sd_ds.lifecycle import SkipGuard, TrainingDiverged, hold_output_dir, start_parent_watchdog
 from sd_ds.metrics import StepMetrics, setup_console_logging
 from sd_ds.models import ModelNotFoundError, build_components
 from sd_ds.periodic import build_periodic_tasks
-from sd_ds.precision import resolve_precision
+from sd_ds.precision import PrecisionUnsupported, resolve_precision
 from sd_ds.redaction import guard_console, redact_url
 from sd_ds.retries import RetryPolicy, StorageUnavailable, set_default_policy
 
@@ -58,7 +59,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         # user reads first (exit status 1).
         logger.error("%s", e)
         raise SystemExit(f"sd_ds.train: {e}") from None
-    except (MetadataError, DeepSpeedConfigError, ModelNotFoundError, FamilyMismatchError, BucketError) as e:
+    except (MetadataError, DeepSpeedConfigError, ModelNotFoundError, FamilyMismatchError, BucketError,
+            PrecisionUnsupported) as e:
         # Bad input (beside the shards, a flag or DS_CONFIG naming something unusable, a model folder mixing
         # families): a usage error, one line (every rank has it; the first says it) and exit 2 like any bad flag.
         if dist_info.is_main_process:
@@ -96,7 +98,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
         components.vae.encoder = None  # latent shards: only the decoder runs (image logging)
     resume = plan_resume(cfg, dist_info)
     engine = build_engine(cfg, components, dist_info, load_universal=resume is not None and resume.universal_dir is not None)
-    components.vae.to(device, dtype=dtype)
+    components.vae.to(device, dtype=vae_dtype(components.vae, dtype))  # fp32 in an fp16 run when fp16 overflows it
     if not cfg.model.train_text_encoder:
         for encoder in components.text_encoders:
             encoder.to(device, dtype=dtype)
@@ -118,6 +120,7 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
     state = checkpointer.load(resume)
     # image logging, validation loss, FID / CLIP score: one call a step
     periodic = build_periodic_tasks(cfg, dist_info, components, initial_step=state.step)
+    compile_cache = prepare_compile(cfg, components, dist_info)  # --torch_compile: saved kernels, compiled regions
     skip_guard = SkipGuard(cfg.optim.max_consecutive_skipped_steps, skipped_total_at_start=engine.skipped_steps)
 
     metrics = StepMetrics(cfg.output_dir, dist_info, max_steps=cfg.max_steps, initial_step=state.step,
@@ -148,6 +151,8 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
             skip_guard.update(state.skipped_steps)  # raises after too many non-finite steps in a row
             if ema is not None and engine.was_step_applied():
                 ema.update(state.step)
+            if compile_cache is not None:
+                compile_cache.after_step()  # saves the kernels compiled for new shapes (once per shape set)
             metrics.step_done()
 
             if state.step % cfg.logging.logging_steps == 0:

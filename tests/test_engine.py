@@ -16,9 +16,10 @@ from tests.helpers import REPO_ROOT, free_port, make_tiny_model, subprocess_env
 pytestmark = pytest.mark.slow
 
 
-def run_worker(mode: str, model, tmp_path, flags: str = "") -> dict:
+def run_worker(mode: str, model, tmp_path, flags: str = "", extra_env: dict | None = None) -> dict:
     env = subprocess_env({"MASTER_PORT": str(free_port()), "MASTER_ADDR": "127.0.0.1", "RANK": "0",
-                          "WORLD_SIZE": "1", "LOCAL_RANK": "0", **({"SD_DS_WORKER_FLAGS": flags} if flags else {})})
+                          "WORLD_SIZE": "1", "LOCAL_RANK": "0", **({"SD_DS_WORKER_FLAGS": flags} if flags else {}),
+                          **(extra_env or {})})
     proc = subprocess.run([sys.executable, "-m", "tests.streamline_worker", mode, str(model), str(tmp_path / mode)],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -45,6 +46,24 @@ def test_streamlined_zero_step_matches_deepspeeds(tmp_path):
     assert lean["abs_sum"] == pytest.approx(reference["abs_sum"], rel=1e-5)
 
 
+def test_fp16_recipe_skips_an_overflow_as_deepspeeds_own_step(tmp_path):
+    """--fp16 True (ds_configs/zero2_fp16.json: fp16 weights and gradients, fp32 master weights, dynamic loss scale
+    from 2^16): the streamlined ZeRO step unscales, clips, detects the overflow and skips it exactly as DeepSpeed's
+    own step does. DeepSpeed refuses an fp16 engine on a CPU without native fp16 (this one); the worker lets it
+    through (SD_DS_WORKER_FP16_ON_CPU) to run the recipe's logic on torch's reference fp16 kernels."""
+    model = make_tiny_model(tmp_path / "model")
+    fp16 = {"extra_env": {"SD_DS_WORKER_FP16_ON_CPU": "1"}, "flags": "--fp16 True"}
+    reference = run_worker("deepspeed", model, tmp_path, **fp16)
+    lean = run_worker("streamlined", model, tmp_path, **fp16)
+    assert reference["skipped"] == lean["skipped"] == [0, 0, 0, 1, 1]  # step 3's NaN: skipped and counted
+    # Gradients are scaled by 2^16 in fp16 and unscaled in fp32: the norms reported are the true ones, as bf16's.
+    assert 0.1 < lean["norms"][0] < 10 and math.isinf(lean["norms"][3])
+    # hysteresis 2: the first overflow spends the hysteresis, the scale halves only at a second one in a row.
+    assert lean["scales"] == reference["scales"] == [65536.0] * 5
+    assert lean["norms"] == reference["norms"]
+    assert lean["sum"] == reference["sum"] and lean["abs_sum"] == reference["abs_sum"] and lean["finite"]
+
+
 def test_a_step_syncs_the_device_at_most_twice(tmp_path):
     """Device syncs per step as a CUDA rank issues them (accelerator.synchronize, counted on CPU) plus host reads
     of device values (.item(), bool(t)): DeepSpeed's throughput timer adds two syncs a step unless turned off."""
@@ -61,19 +80,23 @@ def test_a_step_syncs_the_device_at_most_twice(tmp_path):
     assert timed["device_syncs_per_step"] == 2, timed
 
 
-def test_compiled_unet_makes_gradients_ready_block_by_block():
-    """--torch_compile compiles each UNet block: the backward is a chain of compiled nodes, each owning its block's
-    parameters, so ZeRO's gradient hooks (fired as each parameter's gradient is accumulated) start reducing the
-    last blocks while the first blocks' backward still runs. Compiled whole, one node would own them all."""
+@pytest.mark.parametrize("max_region_parameters", [None, 100_000])
+def test_compiled_unet_makes_gradients_ready_region_by_region(max_region_parameters):
+    """--torch_compile compiles the UNet in regions (sd_ds.compile): the backward is a chain of compiled nodes, each
+    owning its region's parameters, so ZeRO's gradient hooks (fired as each parameter's gradient is accumulated)
+    start reducing the last regions while the first regions' backward still runs. Compiled whole, one node would
+    own them all. Blocks above the size limit (here 0.1 M parameters, SDXL's 0.4 B) are compiled per child."""
     from diffusers import UNet2DConditionModel
 
+    from sd_ds.compile import compile_regions, unet_regions
     from sd_ds.presets import TINY_UNET
-    from sd_ds.models import compile_blocks
 
     torch = pytest.importorskip("torch")
+    torch._dynamo.reset()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**TINY_UNET)
-    compile_blocks(unet, backend="aot_eager")  # the same autograd structure as inductor's, without codegen
+    limit = {"max_region_parameters": max_region_parameters} if max_region_parameters else {}
+    compile_regions(unet, backend="aot_eager", **limit)  # the same autograd structure as inductor's, no codegen
     out = unet(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.randn(2, 16, 64)).sample
     owners: dict[int, set] = {}
     seen, stack = set(), [out.sum().grad_fn]
@@ -86,11 +109,13 @@ def test_compiled_unet_makes_gradients_ready_block_by_block():
             if child is not None and type(child).__name__ == "AccumulateGrad" and "Compiled" in type(node).__name__:
                 owners.setdefault(id(node), set()).add(id(child.variable))
             stack.append(child)
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-    assert len(owners) == len(blocks), len(owners)
-    for block in blocks:
-        ids = {id(p) for p in block.parameters()}
-        assert any(ids == owned for owned in owners.values()), type(block).__name__
+    regions = unet_regions(unet, **{"max_parameters": max_region_parameters} if max_region_parameters else {})
+    assert len(regions) == (7 if max_region_parameters is None else 20)
+    assert len(owners) == len(regions), len(owners)
+    for name, region in regions:
+        ids = {id(p) for p in region.parameters()}
+        assert any(ids == owned for owned in owners.values()), name
+    torch._dynamo.reset()
 
 
 def test_streamlining_refuses_a_deepspeed_without_a_replaced_method(monkeypatch):

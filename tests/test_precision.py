@@ -23,9 +23,12 @@ print(json.dumps({"precision": precision, "native": cpu_has_native_bf16()}))
 """
 
 
-def resolve(flags: list[str], env: dict, device: str = "cpu") -> tuple[dict, str]:
+def resolve(flags: list[str], env: dict, device: str = "cpu", *, fails: bool = False) -> tuple[dict, str]:
     proc = subprocess.run([sys.executable, "-c", RESOLVE.replace("DEVICE", repr(device)), *flags], cwd=REPO_ROOT,
                           env=subprocess_env(env), capture_output=True, text=True, timeout=120)
+    if fails:
+        assert proc.returncode != 0, proc.stdout
+        return {}, proc.stderr
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
@@ -57,7 +60,10 @@ def test_cpu_without_native_bf16_trains_fp32_unless_asked():
     assert factor > 3  # ~7-20x on an AVX2-only CPU (emulated or real); ~1x where bf16 is native
 
     assert resolve(["--bf16", "False"], AVX2_ONLY)[0]["precision"] == "fp32"
-    assert resolve(["--fp16", "True"], AVX2_ONLY)[0]["precision"] == "fp16"
+    # fp16 needs native fp16 on a CPU rank (AVX-512-FP16 / AMX-FP16), which an AVX2-only CPU has not: DeepSpeed's CPU
+    # accelerator would refuse the engine with a traceback; the trainer says so first.
+    _, log = resolve(["--fp16", "True"], AVX2_ONLY, fails=True)
+    assert "PrecisionUnsupported: --fp16 on CPU ranks needs a CPU with native fp16" in log
 
 
 def test_native_cpu_and_gpus_keep_bf16():
@@ -69,6 +75,21 @@ def test_native_cpu_and_gpus_keep_bf16():
     # Not a CPU rank: bf16 unless --fp16 (no capability check; the device is not touched).
     assert resolve([], AVX2_ONLY, device="meta")[0]["precision"] == "bf16"
     assert resolve(["--fp16", "True"], AVX2_ONLY, device="meta")[0]["precision"] == "fp16"
+
+
+@pytest.mark.slow
+def test_trainer_refuses_fp16_on_a_cpu_without_native_fp16(assets, tmp_path):
+    """Through run.sh: one line and exit status 2 before any model loads, instead of DeepSpeed's traceback."""
+    from sd_ds.precision import cpu_has_native_fp16
+
+    if cpu_has_native_fp16():
+        pytest.skip("this CPU runs fp16 natively (AVX-512-FP16 / AMX-FP16)")
+    flags = train_flags(tmp_path / "out", assets["shards"], assets["model"], bf16=None, fp16="True", max_steps=1)
+    proc = run_sh(flags, nproc=2, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if line.startswith("sd_ds.train: error:")]
+    assert len(said) == 1 and "--fp16 on CPU ranks needs a CPU with native fp16" in said[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "loading" not in proc.stderr.lower()
 
 
 @needs_x86
