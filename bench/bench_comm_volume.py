@@ -12,7 +12,7 @@ gradients plus an all-gather of the updated weights, both bf16: (n-1)/n × 4 byt
 Contenders: DeepSpeed 0.19's own reduction (``reduce_scatter: true`` with its default
 ``use_multi_rank_bucket_allreduce``: each bucket all-reduced in full) and sd-ds's (each bucket's slices reduced
 to the rank that owns them, ``sd_ds.zero_step.streamline_zero_optimizer``). Both must end with the same weights.
-Results go to section "## 10." of BENCHMARKS.md.
+Results go to BENCHMARKS.md, section "ZeRO-2 communication volume per step".
 """
 
 from __future__ import annotations

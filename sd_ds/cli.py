@@ -28,7 +28,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "train": Subcommand("sd_ds.train",
                         "train the UNet with DeepSpeed ZeRO-2 (one rank; --help says how to launch many)"),
     "convert": Subcommand("sd_ds.convert.cli", "LAION base64 parts -> webdataset shards"),
-    "init": Subcommand("sd_ds.init", "write a from-scratch model folder (--preset sd-v1 or tiny)"),
+    "init": Subcommand("sd_ds.init", "write a from-scratch model folder (--preset sd-v1, sd-v2, sdxl, tiny, tiny-sd2, tiny-sdxl)"),
     "encode-latents": Subcommand("sd_ds.encode_latents", "image shards -> latent shards, encoded once by the VAE"),
     "index": Subcommand("sd_ds.data.index", "index shard folders: sizes.json and a member index per shard"),
     "export": Subcommand("sd_ds.export", "a training checkpoint -> a diffusers folder"),

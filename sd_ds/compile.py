@@ -4,7 +4,7 @@
 Regions. Each down, mid and up block of the UNet is one compiled region (``unet_regions``), compiled with
 ``fullgraph=True``: a graph break inside a region is an error, not a silent split. Inductor fuses what is
 memory-bound inside a region (conv bias adds, GroupNorm, SiLU, residual adds, casts: ~165 ms of the H200's 252 ms
-step, BENCHMARKS.md section 5) and lays the convolutions out channels-last inside it.
+step, BENCHMARKS.md "GPU: SD v1 UNet throughput") and lays the convolutions out channels-last inside it.
 Why per block and not the UNet whole: ZeRO-2 starts reducing a gradient bucket from a hook that fires when a
 parameter's gradient is accumulated (``register_post_accumulate_grad_hook``). A compiled region's backward is one
 autograd node, and its parameters' gradients are accumulated when that node ends; compiled whole, every gradient

@@ -3,7 +3,7 @@ which layout, how often it switches, and the switch to channels-last for the par
 
 Why it matters: cuDNN's tensor-core convolutions and oneDNN's CPU convolutions compute in NHWC. Fed NCHW, each
 convolution transposes its input in and its output back out (on the H200, ~32 ms of a 252 ms SD v1 step were such
-transposes: BENCHMARKS.md section 5). A model that is channels-last end to end transposes nothing; a model that
+transposes: BENCHMARKS.md "GPU: SD v1 UNet throughput"). A model that is channels-last end to end transposes nothing; a model that
 switches layout between layers pays a copy at every switch, so the number that matters is the count of switches.
 
 ``LayoutRecorder`` counts them: a forward pre-hook on every Conv2d, GroupNorm and LayerNorm records the layout of

@@ -3,9 +3,9 @@
 ``--aspect_ratio_buckets`` is ``off`` (square crops at --resolution, the seed's transform), ``auto`` or a FILE:
 
 - **auto**: every (width, height) whose sides are multiples of the model's divisor (``model_divisor``: the VAE's
-  downsampling x the UNet's, 64 px for SD v1/v2/SDXL, 16 for the tiny preset), whose aspect ratio is within 1:4 to
-  4:1, and whose area is within (0.9 R², R²] for R = --resolution. At R = 1024 and 64 px that is SDXL's list of 40
-  buckets (512x2048 ... 1024x1024 ... 2048x512); at R = 64 and 16 px: 32x128, 48x80, 64x64, 80x48, 128x32.
+  downsampling x the UNet's, 64 px for SD v1/v2, 32 for SDXL, 16 for the tiny presets), whose aspect ratio is within 1:4 to
+  4:1, and whose area is within (0.9 R², R²] for R = --resolution. At R = 1024 and 64 px that is 41 buckets like SDXL's
+  published list (512x2048 ... 1024x1024 ... 2048x512); at R = 64 and 16 px: 32x128, 48x80, 64x64, 80x48, 128x32.
 - **FILE**: one ``WxH`` per line (blank lines and ``#`` comments ignored); every side a positive multiple of the
   divisor, at least one bucket, no duplicates.
 
