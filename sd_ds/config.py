@@ -77,7 +77,7 @@ class ModelConfig:
         "Static shapes; with --aspect_ratio_buckets height and width are dynamic (one compile per region for all "
         "buckets). Periodic evaluation runs eager. The compiled kernels are saved in OUTPUT_DIR/compile_cache/ "
         "after the first step and loaded at launch, so a restart (fresh nodes too) does not compile again "
-        "(sd_ds/compile.py). On CPU ranks a tiny-preset step is 5-7 % faster compiled, after minutes of "
+        "(sd_ds/compile.py). On CPU ranks a tiny-preset step is 5-7 %% faster compiled, after minutes of "
         "compile (bench/bench_compile.py, bench/bench_memory_format.py); off until a GPU run of bench/bench_compile.py shows the gain there.")
     channels_last: bool = _f(
         False, "Channels-last (NHWC) activations for the UNet, and channels-last weights and activations for the "
