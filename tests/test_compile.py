@@ -95,6 +95,7 @@ def test_no_recompile_after_the_first_step_at_a_fixed_shape(preset):
     assert compile_counters()["graphs"] == first
 
 
+@pytest.mark.slow  # inductor compiles every region with dynamic sizes: ~25-50 s each
 @pytest.mark.parametrize("split", [False, True])
 def test_buckets_compile_each_region_once(split):
     """With aspect-ratio buckets the regions' height and width are dynamic: the first bucket compiles every

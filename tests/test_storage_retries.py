@@ -73,6 +73,7 @@ def test_which_errors_are_transient():
         assert not is_transient(exc), exc
 
 
+@pytest.mark.slow  # the retries' backoff: ~15 s each
 @pytest.mark.parametrize("member_index", [False, True])
 def test_a_flaky_store_gives_the_same_batches_and_counts_its_retries(converted, tokenizer, tmp_path,  # noqa: F811
                                                                      monkeypatch, member_index):
