@@ -25,25 +25,16 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks_md import publish
+from benchmarks_md import git_commit, publish
 
 SECTION = "## 24. torch.compile: cold start, restart from the run's saved kernels, eager"
 REGIONS_SECTION = "## 21. torch.compile regions and ZeRO-2's gradient buckets"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return "?"
 
 
 def write_sd_v1_random(out: Path) -> Path:
@@ -83,7 +74,7 @@ def regions_section() -> str:
     from sd_ds.presets import SD_V1_UNET, SD_V2_UNET, SDXL_UNET
 
     lines = [REGIONS_SECTION, "",
-             f"{dt.date.today()} · computed on the meta device · commit {commit()} · "
+             f"{dt.date.today()} · computed on the meta device · commit {git_commit()} · "
              "`python bench/bench_compile.py --regions_only`", "",
              f"ZeRO-2 reduces gradients in buckets of {BUCKET_ELEMENTS:.0e} elements (sd_ds.engine), started by a hook "
              "when a parameter's gradient is accumulated; a compiled region's gradients are accumulated when its "
@@ -219,7 +210,7 @@ def main() -> int:
 
     lines = [SECTION, "",
              f"{dt.date.today()} · {platform.machine()}, {os.cpu_count()} cores (shared) · {a.device} · torch "
-             f"{torch.__version__} · commit {commit()} · `python bench/bench_compile.py --nproc {a.nproc} --steps "
+             f"{torch.__version__} · commit {git_commit()} · `python bench/bench_compile.py --nproc {a.nproc} --steps "
              f"{steps}{' --control' if a.control else ''}{' --device ' + a.device if a.device != 'cpu' else ''}`", "",
              f"run.sh with {a.nproc} rank(s), {model.name if a.model or a.sd_v1_random else 'tiny preset'}, "
              f"{a.resolution} px, micro batch {a.micro_batch}, {a.precision}; every launch with an empty inductor "

@@ -29,18 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks_md import publish
+from benchmarks_md import git_commit, publish
 
 SECTION = "## 23. Precision: the fp16 recipe beside bf16 and fp32 (CPU rank)"
 FLAGS = {"bf16": ["--bf16", "True"], "fp16": ["--fp16", "True"], "fp32": ["--bf16", "False"]}
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return "?"
 
 
 def child(precision: str, steps: int, out: Path) -> None:
@@ -124,7 +116,7 @@ def main() -> int:
     windows = [(0, 10), (a.steps // 2 - 25, a.steps // 2), (a.steps - 50, a.steps)]
     lines = [SECTION, "",
              f"{dt.date.today()} · {platform.machine()}, {os.cpu_count()} cores (shared) · {cpu_capability()}; "
-             f"native fp16: {cpu_has_native_fp16()} · commit {commit()} · `python bench/bench_fp16.py --steps "
+             f"native fp16: {cpu_has_native_fp16()} · commit {git_commit()} · `python bench/bench_fp16.py --steps "
              f"{a.steps}`", "",
              "One CPU rank, sd-ds's engine (ZeRO-2, streamlined step), the tiny UNet, micro batch 8, lr 1e-3, "
              "clipping 1.0, the same 64 drawn-shape images, noise and timesteps in every run. fp16 runs on torch's "

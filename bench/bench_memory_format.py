@@ -22,23 +22,13 @@ import argparse
 import datetime as dt
 import os
 import platform
-import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
-from benchmarks_md import publish
+from benchmarks_md import git_commit, publish
 
 SECTION = "## 22. channels_last vs NCHW on CPU: layout switches and step time"
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return "?"
 
 
 def timed(step: Callable[[], None], steps: int) -> float:
@@ -153,7 +143,7 @@ def main() -> int:
     rows = measure(args)
     lines = [SECTION, "",
              f"{dt.date.today()} · {platform.machine()}, {os.cpu_count()} cores (shared) · {cpu_capability()} · "
-             f"commit {commit()} · `python bench/bench_memory_format.py --steps {args.steps} --threads {args.threads}"
+             f"commit {git_commit()} · `python bench/bench_memory_format.py --steps {args.steps} --threads {args.threads}"
              f"{' --compiled' if args.compiled else ''}`", "",
              "Switches: how many times the layout of consecutive Conv2d / GroupNorm inputs changes in one forward "
              "(`sd_ds.memory_format.LayoutRecorder`); converted weights: convolutions whose weight layout differs from "

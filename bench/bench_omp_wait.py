@@ -108,13 +108,6 @@ def start_load() -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-def git_commit() -> str:
-    proc = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    return proc.stdout.strip() + ("+changes" if dirty else "")
-
-
 def render(results: dict) -> str:
     meta = results["meta"]
     conditions = ("quiet", "loaded")
@@ -173,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--write", action="store_true", help="put the section into BENCHMARKS.md")
     p.add_argument("--results", type=Path, default=None, help="render these saved results (--output) instead")
     a = p.parse_args(argv)
-    from benchmarks_md import publish
+    from benchmarks_md import git_commit, publish
 
     if a.results:
         publish(render(json.loads(a.results.read_text())), write=a.write)

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks_md import publish
+from benchmarks_md import git_commit, publish
 
 SECTION = "## 17. Training step by precision on CPU (fp32 vs bf16)"
 EMULATIONS = {"avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
@@ -77,14 +77,6 @@ def run_child(env_extra: dict, args: argparse.Namespace) -> dict:
         return json.loads(out.read_text())
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return "?"
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=5, help="timed steps per precision (after one warm-up step)")
@@ -102,7 +94,7 @@ def main() -> int:
     rows += [(f"same CPU, {', '.join(f'{k}={v}' for k, v in EMULATIONS[e].items())}", run_child(EMULATIONS[e], args))
              for e in args.emulate]
     lines = [SECTION, "",
-             f"{dt.date.today()} · {platform.machine()}, {os.cpu_count()} cores · commit {commit()} · "
+             f"{dt.date.today()} · {platform.machine()}, {os.cpu_count()} cores · commit {git_commit()} · "
              f"`python bench/bench_precision.py --steps {args.steps} --micro_batch {args.micro_batch} --threads "
              f"{args.threads}{''.join(' --emulate ' + e for e in args.emulate)}`", "",
              f"The tiny preset's UNet (the demo's), micro batch {args.micro_batch}, {args.threads} thread(s): forward, "

@@ -1,8 +1,9 @@
-"""What every bench script shares: writing its own section of BENCHMARKS.md."""
+"""What every bench script shares: writing its own section of BENCHMARKS.md, the commit it measured."""
 
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
@@ -36,3 +37,15 @@ def publish(section: str, *, write: bool) -> None:
     if write:
         write_section(section)
         print(f"written to {BENCHMARKS}")
+
+
+def git_commit() -> str:
+    """The checkout's short commit, "+changes" when tracked files differ from it; "?" without git."""
+    here = str(Path(__file__).parent)
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+    return (head.stdout.strip() or "?") + ("+changes" if dirty else "")
