@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
+from sd_ds.lifecycle import pid_alive  # a writer killed mid-write leaves a sibling named after its PID
+
 
 def temporary_path(path: Union[str, Path]) -> Path:
     """A sibling name unique to this process, hidden from ``*.tar``/``checkpoint-*`` globs."""
@@ -120,16 +122,6 @@ def _fsync_tree(root: Path) -> None:
                 os.close(fd)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _stale(prefix: str, parent: Path) -> list[Path]:
     """Siblings named ``prefix`` + PID-... whose process (on this host) is gone: left by a killed writer."""
     import glob
@@ -137,7 +129,7 @@ def _stale(prefix: str, parent: Path) -> list[Path]:
     stale = []
     for leftover in parent.glob(glob.escape(prefix) + "*"):
         pid = leftover.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             stale.append(leftover)
     return stale
 
