@@ -17,7 +17,7 @@ from PIL import Image
 from sd_ds.config import DataConfig
 from sd_ds.conditioning import CaptionTokenizer
 from sd_ds.data import ImageTransform, build_train_loader, raise_if_raw_parts
-from tests.helpers import encode_image, photo_sample, photos, write_photo_shards
+from tests.helpers import encode_image, photo_sample, photos, take, write_photo_shards
 
 RES = 32  # training resolution in these tests; images are 36..80 px photo crops
 
@@ -41,13 +41,6 @@ def loader(shards, tokenizer, *, micro_batch_size: int = 4, seed: int = 7, rank:
                               tokenize=CaptionTokenizer((tokenizer,), 77), micro_batch_size=micro_batch_size,
                               seed=seed, rank=rank, world_size=world_size)
 
-
-def take(data_loader, n: int) -> list[dict]:
-    it = iter(data_loader)
-    try:
-        return [next(it) for _ in range(n)]
-    finally:
-        it.close()
 
 
 def assert_same_batches(a: list[dict], b: list[dict]) -> None:

@@ -25,7 +25,7 @@ from sd_ds.data.bucket_order import BucketedEpoch
 from sd_ds.data.buckets import BucketError, BucketList, auto_buckets, model_divisor, read_bucket_file
 from sd_ds.data.image_sizes import BucketMeta, read_size_index
 from sd_ds.presets import SD_V1_UNET, TINY_UNET, TINY_VAE
-from tests.helpers import REPO_ROOT, photo_sample, subprocess_env, write_photo_shards
+from tests.helpers import REPO_ROOT, photo_sample, subprocess_env, take, write_photo_shards
 from tests.object_stores import http_server_factory  # noqa: F401 - fixture
 
 RES = 64
@@ -67,13 +67,6 @@ def loader(shards, tokenizer, *, micro_batch_size: int = 4, seed: int = 7, rank:
                               tokenize=CaptionTokenizer((tokenizer,), 77), micro_batch_size=micro_batch_size,
                               seed=seed, rank=rank, world_size=world_size, buckets=buckets)
 
-
-def take(data_loader, n: int) -> list[dict]:
-    it = iter(data_loader)
-    try:
-        return [next(it) for _ in range(n)]
-    finally:
-        it.close()
 
 
 def assert_same_batches(a: list[dict], b: list[dict]) -> None:

@@ -12,7 +12,7 @@ import torch
 from sd_ds.config import DataConfig
 from sd_ds.conditioning import CaptionTokenizer
 from sd_ds.data import build_train_loader
-from tests.helpers import write_photo_shards
+from tests.helpers import take, write_photo_shards
 from tests.object_stores import http_server_factory, s3_server  # noqa: F401 - fixtures
 
 RES = 32
@@ -45,13 +45,6 @@ def loader(url, tokenizer, **fields):
     return build_train_loader(DataConfig(train_shards=[str(url)], **base), tokenize=CaptionTokenizer((tokenizer,), 77),
                               micro_batch_size=4, seed=3)
 
-
-def take(data_loader, n):
-    it = iter(data_loader)
-    try:
-        return [next(it) for _ in range(n)]
-    finally:
-        it.close()
 
 
 def same(a, b):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO_ROOT, free_port, subprocess_env, train_flags
+from tests.helpers import REPO_ROOT, free_port, small_tmpfs, subprocess_env, train_flags
 
 pytestmark = pytest.mark.slow
 
@@ -158,18 +158,9 @@ def test_links_are_never_written_through(checkpoints, reference, tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
     # One tiny export is ~37 MB: room for one, not for a second beside it.
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=56m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"the full-disk scenario needs a small tmpfs, and mount is not allowed here "
-                    f"({(done.stderr or done.stdout).strip() or 'not root'})")
-    try:
+    with small_tmpfs(tmp_path / "disk", "56m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
 
 
 def test_a_full_disk_leaves_the_earlier_export_whole(checkpoints, reference, small_disk):

@@ -39,7 +39,7 @@ import pytest
 
 from sd_ds.faults import Fault, parse_faults
 from sd_ds.lifecycle import OutputDirLock, OutputDirLocked, SkipGuard, TrainingDiverged
-from tests.helpers import REPO_ROOT, free_port, subprocess_env, train_flags, write_tiny_shards
+from tests.helpers import REPO_ROOT, free_port, small_tmpfs, subprocess_env, train_flags, write_tiny_shards
 
 CHILD = Path(__file__).with_name("fault_child.py")
 HOST = socket.gethostname()
@@ -386,17 +386,8 @@ def test_kills_during_a_run_lose_nothing_and_leave_no_process(assets, tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"the full-disk scenario needs a small tmpfs, and mount is not allowed here "
-                    f"({(done.stderr or done.stdout).strip() or 'not root'})")
-    try:
+    with small_tmpfs(tmp_path / "disk", "160m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
 
 
 @pytest.mark.slow

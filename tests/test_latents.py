@@ -28,7 +28,7 @@ from sd_ds.data.manifest import vae_fingerprint
 from sd_ds.encode_latents import main
 from sd_ds.faults import FAULT_ENV
 from sd_ds.latents import encode_moments, sample_latents
-from tests.helpers import REPO_ROOT, photo_sample, subprocess_env, write_photo_shards
+from tests.helpers import REPO_ROOT, photo_sample, subprocess_env, take, write_photo_shards
 
 RES = 32
 # Shards of 7, 6 and 5 samples, one undecodable and one without a caption: 16 encodable.
@@ -147,13 +147,6 @@ def loader(shards: list, tokenizer, **fields):
     return build_train_loader(data_config(shards, **fields), tokenize=CaptionTokenizer((tokenizer,), 77),
                               micro_batch_size=4, seed=3)
 
-
-def take(data_loader, n: int) -> list[dict]:
-    it = iter(data_loader)
-    try:
-        return [next(it) for _ in range(n)]
-    finally:
-        it.close()
 
 
 # --- what the encoder writes -------------------------------------------------------------------------
