@@ -255,4 +255,6 @@ each addend), and fp32 communication earns its bytes there.
 
 
 if __name__ == "__main__":
-    main()
+    from sd_ds.lifecycle import run_to_exit
+
+    sys.exit(run_to_exit(main))  # gloo ranks leave without finalizing (sd_ds.lifecycle.end_process)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from benchmarks_md import publish
 
+from sd_ds.lifecycle import end_process
 from sd_ds.testing import REPO_ROOT, free_port
 
 SECTION = "## 4. ZeRO-2 memory"
@@ -79,7 +80,8 @@ def worker(out: Path) -> None:
     if rank == 0:
         (out / f"rows_{world}.json").write_text(json.dumps(rows))
     dist.barrier()
-    dist.destroy_process_group()  # gloo threads left alive at exit can abort the process
+    dist.destroy_process_group()
+    end_process()  # gloo threads can abort a finalizing interpreter (sd_ds.lifecycle.end_process)
 
 
 def launch(world: int, out: Path) -> list[dict]:

@@ -132,4 +132,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sd_ds.lifecycle import run_to_exit
+
+    sys.exit(run_to_exit(main))  # gloo ranks leave without finalizing (sd_ds.lifecycle.end_process)

@@ -654,4 +654,6 @@ def markdown_row(name: str, e: dict[str, Any], *, mlperf: bool = False) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from sd_ds.lifecycle import run_to_exit
+
+    sys.exit(run_to_exit(main))  # gloo ranks leave without finalizing (sd_ds.lifecycle.end_process)

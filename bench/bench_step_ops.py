@@ -253,4 +253,6 @@ Before `sd_ds.zero_step.streamline_zero_optimizer` (DeepSpeed 0.19's own ZeRO-2 
 
 
 if __name__ == "__main__":
-    main()
+    from sd_ds.lifecycle import run_to_exit
+
+    sys.exit(run_to_exit(main))  # gloo ranks leave without finalizing (sd_ds.lifecycle.end_process)

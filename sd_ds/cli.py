@@ -17,6 +17,7 @@ import sys
 from typing import NamedTuple, Optional
 
 from sd_ds import __version__
+from sd_ds.lifecycle import run_to_exit
 
 
 class Subcommand(NamedTuple):
@@ -70,5 +71,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     return module.main(rest) or 0
 
 
+def entry() -> int:
+    """The ``sd-ds`` console script: ``main()``, leaving as the subcommand's own ``python -m`` form does (a
+    rank of ``sd-ds train`` without interpreter finalization: ``lifecycle.end_process``)."""
+    return run_to_exit(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

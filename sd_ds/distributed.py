@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sd_ds.lifecycle import note_process_group
+
 # The control plane (gloo): rank 0 may spend minutes generating sample images or writing an export while the
 # others wait at a barrier there.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
@@ -135,9 +137,10 @@ def init_distributed() -> DistInfo:
     # Collective: every rank creates it, in the same order. On CPU the default group is gloo already, but a
     # separate group keeps our barriers from interleaving with DeepSpeed's own collectives.
     control_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
-    # A process that exits with its gloo groups alive can abort in their threads' teardown ("terminate called
-    # without an active exception", status 134, seen in CI); main() closes them, this covers every other exit.
+    # Closed at exit however main() ends; the commands then leave without finalizing the interpreter, where gloo's
+    # threads can abort a finished rank (lifecycle.end_process says how).
     atexit.register(close_distributed)
+    note_process_group()
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, control_group)
 
 

@@ -37,6 +37,7 @@ import torch
 
 from sd_ds.diffusers_export import export_checkpoint
 from sd_ds.distributed import DistInfo, close_distributed, init_distributed
+from sd_ds.lifecycle import run_to_exit
 from sd_ds.fid_clip import (CLIP_MODEL, CLIP_PRETRAINED, FID_WEIGHTS_FILE, MissingWeightsError, Scorers,
                             evaluate_folder, evaluate_generated, load_clip, load_fid_inception, parse_metrics,
                             read_prompts, read_statistics, reference_statistics, save_statistics)
@@ -191,4 +192,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_to_exit(main))  # gloo ranks leave without finalizing (lifecycle.end_process)

@@ -7,12 +7,15 @@ step is skipped. (The fault-injection points the fault tests drive are ``sd_ds.f
   taken over. ``hold_output_dir`` is the collective form the trainer uses: every rank stops when it is refused.
 - ``start_parent_watchdog``: a rank exits within about a second when its launcher (``run.sh``, the deepspeed
   launcher, or the per-node ``deepspeed.launcher.launch`` process) dies, instead of training on as an orphan.
+- ``run_to_exit``/``end_process``: a process that ran gloo collectives leaves without finalizing the interpreter,
+  where gloo's threads can abort it after its work is done.
 - ``SkipGuard``: stops the run with ``TrainingDiverged`` after N optimizer steps in a row were skipped for
   non-finite gradients, so a run that trains nothing never "succeeds".
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import errno
@@ -28,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, NoReturn, Optional
 
 from sd_ds.redaction import redact_argv
 
@@ -253,6 +256,68 @@ def _watch_loop(watch: _Watch, poll_s: float) -> None:
         if watch.launcher_pid is not None and not pid_alive(watch.launcher_pid):
             _die(f"the launcher (run.sh, pid {watch.launcher_pid}) died")
         time.sleep(poll_s)
+
+
+# --- leaving a process that ran collectives ------------------------------------------------------------------
+
+_process_groups_created = False
+
+
+def note_process_group() -> None:
+    """Record that this process created a torch.distributed group: ``run_to_exit`` must then not finalize."""
+    global _process_groups_created
+    _process_groups_created = True
+
+
+def _ran_collectives() -> bool:
+    dist = sys.modules.get("torch.distributed")
+    return _process_groups_created or (dist is not None and dist.is_available() and dist.is_initialized())
+
+
+def end_process(status: int = 0) -> NoReturn:
+    """Exit with ``status`` as the interpreter would, but without finalizing it.
+
+    Gloo's worker threads drop a finished collective's tensors a moment after the caller has its result, and
+    each drop takes the GIL (torch keeps a tensor's Python object alive while C++ holds the tensor). Once the
+    interpreter has begun finalizing, CPython ends a thread that asks for the GIL with ``pthread_exit``, whose
+    unwinding through that (noexcept) destructor calls ``std::terminate``: the rank dies with SIGABRT
+    ("terminate called without an active exception") after its work is done and the launcher fails the job.
+    Destroying the process groups does not end those threads (DeepSpeed keeps references to the groups). Caught in
+    a core dump of tests/ema_worker.py (about 1 run in 10 on 2 busy cores): main thread in ``Py_FinalizeEx``, a gloo
+    ``runLoop`` thread in ``~AsyncBarrierWork`` -> ``~AsyncAllgatherWork`` -> ``take_gil`` -> ``pthread_exit``.
+
+    So a process that ran collectives does here what finalization does that matters: waits for its non-daemon
+    threads, runs the atexit handlers (logging, data-loader workers, ``close_distributed``) while the GIL is
+    still available to every thread, flushes stdout and stderr, and leaves with ``os._exit`` before any
+    finalization starts.
+    """
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or a broken pipe: nothing more can be said there
+            pass
+    os._exit(status)
+
+
+def run_to_exit(main: Callable[[], Any]) -> Any:
+    """``sys.exit(run_to_exit(main))``: ``main()``'s exit status, and in a process that created a
+    torch.distributed group the exit itself (``end_process``: no interpreter finalization to abort in)."""
+    try:
+        code = main()
+    except SystemExit as e:
+        if not _ran_collectives():
+            raise
+        code = e.code
+    if not _ran_collectives():
+        return code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # what sys.exit("message") prints
+        code = 1
+    end_process(code or 0)
 
 
 # --- consecutive skipped steps ---------------------------------------------------------------------------

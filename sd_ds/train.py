@@ -29,7 +29,7 @@ from sd_ds.engine import (build_ema, build_engine, check_deepspeed_config, encod
                           vae_dtype, weight_dtype)
 from sd_ds.families import FamilyMismatchError
 from sd_ds.faults import fault_point
-from sd_ds.lifecycle import SkipGuard, TrainingDiverged, hold_output_dir, start_parent_watchdog
+from sd_ds.lifecycle import SkipGuard, TrainingDiverged, hold_output_dir, run_to_exit, start_parent_watchdog
 from sd_ds.metrics import StepMetrics, setup_console_logging
 from sd_ds.models import ModelNotFoundError, build_components
 from sd_ds.periodic import build_periodic_tasks
@@ -176,4 +176,4 @@ def train(cfg: TrainConfig, dist_info: DistInfo) -> TrainState:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_to_exit(main))  # gloo ranks leave without finalizing (lifecycle.end_process)

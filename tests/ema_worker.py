@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sd_ds.ema  # noqa: E402
 from sd_ds.ema import ShardedEMA, consolidate_ema, load_ema_shards, save_ema_shard  # noqa: E402
 from sd_ds.distributed import skip_shm_inference_op  # noqa: E402
+from sd_ds.lifecycle import end_process  # noqa: E402
 
 # Gather in chunks of a few values (uneven last chunk included) so the chunked path runs on this tiny model.
 sd_ds.ema.GATHER_CHUNK_BYTES = 36
@@ -214,6 +215,7 @@ def main():
         (out / f"result_{a.mode}_{world}.json").write_text(json.dumps(merged, indent=1))
     dist.barrier()
     dist.destroy_process_group()
+    end_process()  # gloo threads can abort a finalizing interpreter (sd_ds.lifecycle.end_process)
 
 
 def full_masters_local(engine):

@@ -73,9 +73,10 @@ for step in range(1, 20):
         break
 stop.close()
 print("STOPPED_AT", step, flush=True)
-# As the trainer does (sd_ds.distributed.close_distributed): a process that exits with its gloo groups alive can
-# abort in their threads' teardown ("terminate called without an active exception", seen in CI).
+# As the trainer's ranks leave: gloo's threads can abort a finalizing interpreter (sd_ds.lifecycle.end_process).
 dist.destroy_process_group()
+from sd_ds.lifecycle import end_process
+end_process()
 """
 
 

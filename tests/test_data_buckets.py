@@ -391,6 +391,7 @@ def test_sizes_from_the_index_json_or_header_give_the_same_batches(tmp_path, tok
 def _bucket_meta_on_rank(rank: int, world_size: int, port: int, url: str, out: str) -> None:
     import torch.distributed as dist
 
+    from sd_ds.lifecycle import end_process
     from sd_ds.data.image_sizes import build_bucket_meta
     from sd_ds.data.sources import parse_sources
 
@@ -406,6 +407,7 @@ def _bucket_meta_on_rank(rank: int, world_size: int, port: int, url: str, out: s
         json.dump({"histograms": [h.tolist() for h in meta.histograms],
                    "members": {u.rsplit("/", 1)[-1]: m.tolist() for u, m in meta.in_memory.items()}}, f)
     dist.destroy_process_group()
+    end_process()  # gloo threads can abort a finalizing interpreter (sd_ds.lifecycle.end_process)
 
 
 def test_shards_without_a_size_index_are_read_once_per_run_not_per_rank(tmp_path, http_server_factory):  # noqa: F811

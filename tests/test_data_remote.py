@@ -139,6 +139,7 @@ def test_index_command_writes_sizes_json_on_s3_once(tmp_path, tokenizer, s3_serv
 def _count_on_rank(rank: int, world_size: int, port: int, url: str, out: str) -> None:
     import torch.distributed as dist
 
+    from sd_ds.lifecycle import end_process
     from sd_ds.data.sources import count_missing, parse_sources, shared_counter
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
@@ -152,6 +153,7 @@ def _count_on_rank(rank: int, world_size: int, port: int, url: str, out: str) ->
     with open(f"{out}.{rank}", "w") as f:
         json.dump([list(s.sizes) for s in sources], f)
     dist.destroy_process_group()
+    end_process()  # gloo threads can abort a finalizing interpreter (sd_ds.lifecycle.end_process)
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from sd_ds.conditioning import PromptEncoder
 from sd_ds.config import parse_config
 from sd_ds.distributed import DistInfo
+from sd_ds.lifecycle import end_process
 from sd_ds.models import build_components
 from sd_ds.validation import build_validator
 
@@ -34,6 +35,7 @@ def main(out: str, shards: str, model: str) -> None:
     if info.is_main_process:
         torch.save({"tables": tables, "keys": validator.held_out.keys}, out)
     dist.destroy_process_group()
+    end_process()  # gloo threads can abort a finalizing interpreter (sd_ds.lifecycle.end_process)
 
 
 if __name__ == "__main__":
