@@ -291,9 +291,11 @@ def end_process(status: int = 0) -> NoReturn:
     still available to every thread, flushes stdout and stderr, and leaves with ``os._exit`` before any
     finalization starts.
     """
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    # What the interpreter's own exit calls first: the threading-atexit hooks (concurrent.futures' pools, inductor's
+    # compile pool: their idle workers wait for exactly that wake-up, so a plain join() of them never returns), then
+    # a join of every non-daemon thread.
+    if threading.current_thread() is threading.main_thread() and hasattr(threading, "_shutdown"):
+        threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -60,7 +60,9 @@ def main() -> None:
     sd_ds.train.init_distributed = init
     out = Path(os.environ["SD_DS_COLLECTIVES_OUT"])
     atexit.register(lambda: (out / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(records)))
-    sys.exit(sd_ds.train.main(sys.argv[1:]))
+    from sd_ds.lifecycle import run_to_exit
+
+    sys.exit(run_to_exit(lambda: sd_ds.train.main(sys.argv[1:])))  # leaves as the trainer's own __main__ does
 
 
 if __name__ == "__main__":

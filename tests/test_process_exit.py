@@ -21,6 +21,7 @@ class Finalized:
         os.write(1, b"interpreter finalized\\n")
 
 marker = Finalized()  # a module global: collected only when the interpreter finalizes
+pools = []
 atexit.register(lambda: print("atexit handler ran"))
 
 def main():
@@ -32,6 +33,10 @@ def main():
         atexit.register(dist.destroy_process_group)  # as sd_ds.distributed.init_distributed does
         assert t.tolist() == [1.0, 1.0, 1.0]
     threading.Thread(target=lambda: (time.sleep(0.3), print("non-daemon thread finished"))).start()
+    # An executor left open, as inductor's compile pool is: its idle workers wake only at the interpreter's exit.
+    from concurrent.futures import ThreadPoolExecutor
+    pools.append(ThreadPoolExecutor(2))  # kept referenced (a dropped executor would stop its workers itself)
+    assert pools[0].submit(lambda: 6 * 7).result() == 42
     print("buffered, never flushed by main")  # stdout is a pipe: block-buffered
     code = os.environ["CODE"]
     if code.startswith("raise:"):
@@ -44,8 +49,9 @@ sys.exit(run_to_exit(main))
 
 def run(group: bool, code: str) -> subprocess.CompletedProcess:
     env = subprocess_env({"GROUP": "1" if group else "0", "CODE": code, "PORT": str(free_port())})
+    # A process that waits on its own idle threads at exit hangs: the timeout turns that into a failure.
     return subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=60)
 
 
 @pytest.mark.parametrize("code, status", [("0", 0), ("3", 3), ("raise:2", 2)])
