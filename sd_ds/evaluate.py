@@ -37,11 +37,11 @@ import torch
 
 from sd_ds.diffusers_export import export_checkpoint
 from sd_ds.distributed import DistInfo, close_distributed, init_distributed
-from sd_ds.lifecycle import run_to_exit
 from sd_ds.fid_clip import (CLIP_MODEL, CLIP_PRETRAINED, FID_WEIGHTS_FILE, MissingWeightsError, Scorers,
                             evaluate_folder, evaluate_generated, load_clip, load_fid_inception, parse_metrics,
                             read_prompts, read_statistics, reference_statistics, save_statistics)
 from sd_ds.fileio import write_json_atomic
+from sd_ds.lifecycle import run_to_exit
 from sd_ds.pipeline import load_pipeline, training_resolution
 
 # --- the CLI -------------------------------------------------------------------------------------
