@@ -24,7 +24,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -184,9 +183,9 @@ def main() -> None:
     p.add_argument("--output", default=None, help="write the results as JSON here")
     p.add_argument("--no-write", action="store_true", help="print only; do not update BENCHMARKS.md")
     a = p.parse_args()
-    from sd_ds.testing import make_tiny_model
+    from sd_ds.testing import make_tiny_model, scratch_dir
 
-    work = Path(tempfile.mkdtemp(prefix="bench_comm_"))
+    work = scratch_dir("bench_comm_")
     model = make_tiny_model(work / "model")
     results, rows, differences = [], [], []
     for n in (int(x) for x in a.world_sizes.split(",")):

@@ -154,9 +154,9 @@ def main() -> int:
         publish(regions_section(), write=not a.no_write)
         return 0
 
-    from sd_ds.testing import make_tiny_model, scalars, train_flags, write_tiny_shards
+    from sd_ds.testing import make_tiny_model, scalars, scratch_dir, train_flags, write_tiny_shards
 
-    work = Path(a.work_dir or tempfile.mkdtemp(prefix="bench_compile_"))
+    work = Path(a.work_dir) if a.work_dir else scratch_dir("bench_compile_")
     work.mkdir(parents=True, exist_ok=True)
     # Enough samples that every rank's epoch holds a few micro batches.
     num_shards = max(4, -(-4 * a.micro_batch * a.nproc // 16))

@@ -39,7 +39,8 @@ def rchar() -> int:
 def old_module(revision: str):
     src = subprocess.run(["git", "show", f"{revision}:sd_ds/data.py"], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
-    path = Path(tempfile.mkdtemp()) / "sd_ds_data_before.py"
+    from sd_ds.testing import scratch_dir
+    path = scratch_dir("bench_data_resume_") / "sd_ds_data_before.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("sd_ds_data_before", path)
     module = importlib.util.module_from_spec(spec)

@@ -49,11 +49,11 @@ def child(precision: str, steps: int, out: Path) -> None:
     from sd_ds.latents import encode_moments, sample_latents
     from sd_ds.models import build_components
     from sd_ds.shapes import COLORS, SHAPES, caption_of, draw_shape
-    from sd_ds.testing import make_tiny_model
+    from sd_ds.testing import make_tiny_model, scratch_dir
 
     CPU_Accelerator.is_fp16_supported = lambda self: True  # see the module docstring
 
-    work = Path(tempfile.mkdtemp(prefix="bench_fp16_"))
+    work = scratch_dir("bench_fp16_")
     model = make_tiny_model(work / "model")
     cfg = parse_config(["--pretrained_model_name_or_path", str(model), "--per_device_train_batch_size", "8",
                         "--output_dir", str(work / "out"), "--train_shards", "unused", "--learning_rate", "1e-3",

@@ -411,11 +411,12 @@ def run_contender(a: argparse.Namespace, name: str, device: torch.device) -> dic
         from sd_ds.config import parse_config
         from sd_ds.distributed import init_distributed
         from sd_ds.models import prepare_components
+        from sd_ds.testing import scratch_dir
 
         dist_info = init_distributed()
         trainer_flags = [*flags, *a.trainer_flags.split()]
         cfg = parse_config(["--per_device_train_batch_size", str(B), "--bf16", "True", "--max_grad_norm", "1.0",
-                            "--use_ema", "--output_dir", tempfile.mkdtemp(prefix="bench_gpu_"), "--train_shards",
+                            "--use_ema", "--output_dir", str(scratch_dir("bench_gpu_")), "--train_shards",
                             "unused", "--resolution", str(R), *trainer_flags])
         # The trainer's own set-up from its flags: attention, recompute, cuDNN autotuning, frozen parts (compile: below).
         prepare_components(components, cfg.model)

@@ -81,10 +81,11 @@ def child(workload: str, policy: str, model_dir: str) -> dict:
         result["ms"] = 1000 * (timed[9] - timed[3]) / 6
     elif workload == "sample":
         from sd_ds.sample import main
+        from sd_ds.testing import scratch_dir
 
         argv = ["--model", model_dir, "--prompt", "a red circle on a blue background", "--num_images", "4",
                 "--batch_size", "4", "--steps", "10", "--device", "cpu",
-                "--output", str(Path(tempfile.mkdtemp()) / "grid.png")]
+                "--output", str(scratch_dir("bench_omp_") / "grid.png")]
         main(argv)
         start = time.perf_counter()
         main(argv)

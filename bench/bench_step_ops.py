@@ -24,7 +24,6 @@ import datetime as dt
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -190,7 +189,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import subprocess
 
-    work = Path(tempfile.mkdtemp(prefix="bench_step_ops_"))
+    from sd_ds.testing import scratch_dir
+    work = scratch_dir("bench_step_ops_")
     subprocess.run([sys.executable, "-m", "sd_ds.init", "--output_dir", str(work / "model"), "--preset", "tiny"],
                    check=True, capture_output=True)
     plain = plain_loop(a.steps, a.micro_batch_size)

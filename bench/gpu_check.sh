@@ -99,7 +99,7 @@ for name in ("deepspeed", "diffusers", "transformers", "pytest", "webdataset"):
 EOF
 
 # 0. The GPU tests (tests/test_gpu.py: the engine on CUDA, the NCCL + gloo groups, the benchmark on tiny presets).
-stage 0 "pytest -m gpu" "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py
+stage 0 "pytest -m gpu" "$PYTHON" -m pytest -o addopts=-ra -m gpu -q -p no:cacheprovider tests/test_gpu.py
 
 # 1. SD v1, 256 px: the baseline rows and stored text conditioning; traces of one step of the first two.
 stage 1 "SD v1 ${V1[*]}" "$PYTHON" "${BENCH[@]}" "${V1[@]}" --timeout "${PROC_S[0]}" \

@@ -20,10 +20,42 @@ from sd_ds.shapes import COLORS, SHAPES, caption_of, draw_shape, image_bytes
 REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout (sd_ds/..)
 
 
+# Ports handed out for servers a child process will start (rendezvous, sshd, HTTP, clusters): below Linux's
+# ephemeral range (32768-60999), so that no outgoing connection of another process takes one between the check
+# here and the child's bind; a block of its own per pytest-xdist worker, so that two workers never hand out the
+# same port.
+_PORT_BASE, _PORT_BLOCK, _PORT_BLOCKS = 20000, 1000, 12
+_next_port: Optional[int] = None
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on now, new to this process."""
+    global _next_port
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    block = _PORT_BASE + _PORT_BLOCK * (int(worker[2:]) % _PORT_BLOCKS if worker[2:].isdigit() else 0)
+    if _next_port is None:  # processes of one worker (tests, bench scripts, workers) start at different ports
+        _next_port = random.Random(os.getpid()).randrange(_PORT_BLOCK)
+    for _ in range(_PORT_BLOCK):
+        port = block + _next_port % _PORT_BLOCK
+        _next_port += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {block}-{block + _PORT_BLOCK - 1}")
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new temporary directory, removed when the process exits (atexit: sd_ds.lifecycle.end_process runs it)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def write_tiny_shards(out_dir: Path, *, num_shards: int = 4, samples_per_shard: int = 16, size: int = 40,

@@ -22,18 +22,13 @@ import pytest
 
 from test_convert_engines import _processes_tagged, needs_java, parts  # noqa: F401 - the parts fixture
 from test_converter import output_files, run_tool
+from tests.helpers import free_port
 
 pytest.importorskip("pyspark", reason="pip install -e '.[spark]'")
 pytest.importorskip("ray", reason="pip install -e '.[ray]'")
 
 SPP = 3
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_port(port: int, timeout: float = 90) -> None:
@@ -75,17 +70,17 @@ def test_spark_standalone_master_and_two_workers(parts, tmp_path):  # noqa: F811
     env = {**os.environ, tag.split("=")[0]: tag.split("=")[1], "SPARK_LOCAL_IP": "127.0.0.1",
            "SPARK_HOME": str(spark_home), "PYSPARK_PYTHON": sys.executable,
            "SPARK_WORKER_DIR": str(tmp_path / "work"), "SPARK_LOG_DIR": str(tmp_path / "logs")}
-    port = _free_port()
+    port = free_port()
     master = f"spark://127.0.0.1:{port}"
     spark_class = str(spark_home / "bin" / "spark-class")
     logs = open(tmp_path / "cluster.log", "w")
     try:
         subprocess.Popen([spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port",
-                          str(port), "--webui-port", str(_free_port())], env=env, stdout=logs, stderr=logs)
+                          str(port), "--webui-port", str(free_port())], env=env, stdout=logs, stderr=logs)
         _wait_port(port)
         for _ in range(2):
             subprocess.Popen([spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores",
-                              "1", "--memory", "1g", "--webui-port", str(_free_port()), master],
+                              "1", "--memory", "1g", "--webui-port", str(free_port()), master],
                              env=env, stdout=logs, stderr=logs)
         _convert_with_a_worker_killed(parts, tmp_path, ["--engine", "spark", "--spark_master", master],
                                       {tag.split("=")[0]: tag.split("=")[1], "SPARK_LOCAL_IP": "127.0.0.1"})
@@ -101,7 +96,7 @@ def test_ray_head_and_a_second_node(parts, tmp_path):  # noqa: F811
     # RAY_AUTH_MODE: without it, Ray 2.60's second `ray start` on this host fails its GCS token check
     ray_env = {tag.split("=")[0]: tag.split("=")[1], "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     env = {**os.environ, **ray_env}
-    port = _free_port()
+    port = free_port()
     ray = str(BIN / "ray")
     common = ["--num-cpus", "1", "--disable-usage-stats"]
     try:

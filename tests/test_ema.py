@@ -10,7 +10,6 @@ EMA computed in the same run from DeepSpeed's gathered master weights:
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,23 +18,18 @@ import pytest
 import torch
 
 from sd_ds.ema import ShardedEMA, check_supported, ema_decay
+from sd_ds.testing import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = REPO_ROOT / "tests" / "ema_worker.py"
 FLAGS = {1: ["--warmup", "--start_step", "3"], 2: [], 3: ["--param_alignment"]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(nproc: int, out: Path, mode: str, *flags: str) -> dict:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO_ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", str(WORKER), "--mode", mode, "--out", str(out), *flags]
+           f"--master_port={free_port()}", str(WORKER), "--mode", mode, "--out", str(out), *flags]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     return json.loads((out / f"result_{mode}_{nproc}.json").read_text())
